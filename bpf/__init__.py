@@ -1,0 +1,1 @@
+"""Package data: the BPF C source of the probe (tcpidle.bpf.c), loaded by tcpidle.probe."""

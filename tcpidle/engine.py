@@ -1,0 +1,185 @@
+"""One pass of tcpidle: enumerate, merge, decide, act.
+
+Owns the order of operations, which is where correctness lives:
+
+1. Owners are read from /proc *before* the dump (one pass, all sockets), so
+   that attribution never sits between the idle decision and the kill.
+2. The INET_DIAG dump is read to the end before anything is destroyed:
+   destroying while the kernel walks its hash buckets shifts the chains under
+   the dump's resume position, and `ss -K` / tcp_closer then miss sockets.
+3. Each socket found is checked again in Python (`selectors.matches`): the
+   kernel bytecode only narrows the dump, it is never trusted alone.
+4. Victims are destroyed at once, in batches, by cookie-checked SOCK_DESTROY.
+   EOPNOTSUPP (a kernel without CONFIG_INET_DIAG_DESTROY) switches this and
+   every later pass to the /proc fallback, said once in the log.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import time
+from dataclasses import dataclass, field, replace
+from typing import Callable, Dict, List, Optional, Sequence
+
+from . import diag, idle, procfs, selectors
+from .errors import PrivilegeError, RuntimeFailure
+from .model import Action, Activity, Outcome, Policy, Selector, Socket, Verdict
+
+log = logging.getLogger("tcpidle")
+
+ActivitySource = Callable[[], Dict[int, Activity]]
+
+
+@dataclass
+class Scan:
+    """The result of enumerating and deciding: every matched socket's verdict."""
+
+    verdicts: List[Verdict]
+    owners: Dict[int, list] = field(default_factory=dict)
+    seen: int = 0  # sockets the kernel returned before the Python filter
+    dump_ms: float = 0.0
+
+    @property
+    def victims(self) -> List[Verdict]:
+        return [v for v in self.verdicts if v.idle]
+
+
+class Engine:
+    """Scans and acts for one selector and policy; keeps state across passes."""
+
+    def __init__(
+        self,
+        selector: Selector,
+        policy: Policy,
+        activity: Optional[ActivitySource] = None,
+        want_owners: bool = True,
+        netns: Optional[str] = None,
+    ):
+        self.selector = selector
+        self.policy = policy
+        self.activity = activity
+        self.want_owners = want_owners
+        self.netns = netns
+        self.use_proc = policy.use_proc
+        self.states_mask = selectors.states_mask(selector.states)
+        try:
+            self.bytecode = selectors.compile_bytecode(selector)
+        except selectors.BytecodeTooLong as exc:
+            log.info("port filter too large for the kernel (%s): filtering in Python", exc)
+            self.bytecode = b""
+
+    # -- enumerate and decide ------------------------------------------------
+
+    def scan(self) -> Scan:
+        owners = procfs.owners_by_inode() if self.want_owners else {}
+        started = time.monotonic()
+        found: List[Socket] = []
+        with diag.DiagSocket() as nl:
+            for family in selectors.selector_families(self.selector):
+                found.extend(nl.dump(family, self.states_mask, self.bytecode))
+        dump_ms = (time.monotonic() - started) * 1000.0
+        activity = self.activity() if self.activity else {}
+        now_ns = time.monotonic_ns()
+        verdicts = []
+        for sock in found:
+            if not selectors.matches(self.selector, sock):
+                continue
+            if self.netns is not None:
+                sock = replace(sock, netns=self.netns)
+            verdicts.append(idle.decide(sock, activity.get(sock.cookie), now_ns, self.policy))
+        verdicts = _filter_owners(verdicts, owners, self.selector)
+        return Scan(verdicts, owners, seen=len(found), dump_ms=dump_ms)
+
+    # -- act -------------------------------------------------------------------
+
+    def act(self, scan: Scan) -> List[Outcome]:
+        """Destroy (or pretend to) every victim of `scan`; one Outcome each."""
+        victims = scan.victims
+        if self.policy.max_kills is not None and len(victims) > self.policy.max_kills:
+            log.warning(
+                "%d idle connections, acting on the %d idlest (--max-kills-per-interval)",
+                len(victims), self.policy.max_kills,
+            )
+            victims = sorted(victims, key=lambda v: -(v.idle_ms or 0.0))[: self.policy.max_kills]
+        if not victims:
+            return []
+        if self.policy.dry_run:
+            return [self._outcome(v, Action.WOULD_DESTROY, None, scan.owners) for v in victims]
+        if self.use_proc:
+            return self._fallback(victims, scan.owners)
+        return self._destroy(victims, scan.owners)
+
+    def _destroy(self, victims: Sequence[Verdict], owners) -> List[Outcome]:
+        with diag.DiagSocket() as nl:
+            results = nl.destroy([v.socket for v in victims])
+        outcomes: List[Optional[Outcome]] = []
+        unsupported: List[int] = []
+        for i, (verdict, err) in enumerate(zip(victims, results)):
+            if err == 0:
+                outcomes.append(self._outcome(verdict, Action.DESTROYED, None, owners))
+            elif err == errno.ENOENT:
+                outcomes.append(self._outcome(verdict, Action.GONE, None, owners))
+            elif err == errno.EOPNOTSUPP:
+                unsupported.append(i)
+                outcomes.append(None)
+            elif err == errno.EPERM:
+                raise PrivilegeError("SOCK_DESTROY refused (EPERM): need CAP_NET_ADMIN in this network namespace")
+            else:
+                outcomes.append(self._outcome(verdict, Action.FAILED, "SOCK_DESTROY: " + os.strerror(err), owners))
+        if unsupported:
+            log.warning(
+                "SOCK_DESTROY is not supported by this kernel (CONFIG_INET_DIAG_DESTROY is off): "
+                "falling back to /proc (%s)", self.policy.proc_action,
+            )
+            self.use_proc = True
+            redo = self._fallback([victims[i] for i in unsupported], owners)
+            for i, outcome in zip(unsupported, redo):
+                outcomes[i] = outcome
+        return outcomes  # type: ignore[return-value]
+
+    def _fallback(self, victims: Sequence[Verdict], owners) -> List[Outcome]:
+        fresh = procfs.owners_by_inode({v.socket.inode for v in victims})
+        rows = procfs.apply_fallback([v.socket for v in victims], self.policy.proc_action, fresh)
+        return [
+            Outcome(verdict, action, error, tuple(pids), tuple(comms))
+            for verdict, (_sock, action, error, pids, comms) in zip(victims, rows)
+        ]
+
+    @staticmethod
+    def _outcome(verdict: Verdict, action: str, error: Optional[str], owners) -> Outcome:
+        held = owners.get(verdict.socket.inode, ())
+        return Outcome(
+            verdict, action, error,
+            tuple(sorted({o.pid for o in held})),
+            tuple(sorted({o.comm for o in held})),
+        )
+
+
+def _filter_owners(verdicts: List[Verdict], owners, selector: Selector) -> List[Verdict]:
+    """Apply the owner selectors (--pid, --comm, --cgroup), which need the /proc map."""
+    if not (selector.pids or selector.comms or selector.cgroups):
+        return verdicts
+    kept = []
+    for verdict in verdicts:
+        held = owners.get(verdict.socket.inode, ())
+        if selector.pids and not any(o.pid in selector.pids for o in held):
+            continue
+        if selector.comms and not any(o.comm in selector.comms for o in held):
+            continue
+        if selector.cgroups and not any(
+            (o.cgroup or "").startswith(prefix) for o in held for prefix in selector.cgroups
+        ):
+            continue
+        kept.append(verdict)
+    return kept
+
+
+def require_privilege(what: str) -> None:
+    """Refuse early, with one line, when CAP_NET_ADMIN is missing."""
+    if not procfs.has_cap_net_admin():
+        raise PrivilegeError("%s needs CAP_NET_ADMIN: run as root" % what)
+
+
+__all__ = ["Engine", "Scan", "require_privilege", "RuntimeFailure"]

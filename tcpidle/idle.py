@@ -1,0 +1,84 @@
+"""The idle decision: a pure function of (socket, activity, now_ns, policy).
+
+Owns the merge rule of DESIGN.md.  Two witnesses say when a socket last
+received something:
+  * tcp_info (`tcpi_last_data_recv`, `tcpi_last_ack_recv`): milliseconds, but
+    counted in jiffies (1-10 ms steps), payload only when in order, and a
+    32-bit jiffies difference that wraps after ~49.7 days at HZ=1000;
+  * the BPF probe (`Activity`): bpf_ktime_get_ns() of every segment seen by
+    tcp_rcv_established, exact to the nanosecond but only while attached.
+
+The probe refines; it never makes a socket look idler than tcp_info says.
+If the probe's idle time exceeds tcp_info's by more than one jiffy, the probe
+missed traffic (it was detached, or its entry was evicted and re-created) and
+tcp_info wins.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+from .model import Activity, Policy, Socket, Verdict
+
+# One jiffy at the slowest common HZ (100) plus rounding: the most tcp_info's
+# millisecond figure can lag behind the truth.
+JIFFY_SLACK_MS = 10.0
+
+NS_PER_MS = 1_000_000
+
+
+def tcp_info_idle_ms(sock: Socket, policy: Policy) -> Optional[float]:
+    """Idle time as tcp_info tells it, or None when unknown.
+
+    With `idle_metric == "any"`, the last ACK of any kind counts as well.
+    Values above `last_recv_limit_ms` are treated as unknown (tcp_closer's
+    --last_recv_limit: a bogus stamp on a socket that never received data).
+    """
+    idle = sock.last_data_recv_ms
+    if idle is None:
+        return None
+    if policy.idle_metric == "any" and sock.last_ack_recv_ms is not None:
+        idle = min(idle, sock.last_ack_recv_ms)
+    if policy.last_recv_limit_ms is not None and idle > policy.last_recv_limit_ms:
+        return None
+    return float(idle)
+
+
+def merge(
+    sock: Socket, activity: Optional[Activity], now_ns: int, policy: Policy
+) -> Tuple[Optional[float], Optional[str], Optional[float]]:
+    """Return (idle_ms, idle_source, last_rx_ms) by the merge rule."""
+    info_ms = tcp_info_idle_ms(sock, policy)
+    if activity is None:
+        return info_ms, ("tcp_info" if info_ms is not None else None), None
+
+    last_rx_ms = _age_ms(now_ns, activity.last_segment_ns)
+    stamp = activity.last_segment_ns if policy.idle_metric == "any" else activity.last_data_ns
+    probe_ms = _age_ms(now_ns, stamp)
+    if probe_ms is None:
+        # The probe saw segments but no payload yet (or none at all).
+        return info_ms, ("tcp_info" if info_ms is not None else None), last_rx_ms
+    if info_ms is not None and probe_ms > info_ms + JIFFY_SLACK_MS:
+        return info_ms, "tcp_info", last_rx_ms
+    return probe_ms, "bpf", last_rx_ms
+
+
+def _age_ms(now_ns: int, stamp_ns: int) -> Optional[float]:
+    if not stamp_ns:
+        return None
+    return max(0, now_ns - stamp_ns) / NS_PER_MS
+
+
+def decide(sock: Socket, activity: Optional[Activity], now_ns: int, policy: Policy) -> Verdict:
+    """Decide whether `sock` is idle enough to act on under `policy`.
+
+    `idle_time_ms == 0` selects every matched socket, as tcp_closer's `-t 0`,
+    including those whose idle time is unknown (TIME_WAIT has no tcp_info).
+    Otherwise the socket must be known to be idle at least that long.
+    """
+    idle_ms, source, last_rx_ms = merge(sock, activity, now_ns, policy)
+    if policy.idle_time_ms <= 0:
+        victim = True
+    else:
+        victim = idle_ms is not None and idle_ms >= policy.idle_time_ms
+    return Verdict(sock, idle_ms, source, last_rx_ms, victim)

@@ -1,0 +1,177 @@
+"""The records that flow through tcpidle, as frozen dataclasses.
+
+Owns the vocabulary shared by every module: a `Socket` (one decoded INET_DIAG
+record, identified by its cookie), an `Activity` (what the BPF probe saw of
+that cookie), the user's `Selector` and `Policy`, the `Verdict` of the idle
+decision and the `Outcome` of acting on it.  Nothing past the decoder sees a
+raw netlink message, and nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import socket as _socket
+from dataclasses import dataclass, field
+from enum import IntEnum
+from ipaddress import IPv4Network, IPv6Network
+from typing import Optional, Tuple, Union
+
+AF_INET = _socket.AF_INET
+AF_INET6 = _socket.AF_INET6
+
+Network = Union[IPv4Network, IPv6Network]
+
+
+class TcpState(IntEnum):
+    """Kernel TCP states (include/net/tcp_states.h); values are the kernel's."""
+
+    ESTABLISHED = 1
+    SYN_SENT = 2
+    SYN_RECV = 3
+    FIN_WAIT1 = 4
+    FIN_WAIT2 = 5
+    TIME_WAIT = 6
+    CLOSE = 7
+    CLOSE_WAIT = 8
+    LAST_ACK = 9
+    LISTEN = 10
+    CLOSING = 11
+    NEW_SYN_RECV = 12
+
+
+FAMILY_NAMES = {AF_INET: "ipv4", AF_INET6: "ipv6"}
+
+
+@dataclass(frozen=True)
+class Socket:
+    """One TCP socket as INET_DIAG reported it.
+
+    `raw_id` is the 48-byte `struct inet_diag_sockid` exactly as dumped
+    (network-order ports and addresses, interface, cookie): SOCK_DESTROY sends
+    it back unchanged, so the kernel looks up the same 4-tuple and refuses with
+    ENOENT if the socket found there has another cookie.
+    """
+
+    cookie: int
+    family: int
+    state: int
+    src: str
+    sport: int
+    dst: str
+    dport: int
+    inode: int
+    uid: int
+    raw_id: bytes = field(repr=False)
+    # tcp_info fields, in milliseconds; None when the kernel sent no tcp_info
+    # (TIME_WAIT and NEW_SYN_RECV sockets have none).
+    last_data_recv_ms: Optional[int] = None
+    last_ack_recv_ms: Optional[int] = None
+    last_data_sent_ms: Optional[int] = None
+    netns: Optional[str] = None
+
+    @property
+    def state_name(self) -> str:
+        try:
+            return TcpState(self.state).name
+        except ValueError:
+            return "UNKNOWN(%d)" % self.state
+
+
+@dataclass(frozen=True)
+class Activity:
+    """What the BPF probe recorded for one socket cookie.
+
+    Times are CLOCK_MONOTONIC nanoseconds (bpf_ktime_get_ns); 0 means never.
+    """
+
+    cookie: int
+    last_segment_ns: int
+    last_data_ns: int
+    segments: int = 0
+    data_segments: int = 0
+    bytes: int = 0
+
+
+@dataclass(frozen=True)
+class PortSet:
+    """A set of ports as sorted, merged, inclusive ranges: ((22, 22), (8000, 8100))."""
+
+    ranges: Tuple[Tuple[int, int], ...]
+
+    def __contains__(self, port: int) -> bool:
+        return any(lo <= port <= hi for lo, hi in self.ranges)
+
+
+@dataclass(frozen=True)
+class Selector:
+    """Which sockets a run concerns.
+
+    `families` and `states` are never empty (the CLI fills defaults); a port
+    set or network tuple left empty/None matches everything.
+    """
+
+    families: frozenset = frozenset({AF_INET, AF_INET6})
+    states: frozenset = frozenset({TcpState.ESTABLISHED})
+    sports: Optional[PortSet] = None
+    dports: Optional[PortSet] = None
+    src: Tuple[Network, ...] = ()
+    dst: Tuple[Network, ...] = ()
+    # Selectors that need the /proc owner map (issue: containers).
+    pids: frozenset = frozenset()
+    comms: frozenset = frozenset()
+    uids: frozenset = frozenset()
+    cgroups: Tuple[str, ...] = ()
+    # Protected list: wins over every other selector.
+    exclude_ports: Optional[PortSet] = None
+    exclude_nets: Tuple[Network, ...] = ()
+
+    @property
+    def narrows_by_address(self) -> bool:
+        """True when a port or address selector is given (kill needs one, or --all)."""
+        return bool(self.sports or self.dports or self.src or self.dst)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How idleness is decided and what is done about it."""
+
+    idle_time_ms: float = 0.0
+    idle_metric: str = "data"  # "data" or "any"
+    # tcpi_last_data_recv values above this are treated as unknown (tcp_closer's
+    # --last_recv_limit): they come from sockets that never received data, whose
+    # jiffies stamp is 0, or from a wrapped 32-bit counter.  None = no limit.
+    last_recv_limit_ms: Optional[float] = None
+    dry_run: bool = False
+    use_proc: bool = False
+    proc_action: str = "shutdown"  # "shutdown" or "kill"
+    max_kills: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The idle decision for one socket."""
+
+    socket: Socket
+    idle_ms: Optional[float]
+    idle_source: Optional[str]  # "bpf", "tcp_info" or None
+    last_rx_ms: Optional[float]  # any segment, probe only
+    idle: bool  # True when the socket is a victim under the policy
+
+
+class Action:
+    DESTROYED = "destroyed"
+    WOULD_DESTROY = "would-destroy"
+    SHUTDOWN = "shutdown"
+    PROCESS_KILLED = "process-killed"
+    GONE = "gone"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What happened to one victim."""
+
+    verdict: Verdict
+    action: str
+    error: Optional[str] = None
+    pids: Tuple[int, ...] = ()
+    comms: Tuple[str, ...] = ()

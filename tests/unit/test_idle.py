@@ -1,0 +1,80 @@
+"""The idle decision and the merge rule, as pure functions."""
+
+import pytest
+
+from tcpidle.idle import JIFFY_SLACK_MS, decide, merge
+from tcpidle.model import AF_INET, Activity, Policy, Socket
+
+MS = 1_000_000
+NOW = 10_000_000 * MS
+
+
+def sock(last_data_recv=None, last_ack_recv=None, state=1):
+    return Socket(cookie=7, family=AF_INET, state=state, src="127.0.0.1", sport=1, dst="127.0.0.1",
+                  dport=2, inode=3, uid=0, raw_id=b"\0" * 48, last_data_recv_ms=last_data_recv,
+                  last_ack_recv_ms=last_ack_recv)
+
+
+def act(data_ago_ms=None, seg_ago_ms=None):
+    return Activity(cookie=7,
+                    last_segment_ns=NOW - int(seg_ago_ms * MS) if seg_ago_ms is not None else 0,
+                    last_data_ns=NOW - int(data_ago_ms * MS) if data_ago_ms is not None else 0)
+
+
+def test_tcp_info_only():
+    assert merge(sock(5000), None, NOW, Policy()) == (5000.0, "tcp_info", None)
+
+
+def test_no_tcp_info_no_probe_is_unknown():
+    assert merge(sock(None), None, NOW, Policy()) == (None, None, None)
+
+
+def test_probe_refines_within_a_jiffy():
+    idle, source, last_rx = merge(sock(5000), act(5003.25, 1.5), NOW, Policy())
+    assert (idle, source, last_rx) == (5003.25, "bpf", 1.5)
+
+
+def test_probe_never_idler_than_tcp_info():
+    # The probe last saw data 60 s ago but tcp_info says 5 s: the probe missed
+    # traffic (it was detached), so tcp_info wins.
+    idle, source, _ = merge(sock(5000), act(60000, 60000), NOW, Policy())
+    assert (idle, source) == (5000.0, "tcp_info")
+    idle, source, _ = merge(sock(5000), act(5000 + JIFFY_SLACK_MS + 1, 1), NOW, Policy())
+    assert source == "tcp_info"
+
+
+def test_probe_may_be_fresher_than_tcp_info():
+    idle, source, _ = merge(sock(5000), act(12.5, 12.5), NOW, Policy())
+    assert (idle, source) == (12.5, "bpf")
+
+
+def test_idle_metric_any_counts_acks():
+    s = sock(last_data_recv=9000, last_ack_recv=100)
+    assert merge(s, None, NOW, Policy(idle_metric="data"))[0] == 9000.0
+    assert merge(s, None, NOW, Policy(idle_metric="any"))[0] == 100.0
+    a = act(data_ago_ms=9000, seg_ago_ms=50)
+    assert merge(s, a, NOW, Policy(idle_metric="data"))[:2] == (9000.0, "bpf")
+    assert merge(s, a, NOW, Policy(idle_metric="any"))[:2] == (50.0, "bpf")
+
+
+def test_probe_without_data_falls_back_to_tcp_info():
+    idle, source, last_rx = merge(sock(7000), act(None, 3), NOW, Policy())
+    assert (idle, source, last_rx) == (7000.0, "tcp_info", 3.0)
+
+
+def test_last_recv_limit_makes_bogus_values_unknown():
+    p = Policy(idle_time_ms=1000, last_recv_limit_ms=86_400_000)
+    v = decide(sock(4_000_000_000), None, NOW, p)
+    assert v.idle_ms is None and v.idle_source is None and not v.idle
+    assert decide(sock(5000), None, NOW, p).idle
+
+
+@pytest.mark.parametrize("idle_time, last_recv, victim", [
+    (0, None, True),      # -t 0: every matched connection, even with unknown idle time
+    (0, 10, True),
+    (1000, 999, False),
+    (1000, 1000, True),
+    (1000, None, False),  # unknown idle time is never "idle enough"
+])
+def test_decide_threshold(idle_time, last_recv, victim):
+    assert decide(sock(last_recv), None, NOW, Policy(idle_time_ms=idle_time)).idle is victim

@@ -20,10 +20,10 @@ import errno
 import logging
 import os
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
 
-from . import diag, idle, procfs, selectors
+from . import diag, idle, netns, procfs, selectors
 from .errors import PrivilegeError, RuntimeFailure
 from .model import Action, Activity, Outcome, Policy, Selector, Socket, Verdict
 
@@ -55,13 +55,14 @@ class Engine:
         policy: Policy,
         activity: Optional[ActivitySource] = None,
         want_owners: bool = True,
-        netns: Optional[str] = None,
+        namespaces: Optional[Sequence[netns.Netns]] = None,
     ):
         self.selector = selector
         self.policy = policy
         self.activity = activity
         self.want_owners = want_owners
-        self.netns = netns
+        # None: the caller's own namespace only, reported as netns=null.
+        self.namespaces = list(namespaces) if namespaces is not None else [netns.own()]
         self.use_proc = policy.use_proc
         self.states_mask = selectors.states_mask(selector.states)
         try:
@@ -76,9 +77,15 @@ class Engine:
         owners = procfs.owners_by_inode() if self.want_owners else {}
         started = time.monotonic()
         found: List[Socket] = []
-        with diag.DiagSocket() as nl:
-            for family in selectors.selector_families(self.selector):
-                found.extend(nl.dump(family, self.states_mask, self.bytecode))
+        for ns in self.namespaces:
+            try:
+                nl = _open_diag(ns)
+            except netns.NetnsGone as exc:
+                log.warning("%s: skipped", exc)
+                continue
+            with nl:
+                for family in selectors.selector_families(self.selector):
+                    found.extend(nl.dump(family, self.states_mask, self.bytecode))
         dump_ms = (time.monotonic() - started) * 1000.0
         activity = self.activity() if self.activity else {}
         now_ns = time.monotonic_ns()
@@ -86,8 +93,6 @@ class Engine:
         for sock in found:
             if not selectors.matches(self.selector, sock):
                 continue
-            if self.netns is not None:
-                sock = replace(sock, netns=self.netns)
             verdicts.append(idle.decide(sock, activity.get(sock.cookie), now_ns, self.policy))
         verdicts = _filter_owners(verdicts, owners, self.selector)
         return Scan(verdicts, owners, seen=len(found), dump_ms=dump_ms)
@@ -112,8 +117,7 @@ class Engine:
         return self._destroy(victims, scan.owners)
 
     def _destroy(self, victims: Sequence[Verdict], owners) -> List[Outcome]:
-        with diag.DiagSocket() as nl:
-            results = nl.destroy([v.socket for v in victims])
+        results = self._destroy_per_namespace([v.socket for v in victims])
         outcomes: List[Optional[Outcome]] = []
         unsupported: List[int] = []
         for i, (verdict, err) in enumerate(zip(victims, results)):
@@ -139,6 +143,30 @@ class Engine:
                 outcomes[i] = outcome
         return outcomes  # type: ignore[return-value]
 
+    def _destroy_per_namespace(self, socks: Sequence[Socket]) -> List[int]:
+        """SOCK_DESTROY each socket from inside its own namespace; errno per socket.
+
+        A namespace that vanished since the scan took its sockets with it:
+        they count as gone (ENOENT).
+        """
+        by_label = {ns.label: ns for ns in self.namespaces}
+        results = [0] * len(socks)
+        groups: Dict[object, List[int]] = {}
+        for i, sk in enumerate(socks):
+            groups.setdefault(sk.netns, []).append(i)
+        for label, indices in groups.items():
+            try:
+                nl = _open_diag(by_label[label])
+            except netns.NetnsGone as exc:
+                log.warning("%s: its %d connections are gone", exc, len(indices))
+                for i in indices:
+                    results[i] = errno.ENOENT
+                continue
+            with nl:
+                for i, err in zip(indices, nl.destroy([socks[i] for i in indices])):
+                    results[i] = err
+        return results
+
     def _fallback(self, victims: Sequence[Verdict], owners) -> List[Outcome]:
         fresh = procfs.owners_by_inode({v.socket.inode for v in victims})
         rows = procfs.apply_fallback([v.socket for v in victims], self.policy.proc_action, fresh)
@@ -155,6 +183,17 @@ class Engine:
             tuple(sorted({o.pid for o in held})),
             tuple(sorted({o.comm for o in held})),
         )
+
+
+def _open_diag(ns: netns.Netns) -> diag.DiagSocket:
+    """A DiagSocket bound to `ns`, its records labelled with the namespace's label."""
+    if ns.path is None:
+        return diag.DiagSocket()
+    fd = netns.open_fd(ns)
+    try:
+        return diag.DiagSocket(netns_fd=fd, netns_label=ns.label)
+    finally:
+        os.close(fd)
 
 
 def _filter_owners(verdicts: List[Verdict], owners, selector: Selector) -> List[Verdict]:

@@ -18,13 +18,18 @@ from __future__ import annotations
 
 from typing import Optional, Tuple
 
-from .model import Activity, Policy, Socket, Verdict
+from .model import Activity, Policy, Socket, TcpState, Verdict
 
 # One jiffy at the slowest common HZ (100) plus rounding: the most tcp_info's
 # millisecond figure can lag behind the truth.
 JIFFY_SLACK_MS = 10.0
 
 NS_PER_MS = 1_000_000
+
+# States with no receive path yet: a listener never receives data and a
+# SYN_SENT socket has not been answered, so tcp_info's last-receive stamp is
+# still 0 and its "idle time" is the time since boot.
+_NO_RECEIVE_PATH = frozenset({TcpState.LISTEN, TcpState.SYN_SENT})
 
 
 def tcp_info_idle_ms(sock: Socket, policy: Policy) -> Optional[float]:
@@ -35,7 +40,7 @@ def tcp_info_idle_ms(sock: Socket, policy: Policy) -> Optional[float]:
     --last_recv_limit: a bogus stamp on a socket that never received data).
     """
     idle = sock.last_data_recv_ms
-    if idle is None:
+    if idle is None or sock.state in _NO_RECEIVE_PATH:
         return None
     if policy.idle_metric == "any" and sock.last_ack_recv_ms is not None:
         idle = min(idle, sock.last_ack_recv_ms)

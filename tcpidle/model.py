@@ -66,7 +66,9 @@ class Socket:
     last_data_recv_ms: Optional[int] = None
     last_ack_recv_ms: Optional[int] = None
     last_data_sent_ms: Optional[int] = None
-    netns: Optional[str] = None
+    # The namespace's name under /run/netns, else its inode; None for the
+    # caller's own namespace.
+    netns: Union[str, int, None] = None
 
     @property
     def state_name(self) -> str:

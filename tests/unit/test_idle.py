@@ -78,3 +78,9 @@ def test_last_recv_limit_makes_bogus_values_unknown():
 ])
 def test_decide_threshold(idle_time, last_recv, victim):
     assert decide(sock(last_recv), None, NOW, Policy(idle_time_ms=idle_time)).idle is victim
+
+
+@pytest.mark.parametrize("state", [10, 2])  # LISTEN, SYN_SENT: tcp_info's stamp is meaningless
+def test_no_receive_path_is_unknown(state):
+    v = decide(sock(123456, state=state), None, NOW, Policy(idle_time_ms=1))
+    assert (v.idle_ms, v.idle_source, v.idle) == (None, None, False)

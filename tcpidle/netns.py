@@ -1,0 +1,176 @@
+"""Network namespaces: naming them, listing them, and opening sockets inside them.
+
+Owns the only `setns(2)` in tcpidle.  INET_DIAG and SOCK_DESTROY only see the
+namespace the netlink socket was created in, so to reach another namespace we
+enter it just long enough to create a socket, and return at once -- also on
+errors.  A socket keeps the namespace it was born in, so everything after
+that runs from our own namespace; no thread is ever left in a foreign one.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, List, Optional, Union
+
+from .errors import RuntimeFailure, UsageError
+
+RUN_NETNS = "/run/netns"
+CLONE_NEWNET = 0x40000000
+
+
+@dataclass(frozen=True)
+class Netns:
+    """A network namespace: where to open it and what to call it in reports.
+
+    `label` is the name under /run/netns where one exists, else the inode;
+    None stands for the caller's own namespace.
+    """
+
+    path: Optional[str]  # None: the caller's own namespace
+    inode: int
+    label: Union[str, int, None]
+
+
+class NetnsGone(RuntimeFailure):
+    """The namespace disappeared (its last process exited, its name was deleted)."""
+
+
+_libc = None
+
+
+def _setns(fd: int) -> None:
+    setns = getattr(os, "setns", None)  # Python >= 3.12
+    if setns is not None:
+        setns(fd, CLONE_NEWNET)
+        return
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, "setns: " + os.strerror(err))
+
+
+def _own_inode() -> int:
+    return os.stat("/proc/self/ns/net").st_ino
+
+
+def own() -> Netns:
+    """The caller's own namespace."""
+    return Netns(None, _own_inode(), None)
+
+
+def _names() -> dict:
+    """inode -> name for every namespace named under /run/netns."""
+    names = {}
+    try:
+        entries = sorted(os.listdir(RUN_NETNS))
+    except FileNotFoundError:
+        return names
+    for name in entries:
+        try:
+            names.setdefault(os.stat(os.path.join(RUN_NETNS, name)).st_ino, name)
+        except OSError:
+            continue
+    return names
+
+
+def resolve(spec: str) -> Netns:
+    """NAME (under /run/netns), PATH (an ns file) or PID -> Netns; UsageError if none."""
+    spec = str(spec).strip()
+    if spec.isdigit():
+        path = "/proc/%s/ns/net" % spec
+        what = "process %s" % spec
+    elif "/" in spec:
+        path, what = spec, spec
+    else:
+        path, what = os.path.join(RUN_NETNS, spec), "name %r" % spec
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise UsageError("--netns %s: no network namespace for %s (%s)" % (spec, what, exc.strerror)) from None
+    if st.st_ino == _own_inode():
+        return own()
+    label = _names().get(st.st_ino, st.st_ino)
+    return Netns(path, st.st_ino, label)
+
+
+def all_namespaces() -> List[Netns]:
+    """Every distinct namespace reachable through /run/netns and /proc/*/ns/net, once each.
+
+    The caller's own comes first.  Processes exiting mid-walk are skipped.
+    """
+    seen = {_own_inode()}
+    found = [own()]
+    names = _names()
+    for inode, name in names.items():
+        if inode not in seen:
+            seen.add(inode)
+            found.append(Netns(os.path.join(RUN_NETNS, name), inode, name))
+    try:
+        pids = [p for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        pids = []
+    for pid in pids:
+        path = "/proc/%s/ns/net" % pid
+        try:
+            inode = os.stat(path).st_ino
+        except OSError:
+            continue  # exited, or not ours to see
+        if inode not in seen:
+            seen.add(inode)
+            found.append(Netns(path, inode, inode))
+    return found
+
+
+def open_fd(ns: Netns) -> int:
+    """Open `ns` (O_RDONLY, close-on-exec) and check it is still the namespace we listed.
+
+    Raises NetnsGone when it vanished, or when a PID path now names another
+    namespace (the process exited and its pid was reused): never act on a
+    namespace we did not list.
+    """
+    try:
+        fd = os.open(ns.path, os.O_RDONLY | os.O_CLOEXEC)
+    except (FileNotFoundError, ProcessLookupError):
+        raise NetnsGone("network namespace %s is gone" % (ns.label,)) from None
+    if os.fstat(fd).st_ino != ns.inode:
+        os.close(fd)
+        raise NetnsGone("network namespace %s is gone (its path now names another)" % (ns.label,))
+    return fd
+
+
+@contextmanager
+def entered_fd(fd: int) -> Iterator[None]:
+    """Run the body with this thread inside the network namespace `fd`; always return.
+
+    setns(CLONE_NEWNET) moves the calling thread only, and a socket stays in
+    the namespace it was created in, so callers enter just to create sockets.
+    """
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        _setns(fd)
+        try:
+            yield
+        finally:
+            _setns(home)
+    finally:
+        os.close(home)
+
+
+@contextmanager
+def entered(ns: Netns) -> Iterator[None]:
+    """Run the body inside `ns`; always return to the original namespace."""
+    if ns.path is None:
+        yield
+        return
+    fd = open_fd(ns)
+    try:
+        with entered_fd(fd):
+            yield
+    finally:
+        os.close(fd)

@@ -1,0 +1,420 @@
+"""tcpidle.diag against the real kernel (root; network namespaces it creates).
+
+Sockets are made by this test thread after setns() into a throw-away
+namespace (tidiag-k-*), and the thread always goes back; the DiagSocket
+under test is opened with netns_fd, so the namespace hook is exercised by
+every test.  Ground truth comes from the sockets themselves: getsockname /
+getpeername, fstat().st_ino, getsockopt(SO_COOKIE), and what recv() says
+after a destroy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import itertools
+import os
+import socket
+import struct
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tcpidle import diag, errors
+from tcpidle.model import AF_INET, AF_INET6, TcpState
+
+pytestmark = pytest.mark.kernel
+
+SO_COOKIE = 57
+CLONE_NEWNET = 0x40000000
+ALL = 0xFFFFFFFF
+EST = 1 << TcpState.ESTABLISHED
+LISTEN = 1 << TcpState.LISTEN
+TW = 1 << TcpState.TIME_WAIT
+FAMS = (AF_INET, AF_INET6)
+_counter = itertools.count()
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+def setns(fd: int) -> None:
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+def thread_netns_inode() -> int:
+    return os.stat("/proc/thread-self/ns/net").st_ino
+
+
+def cookie_of(s: socket.socket) -> int:
+    return struct.unpack("=Q", s.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8))[0]
+
+
+class Netns:
+    """A namespace with lo up; sockets made through it are closed at teardown."""
+
+    def __init__(self):
+        self.name = "tidiag-k-%d-%d" % (os.getpid(), next(_counter))
+        subprocess.run(["ip", "netns", "add", self.name], check=True)
+        self.fd = None
+        self.socks = []
+        try:
+            subprocess.run(["ip", "-n", self.name, "link", "set", "lo", "up"], check=True)
+            self.fd = os.open("/run/netns/" + self.name, os.O_RDONLY)
+        except BaseException:
+            self.cleanup()
+            raise
+
+    @contextlib.contextmanager
+    def inside(self):
+        """Run the block with this thread in the namespace; always come back."""
+        here = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+        try:
+            setns(self.fd)
+            try:
+                yield
+            finally:
+                setns(here)
+        finally:
+            os.close(here)
+
+    def sock(self, family=AF_INET) -> socket.socket:
+        with self.inside():
+            s = socket.socket(family, socket.SOCK_STREAM)
+        s.settimeout(5)
+        self.socks.append(s)
+        return s
+
+    def listener(self, family, host, port, v6only=True) -> socket.socket:
+        s = self.sock(family)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == AF_INET6:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1 if v6only else 0)
+        s.bind((host, port))
+        s.listen(4096)
+        return s
+
+    def pair(self, listener, family, host, port, bind=None, reuse=False):
+        c = self.sock(family)
+        if reuse:
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if bind:
+            c.bind(bind)
+        c.connect((host, port))
+        a, _ = listener.accept()
+        a.settimeout(5)
+        self.socks.append(a)
+        return c, a
+
+    def diag(self) -> diag.DiagSocket:
+        return diag.DiagSocket(netns_fd=self.fd, netns_label=self.name)
+
+    def cleanup(self):
+        for s in self.socks:
+            s.close()
+        if self.fd is not None:
+            os.close(self.fd)
+        subprocess.run(["ip", "netns", "del", self.name], check=False)
+
+
+@pytest.fixture
+def ns():
+    n = Netns()
+    yield n
+    n.cleanup()
+
+
+@pytest.fixture
+def ns2():
+    n = Netns()
+    yield n
+    n.cleanup()
+
+
+def truth(s: socket.socket, state: int):
+    """What INET_DIAG must report for socket s, from the socket itself."""
+    local, peer = s.getsockname(), None
+    try:
+        peer = s.getpeername()
+    except OSError:
+        pass
+    zero = "::" if s.family == AF_INET6 else "0.0.0.0"
+    return (
+        s.family, state, local[0], local[1],
+        peer[0] if peer else zero, peer[1] if peer else 0,
+        os.fstat(s.fileno()).st_ino,
+    )
+
+
+def seen(rec):
+    return (rec.family, rec.state, rec.src, rec.sport, rec.dst, rec.dport, rec.inode)
+
+
+def by_cookie(records):
+    return {r.cookie: r for r in records}
+
+
+# --- dump ---------------------------------------------------------------------
+
+
+def test_dump_finds_exactly_our_sockets(ns):
+    mine = {}
+    l4 = ns.listener(AF_INET, "127.0.0.1", 4000)
+    l6 = ns.listener(AF_INET6, "::1", 6000)
+    ld = ns.listener(AF_INET6, "::", 6001, v6only=False)
+    for lst in (l4, l6, ld):
+        mine[cookie_of(lst)] = truth(lst, TcpState.LISTEN)
+    conns = [
+        ns.pair(l4, AF_INET, "127.0.0.1", 4000, bind=("127.0.0.3", 0)),
+        ns.pair(l4, AF_INET, "127.0.0.1", 4000),
+        ns.pair(l6, AF_INET6, "::1", 6000),
+        ns.pair(ld, AF_INET, "127.0.0.1", 6001),  # accepted side is v4-mapped AF_INET6
+    ]
+    for c, a in conns:
+        for s in (c, a):
+            mine[cookie_of(s)] = truth(s, TcpState.ESTABLISHED)
+    with ns.diag() as ds:
+        got = by_cookie(ds.dump_sockets(FAMS, ALL))
+    assert set(got) == set(mine)
+    for cookie, want in mine.items():
+        rec = got[cookie]
+        assert seen(rec) == want
+        assert rec.uid == 0 and rec.netns == ns.name
+        assert rec.last_data_recv_ms is not None and rec.last_ack_recv_ms is not None
+    assert any(r.src.startswith("::ffff:127.") for r in got.values())
+
+
+def test_tcp_info_times_follow_traffic(ns):
+    lst = ns.listener(AF_INET, "127.0.0.1", 4000)
+    c, a = ns.pair(lst, AF_INET, "127.0.0.1", 4000)
+    c.sendall(b"x")
+    a.recv(1)
+    time.sleep(0.4)
+    a.sendall(b"y")
+    c.recv(1)
+    with ns.diag() as ds:
+        got = by_cookie(ds.dump(AF_INET, EST))
+    rc, ra = got[cookie_of(c)], got[cookie_of(a)]
+    # c sent 400 ms ago and received just now; a the other way round.
+    assert rc.last_data_sent_ms >= 350 and rc.last_data_recv_ms < 200
+    assert ra.last_data_recv_ms >= 350 and ra.last_data_sent_ms < 200
+
+
+def test_dump_sees_only_its_namespace_and_restores_the_thread(ns, ns2):
+    a = ns.listener(AF_INET, "127.0.0.1", 4000)
+    b = ns2.listener(AF_INET, "127.0.0.1", 4000)
+    before = thread_netns_inode()
+    with ns.diag() as d1, ns2.diag() as d2:
+        assert thread_netns_inode() == before
+        assert [r.cookie for r in d1.dump(AF_INET, ALL)] == [cookie_of(a)]
+        assert [r.cookie for r in d2.dump(AF_INET, ALL)] == [cookie_of(b)]
+        assert d1.dump(AF_INET6, ALL) == []
+    assert thread_netns_inode() == before
+
+
+def test_states_mask_filters(ns):
+    lst = ns.listener(AF_INET, "127.0.0.1", 4000)
+    c, a = ns.pair(lst, AF_INET, "127.0.0.1", 4000)
+    twc, twa = ns.pair(lst, AF_INET, "127.0.0.1", 4000)
+    tw_cookie, tw_port = cookie_of(twc), twc.getsockname()[1]
+    twc.close()  # active close: the client ends in TIME_WAIT
+    assert twa.recv(1) == b""
+    twa.close()
+    with ns.diag() as ds:
+        listen = ds.dump(AF_INET, LISTEN)
+        est = ds.dump(AF_INET, EST)
+        tw = ds.dump(AF_INET, TW)
+        both = ds.dump(AF_INET, LISTEN | EST)
+        none = ds.dump(AF_INET, 1 << TcpState.SYN_SENT)
+    assert [r.cookie for r in listen] == [cookie_of(lst)]
+    assert {r.cookie for r in est} == {cookie_of(c), cookie_of(a)}
+    assert [(r.cookie, r.sport, r.state) for r in tw] == [(tw_cookie, tw_port, TcpState.TIME_WAIT)]
+    # TIME_WAIT sockets carry no tcp_info and no inode.
+    assert tw[0].last_data_recv_ms is None and tw[0].inode == 0
+    assert {r.cookie for r in both} == {cookie_of(lst), cookie_of(c), cookie_of(a)}
+    assert none == []
+
+
+def test_bytecode_is_carried_and_bad_bytecode_is_an_error(ns):
+    lst = ns.listener(AF_INET, "127.0.0.1", 4000)
+    l2 = ns.listener(AF_INET, "127.0.0.1", 4001)
+    c, _a = ns.pair(lst, AF_INET, "127.0.0.1", 4000)
+    ns.pair(l2, AF_INET, "127.0.0.1", 4001)
+    # INET_DIAG_BC_D_EQ (12) {code, yes=8, no=12 (reject)} then {0, 0, port}.
+    dport_4000 = struct.pack("=BBHBBH", 12, 8, 12, 0, 0, 4000)
+    with ns.diag() as ds:
+        assert [r.cookie for r in ds.dump(AF_INET, ALL, dport_4000)] == [cookie_of(c)]
+        with pytest.raises(errors.NetlinkError) as ei:
+            ds.dump(AF_INET, ALL, struct.pack("=BBH", 12, 0, 0))  # yes=0: rejected by the audit
+        assert ei.value.errno == errno.EINVAL
+        # The socket is still usable after the error.
+        assert len(ds.dump(AF_INET, ALL)) == 6  # 2 listeners, 2 connections
+        per_family = ds.dump_sockets(FAMS, ALL, {AF_INET: dport_4000})
+        assert [r.cookie for r in per_family] == [cookie_of(c)]
+        assert [r.cookie for r in ds.dump_sockets(FAMS, ALL, lambda f: dport_4000)] == [cookie_of(c)]
+
+
+def test_module_level_dump_sockets(ns):
+    lst = ns.listener(AF_INET6, "::1", 6000)
+    got = diag.dump_sockets(FAMS, LISTEN, netns_fd=ns.fd, netns_label="x")
+    assert [(r.cookie, r.netns) for r in got] == [(cookie_of(lst), "x")]
+
+
+# --- destroy ------------------------------------------------------------------
+
+KINDS = {
+    "ipv4": (AF_INET, "127.0.0.1", AF_INET, "127.0.0.1", True),
+    "ipv6": (AF_INET6, "::1", AF_INET6, "::1", True),
+    # A v4 client of a dual-stack listener: kill the accepted, v4-mapped socket.
+    "v4mapped": (AF_INET6, "::", AF_INET, "127.0.0.1", False),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_destroy_aborts_owner_and_resets_peer(ns, kind):
+    lfam, lhost, cfam, chost, v6only = KINDS[kind]
+    lst = ns.listener(lfam, lhost, 5000, v6only=v6only)
+    c, a = ns.pair(lst, cfam, chost, 5000)
+    victim, peer = (c, a) if kind != "v4mapped" else (a, c)
+    with ns.diag() as ds:
+        recs = by_cookie(ds.dump_sockets(FAMS, EST))
+        rec = recs[cookie_of(victim)]
+        if kind == "v4mapped":
+            assert rec.family == AF_INET6 and rec.src == "::ffff:127.0.0.1"
+        assert ds.destroy([rec]) == [0]
+        with pytest.raises(OSError) as owner:
+            victim.recv(1)
+        assert owner.value.errno == errno.ECONNABORTED
+        with pytest.raises(OSError) as other:
+            peer.recv(1)
+        assert other.value.errno == errno.ECONNRESET
+        assert ds.destroy([rec]) == [errno.ENOENT]
+        assert ds.dump_sockets(FAMS, EST) == []
+
+
+def test_stale_cookie_is_refused(ns):
+    lst = ns.listener(AF_INET, "127.0.0.1", 5000)
+    old_c, old_a = ns.pair(lst, AF_INET, "127.0.0.1", 5000, bind=("127.0.0.1", 40000), reuse=True)
+    with ns.diag() as ds:
+        old = by_cookie(ds.dump(AF_INET, EST))[cookie_of(old_c)]
+        # Abortive close (RST): no TIME_WAIT anywhere, the 4-tuple is free at once.
+        old_c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        old_c.close()
+        with pytest.raises(ConnectionResetError):
+            old_a.recv(1)
+        old_a.close()
+        assert ds.dump(AF_INET, ALL & ~LISTEN) == []
+        new_c, new_a = ns.pair(lst, AF_INET, "127.0.0.1", 5000, bind=("127.0.0.1", 40000), reuse=True)
+        new = by_cookie(ds.dump(AF_INET, EST))[cookie_of(new_c)]
+        # Same 4-tuple and interface, different socket: only the cookie differs.
+        assert (new.src, new.sport, new.dst, new.dport) == (old.src, old.sport, old.dst, old.dport)
+        assert new.cookie != old.cookie and new.raw_id[:40] == old.raw_id[:40]
+        assert ds.destroy([old]) == [errno.ENOENT]
+        new_c.sendall(b"still here")
+        assert new_a.recv(10) == b"still here"
+        new_a.sendall(b"ok")
+        assert new_c.recv(2) == b"ok"
+        # The tuple lookup itself works: the current record does destroy it.
+        assert ds.destroy([new]) == [0]
+        with pytest.raises(ConnectionAbortedError):
+            new_c.recv(1)
+
+
+@pytest.mark.parametrize("batch", [256, 1, 100000])
+def test_batch_of_2000_destroys(ns, batch):
+    n = 2000 if batch != 1 else 300
+    l4 = ns.listener(AF_INET, "127.0.0.1", 5000)
+    l6 = ns.listener(AF_INET6, "::1", 5000)
+    b4 = ns.listener(AF_INET, "127.0.0.1", 5001)
+    victims = [ns.pair(l4, AF_INET, "127.0.0.1", 5000)[0] for _ in range(n // 2)]
+    victims += [ns.pair(l6, AF_INET6, "::1", 5000)[0] for _ in range(n - n // 2)]
+    bystanders = [s for _ in range(20) for s in ns.pair(b4, AF_INET, "127.0.0.1", 5001)]
+    keep = {cookie_of(s) for s in bystanders + [l4, l6, b4]}
+    want = {cookie_of(s) for s in victims}
+    with ns.diag() as ds:
+        targets = [r for r in ds.dump_sockets(FAMS, EST) if r.dport == 5000]
+        assert {r.cookie for r in targets} == want
+        results = ds.destroy(targets, batch=batch)
+        assert results == [0] * n
+        assert ds.lost_acks == 0
+        left = {r.cookie for r in ds.dump_sockets(FAMS, ALL)}
+    # Exactly the victims are gone (their peers were reset and closed too).
+    assert left == keep
+    for s in victims:
+        assert s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == errno.ECONNABORTED
+    for s in bystanders:
+        assert s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+
+
+def test_dropped_acks_are_never_reported_as_success(ns, monkeypatch):
+    """Overflow the ack queue on purpose: the kernel drops acks (ENOBUFS).
+
+    _ACK_TRUESIZE = 1 disables the batch sizing that normally prevents this;
+    the receive buffer is the smallest the kernel allows.
+    """
+    monkeypatch.setattr(diag, "_ACK_TRUESIZE", 1)
+    lst = ns.listener(AF_INET, "127.0.0.1", 5000)
+    victims = [ns.pair(lst, AF_INET, "127.0.0.1", 5000)[0] for _ in range(400)]
+    ds = diag.DiagSocket(netns_fd=ns.fd, rcvbuf=4096)
+    with ds:
+        targets = [r for r in ds.dump(AF_INET, EST) if r.dport == 5000]
+        assert len(targets) == 400
+        results = ds.destroy(targets, batch=400)
+        assert ds.lost_acks > 0  # the overflow really happened
+        # Lost acks were retried: a first destroy that worked reads ENOENT
+        # on the retry; never a success that was not acknowledged.
+        assert set(results) <= {0, errno.ENOENT}
+        assert results.count(0) >= 400 - ds.lost_acks
+        assert results.count(errno.ENOENT) <= ds.lost_acks
+        assert ds.dump(AF_INET, EST) == []
+    for s in victims:
+        assert s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == errno.ECONNABORTED
+
+
+def test_destroy_time_wait(ns):
+    lst = ns.listener(AF_INET, "127.0.0.1", 5000)
+    c, a = ns.pair(lst, AF_INET, "127.0.0.1", 5000)
+    c.close()
+    assert a.recv(1) == b""
+    a.close()
+    with ns.diag() as ds:
+        tw = ds.dump(AF_INET, TW)
+        assert len(tw) == 1
+        assert ds.destroy(tw) == [0]
+        assert ds.dump(AF_INET, TW) == []
+        assert ds.destroy(tw) == [errno.ENOENT]
+
+
+def test_destroy_without_cap_net_admin_is_eperm(ns):
+    lst = ns.listener(AF_INET, "127.0.0.1", 5000)
+    c, a = ns.pair(lst, AF_INET, "127.0.0.1", 5000)
+    with ns.diag() as ds:
+        rec = by_cookie(ds.dump(AF_INET, EST))[cookie_of(c)]
+    code = (
+        "import sys, dataclasses; from tcpidle import diag\n"
+        "from tcpidle.model import Socket\n"
+        "r = Socket(cookie=0, family=%d, state=1, src='', sport=0, dst='', dport=0, inode=0, uid=0,"
+        " raw_id=bytes.fromhex(%r))\n"
+        "with diag.DiagSocket() as ds: print(ds.destroy([r])[0])\n" % (rec.family, rec.raw_id.hex())
+    )
+    out = subprocess.run(
+        ["ip", "netns", "exec", ns.name, "setpriv", "--reuid=65534", "--regid=65534",
+         "--clear-groups", "--inh-caps=-all", sys.executable, "-c", code],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout) == errno.EPERM
+    c.sendall(b"alive")
+    assert a.recv(5) == b"alive"
+
+
+def test_destroy_nothing_and_closed_socket(ns):
+    ds = ns.diag()
+    assert ds.destroy([]) == []
+    ds.close()
+    with pytest.raises(ValueError):
+        ds.dump(AF_INET, ALL)

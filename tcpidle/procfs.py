@@ -1,0 +1,481 @@
+"""Who holds a socket, and the /proc fallback ways of getting rid of it.
+
+Owns everything tcpidle learns or does through /proc and pidfds:
+
+* `owners_by_inode` maps socket inodes to the processes (pid, fd, comm,
+  cgroup, network namespace) holding them, in one race-tolerant pass over
+  /proc/*/fd/*.
+* `shutdown_socket` and `kill_owner` are the actions used when SOCK_DESTROY is
+  unavailable (kernel built without CONFIG_INET_DIAG_DESTROY) or the user asks
+  for `--use-proc`; `apply_fallback` runs them over a list of sockets and says
+  what happened to each, in `model.Action` words.
+* `has_cap_net_admin` / `is_root` let the CLI refuse early with one line.
+
+Nothing here prints; failures are exceptions (`ProcActionError`, and its
+`SocketGone` kind for "that socket or process is no longer there").
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import signal
+import socket as _socket
+import stat
+import struct
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
+
+from .errors import RuntimeFailure
+from .model import Action, Socket
+
+__all__ = [
+    "Owner",
+    "ProcActionError",
+    "SocketGone",
+    "owners_by_inode",
+    "shutdown_socket",
+    "kill_owner",
+    "apply_fallback",
+    "has_capability",
+    "has_cap_net_admin",
+    "is_root",
+    "NO_OWNER",
+]
+
+# include/uapi/asm-generic/socket.h; Python's socket module does not name it.
+SO_COOKIE = 57
+# pidfd_getfd(2) has the same number on every architecture that uses the
+# unified syscall table (added in 5.6); Python has no wrapper for it.
+NR_PIDFD_GETFD = 438
+# include/uapi/linux/capability.h
+CAP_NET_ADMIN = 12
+
+NO_OWNER = "no process holds this socket"
+
+_SOCKET_PREFIX = "socket:["
+
+# What a vanishing process or fd looks like from /proc: the directory entry
+# disappears (ENOENT), the task is gone between lookup and read (ESRCH),
+# ptrace access is refused (EACCES: another user's process when we are not
+# root, or a process that changed credentials), or /proc/PID is now something
+# else.  Any other OSError on one entry is also skipped (for instance EINVAL
+# from readlink on something that is not a link), so one odd entry never
+# stops the walk.
+_VANISHED = (
+    FileNotFoundError,
+    ProcessLookupError,
+    PermissionError,
+    NotADirectoryError,
+)
+
+
+class ProcActionError(RuntimeFailure):
+    """A /proc fallback action failed."""
+
+
+class SocketGone(ProcActionError):
+    """The process exited, or its fd no longer holds the socket we meant."""
+
+
+@dataclass(frozen=True)
+class Owner:
+    """One (process, fd) pair holding a socket."""
+
+    pid: int
+    fd: int
+    comm: str = ""
+    # Path from /proc/PID/cgroup: the cgroup v2 line ("0::/path") when there
+    # is one, else the best v1 line; None when unreadable.
+    cgroup: Optional[str] = None
+    # Inode of /proc/PID/ns/net: the network namespace the process lives in
+    # (a socket may belong to another one, if it was passed or created after
+    # setns; socket inodes are unique host-wide so no filtering needs this).
+    netns_inode: Optional[int] = None
+
+
+# ---------------------------------------------------------------------------
+# The walk
+
+
+def _socket_inode(link: str) -> Optional[int]:
+    """The inode in a "socket:[12345]" link target, else None."""
+    if not link.startswith(_SOCKET_PREFIX) or not link.endswith("]"):
+        return None
+    try:
+        return int(link[len(_SOCKET_PREFIX) : -1])
+    except ValueError:
+        return None
+
+
+def _read_first_line(path: str) -> Optional[str]:
+    try:
+        with open(path, "rb") as f:
+            data = f.read(4096)
+    except OSError:
+        return None
+    return data.decode("utf-8", "replace").split("\n", 1)[0]
+
+
+def _pick_cgroup(text: str) -> Optional[str]:
+    """The most useful path in a /proc/PID/cgroup file.
+
+    Lines are "hierarchy-id:controllers:path".  The cgroup v2 line is
+    "0::/path" and is the whole story on a unified host; on a v1 or hybrid
+    host prefer the systemd named hierarchy (it names the unit), then the
+    first line.
+    """
+    lines = [ln.split(":", 2) for ln in text.splitlines() if ln.count(":") >= 2]
+    if not lines:
+        return None
+    for hid, ctrl, path in lines:
+        if hid == "0" and ctrl == "":
+            return path
+    for hid, ctrl, path in lines:
+        if "name=systemd" in ctrl.split(","):
+            return path
+    return lines[0][2]
+
+
+def _read_cgroup(pid_dir: str) -> Optional[str]:
+    try:
+        with open(pid_dir + "/cgroup", "rb") as f:
+            text = f.read(65536).decode("utf-8", "replace")
+    except OSError:
+        return None
+    return _pick_cgroup(text)
+
+
+def _netns_inode(pid_dir: str) -> Optional[int]:
+    try:
+        return os.stat(pid_dir + "/ns/net").st_ino
+    except OSError:
+        return None
+
+
+def _fd_sockets(pid_dir: str) -> List[Tuple[int, int]]:
+    """(fd, socket inode) for each socket fd of one process; [] if it vanished.
+
+    The fd directory is opened once and links are read relative to it, so a
+    process with 20,000 fds costs one path lookup plus one readlinkat each.
+    """
+    try:
+        dfd = os.open(pid_dir + "/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        # ENOENT: exited; EACCES: not ours; ENOTDIR: not a process dir.
+        return []
+    out = []
+    try:
+        try:
+            names = os.listdir(dfd)
+        except OSError:
+            return []
+        for name in names:
+            try:
+                link = os.readlink(name, dir_fd=dfd)
+            except OSError:
+                # The fd was closed after listdir, or the process exited.
+                continue
+            ino = _socket_inode(link)
+            if ino is None:
+                continue
+            try:
+                out.append((int(name), ino))
+            except ValueError:
+                continue
+    finally:
+        os.close(dfd)
+    return out
+
+
+def owners_by_inode(
+    inodes: Optional[Iterable[int]] = None,
+    proc_root: str = "/proc",
+    with_netns: bool = True,
+) -> Dict[int, List[Owner]]:
+    """Map socket inode -> holders, in one pass over PROC_ROOT/*/fd/*.
+
+    With `inodes`, only those sockets are kept (the walk is still one pass);
+    None keeps every socket.  Processes and fds that vanish mid-walk are
+    skipped.  comm, cgroup and netns are read once per process, and only for
+    processes holding a wanted socket.  Holders of one inode are ordered by
+    pid, then fd.
+
+    Raises OSError only if PROC_ROOT itself cannot be listed.
+    """
+    wanted: Optional[Set[int]] = None if inodes is None else set(inodes)
+    result: Dict[int, List[Owner]] = {}
+    if wanted is not None and not wanted:
+        return result
+    with os.scandir(proc_root) as it:
+        pids = [int(e.name) for e in it if e.name.isdigit()]
+    pids.sort()
+    for pid in pids:
+        pid_dir = "%s/%d" % (proc_root, pid)
+        pairs = _fd_sockets(pid_dir)
+        if wanted is not None:
+            pairs = [(fd, ino) for fd, ino in pairs if ino in wanted]
+        if not pairs:
+            continue
+        comm = _read_first_line(pid_dir + "/comm") or ""
+        cgroup = _read_cgroup(pid_dir)
+        netns = _netns_inode(pid_dir) if with_netns else None
+        for fd, ino in sorted(pairs):
+            result.setdefault(ino, []).append(
+                Owner(pid=pid, fd=fd, comm=comm, cgroup=cgroup, netns_inode=netns)
+            )
+    return result
+
+
+# ---------------------------------------------------------------------------
+# pidfd plumbing
+
+_libc = None
+
+
+def _pidfd_getfd(pidfd: int, targetfd: int) -> int:
+    """Duplicate TARGETFD of the process behind PIDFD into this process.
+
+    Needs PTRACE_MODE_ATTACH_REALCREDS over the target (root, or same uid
+    with a permissive Yama).  The new fd shares the target's open file
+    description: shutting it down shuts the owner's socket down; closing it
+    does not close the owner's fd.
+    """
+    native = getattr(os, "pidfd_getfd", None)
+    if native is not None:
+        return native(pidfd, targetfd)
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.syscall.restype = ctypes.c_long
+    fd = _libc.syscall(
+        ctypes.c_long(NR_PIDFD_GETFD),
+        ctypes.c_long(pidfd),
+        ctypes.c_long(targetfd),
+        ctypes.c_long(0),
+    )
+    if fd < 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+    return fd
+
+
+def _open_pidfd(owner: Owner) -> int:
+    try:
+        return os.pidfd_open(owner.pid)
+    except ProcessLookupError:
+        raise SocketGone("pid %d has exited" % owner.pid) from None
+    except OSError as e:
+        raise ProcActionError("pidfd_open(%d): %s" % (owner.pid, e.strerror)) from None
+
+
+def _describe(owner: Owner, inode: int) -> str:
+    return "pid %d (%s) fd %d socket:[%d]" % (owner.pid, owner.comm or "?", owner.fd, inode)
+
+
+# ---------------------------------------------------------------------------
+# Actions
+
+
+def shutdown_socket(owner: Owner, inode: int, cookie: Optional[int]) -> None:
+    """shutdown(SHUT_RDWR) the socket OWNER holds, from outside the process.
+
+    The fd is fetched with pidfd_getfd and checked before anything is done:
+    the fd number may have been closed and reused since the walk, so the
+    duplicate must have inode INODE and SO_COOKIE COOKIE (None skips the
+    cookie check; the cookie is the identity INET_DIAG reported).  The owner
+    then reads EOF / gets EPIPE and lives on.
+
+    Raises SocketGone if the process exited or the fd no longer holds that
+    socket, ProcActionError for anything else (no permission, shutdown
+    refused).
+    """
+    pidfd = _open_pidfd(owner)
+    try:
+        try:
+            dupfd = _pidfd_getfd(pidfd, owner.fd)
+        except OSError as e:
+            # ESRCH: the process exited after pidfd_open.  EBADF: the fd is
+            # closed now.
+            if e.errno in (errno.ESRCH, errno.EBADF):
+                raise SocketGone(
+                    "%s: %s" % (_describe(owner, inode), os.strerror(e.errno))
+                ) from None
+            raise ProcActionError(
+                "pidfd_getfd(%s): %s" % (_describe(owner, inode), os.strerror(e.errno))
+            ) from None
+    finally:
+        os.close(pidfd)
+    try:
+        st = os.fstat(dupfd)
+        if not stat.S_ISSOCK(st.st_mode) or st.st_ino != inode:
+            raise SocketGone(
+                "%s: the fd now holds another file (inode %d)"
+                % (_describe(owner, inode), st.st_ino)
+            )
+        # socket.socket(fileno=) takes ownership of dupfd; from here on the
+        # socket object closes it.
+        sock = _socket.socket(fileno=dupfd)
+        dupfd = -1
+        with sock:
+            if cookie is not None:
+                try:
+                    raw = sock.getsockopt(_socket.SOL_SOCKET, SO_COOKIE, 8)
+                except OSError as e:
+                    raise ProcActionError(
+                        "%s: SO_COOKIE: %s" % (_describe(owner, inode), e.strerror)
+                    ) from None
+                got = struct.unpack("=Q", raw)[0]
+                if got != cookie:
+                    raise SocketGone(
+                        "%s: cookie %d is not the expected %d"
+                        % (_describe(owner, inode), got, cookie)
+                    )
+            try:
+                sock.shutdown(_socket.SHUT_RDWR)
+            except OSError as e:
+                raise ProcActionError(
+                    "shutdown(%s): %s" % (_describe(owner, inode), e.strerror)
+                ) from None
+    finally:
+        if dupfd >= 0:
+            os.close(dupfd)
+
+
+def kill_owner(owner: Owner, inode: int, proc_root: str = "/proc") -> None:
+    """SIGKILL OWNER's process, if it still holds socket INODE at its fd.
+
+    The pidfd is opened *before* the fd check.  If the process then dies and
+    its pid is reused before the check, the check may read the newcomer, but
+    the signal goes through the pidfd to the original (dead) process and
+    fails with ESRCH: a recycled pid is never hit.
+    """
+    pidfd = _open_pidfd(owner)
+    try:
+        path = "%s/%d/fd/%d" % (proc_root, owner.pid, owner.fd)
+        try:
+            link = os.readlink(path)
+        except _VANISHED:
+            raise SocketGone("%s: fd is closed or the process exited" % _describe(owner, inode)) from None
+        except OSError as e:
+            raise ProcActionError("readlink %s: %s" % (path, e.strerror)) from None
+        if _socket_inode(link) != inode:
+            raise SocketGone("%s: the fd now holds %s" % (_describe(owner, inode), link))
+        try:
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        except ProcessLookupError:
+            raise SocketGone("pid %d has exited" % owner.pid) from None
+        except OSError as e:
+            raise ProcActionError("kill pid %d: %s" % (owner.pid, e.strerror)) from None
+    finally:
+        os.close(pidfd)
+
+
+def _unique_pids(holders: Sequence[Owner]) -> Tuple[Tuple[int, ...], Tuple[str, ...]]:
+    pids: List[int] = []
+    comms: List[str] = []
+    for o in holders:
+        if o.pid not in pids:
+            pids.append(o.pid)
+            comms.append(o.comm)
+    return tuple(pids), tuple(comms)
+
+
+def _fallback_one(
+    sock: Socket, action: str, holders: Sequence[Owner]
+) -> Tuple[str, Optional[str]]:
+    """(model.Action, error text) for one socket with its HOLDERS."""
+    gone: List[str] = []
+    failed: List[str] = []
+    if action == "shutdown":
+        # Every holder shares one socket: the first fd that still holds it is
+        # enough.  Others are tried only if an fd turned out gone or refused.
+        for o in holders:
+            try:
+                shutdown_socket(o, sock.inode, sock.cookie)
+                return Action.SHUTDOWN, None
+            except SocketGone as e:
+                gone.append(str(e))
+            except ProcActionError as e:
+                failed.append(str(e))
+        if failed:
+            return Action.FAILED, "; ".join(failed)
+        return Action.GONE, "; ".join(gone)
+    # kill: every process holding the socket must die, else it survives.
+    killed = 0
+    seen: Set[int] = set()
+    for o in holders:
+        if o.pid in seen:
+            continue
+        try:
+            kill_owner(o, sock.inode)
+            killed += 1
+            seen.add(o.pid)
+        except SocketGone as e:
+            # This fd is gone; another fd of the same process may still hold
+            # it, so the pid is not marked seen.
+            gone.append(str(e))
+        except ProcActionError as e:
+            seen.add(o.pid)
+            failed.append(str(e))
+    if failed:
+        return Action.FAILED, "; ".join(failed)
+    if killed:
+        return Action.PROCESS_KILLED, None
+    return Action.GONE, "; ".join(gone)
+
+
+def apply_fallback(
+    sockets: Sequence[Socket],
+    action: str,
+    owners: Optional[Dict[int, List[Owner]]] = None,
+) -> List[Tuple[Socket, str, Optional[str], Tuple[int, ...], Tuple[str, ...]]]:
+    """Shut down (action "shutdown") or kill the owners of ("kill") SOCKETS.
+
+    OWNERS is a map from `owners_by_inode`; None walks /proc once for all the
+    sockets.  Returns, per socket and in order: (socket, model.Action value,
+    error text or None, holder pids, holder comms).  A socket no process
+    holds (TIME_WAIT, orphans after close, inode 0) is FAILED with NO_OWNER.
+    """
+    if action not in ("shutdown", "kill"):
+        raise ValueError("proc action must be 'shutdown' or 'kill', not %r" % (action,))
+    if owners is None:
+        owners = owners_by_inode({s.inode for s in sockets if s.inode})
+    out = []
+    for s in sockets:
+        holders = owners.get(s.inode, []) if s.inode else []
+        pids, comms = _unique_pids(holders)
+        if not holders:
+            out.append((s, Action.FAILED, NO_OWNER, pids, comms))
+            continue
+        act, err = _fallback_one(s, action, holders)
+        out.append((s, act, err, pids, comms))
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Privilege
+
+
+def has_capability(cap: int, status_path: str = "/proc/self/status") -> bool:
+    """True if bit CAP is set in the effective capability set (CapEff)."""
+    try:
+        with open(status_path) as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool((int(line.split()[1], 16) >> cap) & 1)
+    except (OSError, ValueError, IndexError):
+        return False
+    return False
+
+
+def has_cap_net_admin(status_path: str = "/proc/self/status") -> bool:
+    """SOCK_DESTROY and dumping other users' sockets need CAP_NET_ADMIN."""
+    return has_capability(CAP_NET_ADMIN, status_path)
+
+
+def is_root() -> bool:
+    """Effective uid 0 (pidfd_getfd on other users' processes needs it or
+    CAP_SYS_PTRACE)."""
+    return os.geteuid() == 0

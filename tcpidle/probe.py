@@ -1,0 +1,837 @@
+"""The BPF probe: compile, attach, pin and read bpf/tcpidle.bpf.c.
+
+The only module that imports bcc (lazily, inside `Probe.attach`, so that
+importing this module, `ProbeUnavailable` and `PinnedMap` works without it).
+It owns:
+
+- choosing the receive hook at run time: fentry on tcp_rcv_established where
+  it loads, else a kprobe where the kernel has kprobes, else the tcp:tcp_probe
+  tracepoint; every hook that is skipped or fails is reported with its reason
+  (`Probe.hook`, `Probe.hook_notes`);
+- the kernel header tree bcc compiles against (tcpidle.kheaders) and the
+  struct offsets fentry/kprobe need, read from the running kernel's BTF
+  (tcpidle.btf), handed to the C code as -D flags;
+- reading the maps fast: BPF_MAP_LOOKUP_BATCH through libbpf, falling back to
+  key-by-key iteration on kernels without it (< 5.6);
+- pinning the maps in bpffs and reading pinned maps from another process.
+
+Everything that can go wrong before the probe runs (no bcc, no privilege, no
+headers, compile failure, no hook) raises `ProbeUnavailable` with a one-line
+reason; callers carry on with tcp_info.
+"""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+import ctypes.util
+import errno
+import logging
+import os
+import struct
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+from . import kheaders
+from .errors import RuntimeFailure, UsageError
+from .model import Activity
+
+HOOKS = ("fentry", "kprobe", "tracepoint")
+RCV_FUNC = "tcp_rcv_established"
+# Indexes of the per-CPU "counters" array; keep in step with the C source.
+COUNTERS = ("inserts", "deletes", "failed", "no_cookie", "selftest_ok", "selftest_bad")
+# struct tcpidle_activity (see the header comment of the C source).
+VALUE = struct.Struct("=5Q")
+KEY_SIZE = 8
+MAX_MAP_SIZE = 1 << 24
+BPF_MAP_TYPE_PERCPU_ARRAY = 6
+BPF_MAP_TYPE_LRU_HASH = 9
+BPF_FS_MAGIC = 0xCAFE4A11
+BPF_F_RDONLY = 1 << 3
+PIN_NAMES = ("activity", "counters")
+
+_log = logging.getLogger("tcpidle.probe")
+
+
+class ProbeUnavailable(RuntimeFailure):
+    """The BPF probe cannot run here; the message is the one-line reason."""
+
+
+# --------------------------------------------------------------------------
+# What the running kernel offers (detection), and the hook choice (pure).
+
+
+@dataclass(frozen=True)
+class KernelFeatures:
+    """What hook selection needs to know about the running kernel.
+
+    `btf_offsets` holds the -D values for the fentry/kprobe readers, or
+    `btf_error` says why there are none.  `*_fields` are the field names of
+    the tracepoints' format files (None: no such tracepoint).
+    """
+
+    btf_offsets: Optional[Dict[str, int]]
+    btf_error: Optional[str]
+    kprobes: bool
+    tcp_probe_fields: Optional[frozenset]
+    destroy_fields: Optional[frozenset]
+
+
+def unavailable_reasons(f: KernelFeatures) -> Dict[str, Optional[str]]:
+    """For each hook, None if worth trying, else why it cannot work here."""
+    out: Dict[str, Optional[str]] = {}
+    no_btf = None if f.btf_offsets else "no struct offsets from kernel BTF (%s)" % (
+        f.btf_error or "unknown")
+    out["fentry"] = no_btf
+    if not f.kprobes:
+        out["kprobe"] = "kernel has no kprobes"
+    else:
+        out["kprobe"] = no_btf
+    if f.tcp_probe_fields is None:
+        out["tracepoint"] = "no tcp:tcp_probe tracepoint"
+    elif not {"sock_cookie", "data_len"} <= f.tcp_probe_fields:
+        out["tracepoint"] = "tcp:tcp_probe lacks sock_cookie/data_len (kernel too old)"
+    else:
+        out["tracepoint"] = None
+    return out
+
+
+def plan_hooks(requested: str, reasons: Dict[str, Optional[str]]) -> Tuple[List[str], List[str]]:
+    """The hooks to try in order, and notes on those left out.
+
+    "auto" tries every available hook in the order of HOOKS; a named hook is
+    the only candidate and must be available.
+    """
+    if requested != "auto" and requested not in HOOKS:
+        raise UsageError("unknown BPF hook %r (want auto, %s)" % (requested, ", ".join(HOOKS)))
+    if requested != "auto":
+        if reasons.get(requested):
+            raise ProbeUnavailable("BPF hook %s unavailable: %s" % (requested, reasons[requested]))
+        return [requested], []
+    candidates = [h for h in HOOKS if not reasons.get(h)]
+    notes = ["%s: %s" % (h, reasons[h]) for h in HOOKS if reasons.get(h)]
+    if not candidates:
+        raise ProbeUnavailable("no BPF hook available (%s)" % "; ".join(notes))
+    return candidates, notes
+
+
+def attach_first(candidates: Sequence[str], try_attach: Callable[[str], None],
+                 notes: Sequence[str] = (), log=None) -> Tuple[str, List[str]]:
+    """Attach the first candidate that works; return (hook, notes).
+
+    try_attach(hook) raises on failure; its message becomes the hook's note,
+    is logged, and the next candidate is tried.
+    """
+    log = log or _log
+    notes = list(notes)
+    for i, hook in enumerate(candidates):
+        try:
+            try_attach(hook)
+        except Exception as e:  # bcc raises bare Exception
+            why = _one_line(e)
+            notes.append("%s: %s" % (hook, why))
+            nxt = candidates[i + 1] if i + 1 < len(candidates) else None
+            log.info("BPF hook %s failed: %s%s", hook, why, "; trying %s" % nxt if nxt else "")
+            continue
+        return hook, _hook_order(notes)
+    raise ProbeUnavailable("no BPF hook could attach (%s)" % "; ".join(_hook_order(notes)))
+
+
+def _hook_order(notes: Sequence[str]) -> List[str]:
+    """Notes about hooks in the order of HOOKS, other notes after them."""
+    def key(note: str) -> int:
+        name = note.split(":", 1)[0]
+        return HOOKS.index(name) if name in HOOKS else len(HOOKS)
+
+    return sorted(notes, key=key)
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    # bcc says this for any EPERM at load, which as root means the kernel
+    # refused the program type (lockdown, missing trampoline support...).
+    if text == "Need super-user privileges to run":
+        text = "load refused: %s" % os.strerror(errno.EPERM)
+    return text
+
+
+def tracefs() -> str:
+    for d in ("/sys/kernel/tracing", "/sys/kernel/debug/tracing"):
+        if os.path.isdir(os.path.join(d, "events")):
+            return d
+    return "/sys/kernel/tracing"
+
+
+def tracepoint_fields(category: str, event: str, root: Optional[str] = None) -> Optional[frozenset]:
+    """Field names in a tracepoint's format file, None if it has none."""
+    path = os.path.join(root or tracefs(), "events", category, event, "format")
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError:
+        return None
+    names = set()
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("field:"):
+            decl = line[len("field:"):].split(";", 1)[0].strip()
+            names.add(decl.split()[-1].split("[", 1)[0])
+    return frozenset(names)
+
+
+def kprobes_available() -> bool:
+    """bcc attaches kprobes via the perf kprobe PMU or tracefs kprobe_events."""
+    return (os.path.exists("/sys/bus/event_source/devices/kprobe/type")
+            or os.path.exists(os.path.join(tracefs(), "kprobe_events")))
+
+
+# -D macro -> (struct, member path, member size) read from kernel BTF.
+OFFSET_MACROS = {
+    "TCPIDLE_SKB_LEN_OFF": ("sk_buff", "len", 4),
+    "TCPIDLE_SKB_DATA_OFF": ("sk_buff", "data", 8),
+    "TCPIDLE_SK_COOKIE_OFF": ("sock", "__sk_common.skc_cookie", 8),
+}
+
+
+def btf_offsets(path: str = "/sys/kernel/btf/vmlinux") -> Dict[str, int]:
+    """-D values for the fentry/kprobe readers, from the running kernel's BTF.
+
+    Raises tcpidle.btf.BTFError when BTF is missing or a member is not found
+    or has an unexpected size.
+    """
+    from .btf import BTF, BTFError
+
+    btf = BTF.load(path)
+    out = {}
+    for macro, (st, member, size) in OFFSET_MACROS.items():
+        got = btf.member_size(st, member)
+        if got != size:
+            raise BTFError("%s.%s is %d bytes, expected %d" % (st, member, got, size))
+        out[macro] = btf.offsetof(st, member)
+    return out
+
+
+def _boot_identity() -> str:
+    """Release and boot id: vmlinux BTF cannot change without a reboot."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = "?"
+    return "%s %s" % (os.uname().release, boot)
+
+
+def cached_btf_offsets(cache_dir: Optional[str]) -> Dict[str, int]:
+    """btf_offsets(), remembered in cache_dir for the current boot.
+
+    Parsing all of vmlinux BTF in Python takes ~0.2 s, a third of start-up;
+    the answer only changes with the kernel, so it is kept per boot.
+    """
+    import json
+
+    path = os.path.join(cache_dir or kheaders.default_cache_dir(), "btf-offsets.json")
+    ident = _boot_identity()
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+        if saved.get("boot") == ident and set(saved.get("offsets", {})) == set(OFFSET_MACROS):
+            return {k: int(v) for k, v in saved["offsets"].items()}
+    except (OSError, ValueError, AttributeError, TypeError):
+        pass
+    offsets = btf_offsets()
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = "%s.%d" % (path, os.getpid())
+        with open(tmp, "w") as f:
+            json.dump({"boot": ident, "offsets": offsets}, f)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only cache only costs time
+    return offsets
+
+
+def detect_features(need_btf: bool = True, cache_dir: Optional[str] = None) -> KernelFeatures:
+    offsets, err = None, None
+    if need_btf:
+        try:
+            offsets = cached_btf_offsets(cache_dir)
+        except Exception as e:  # BTFError, or OSError details
+            err = _one_line(e)
+    else:
+        err = "not needed"
+    return KernelFeatures(
+        btf_offsets=offsets, btf_error=err, kprobes=kprobes_available(),
+        tcp_probe_fields=tracepoint_fields("tcp", "tcp_probe"),
+        destroy_fields=tracepoint_fields("tcp", "tcp_destroy_sock"))
+
+
+def build_cflags(map_size: int, hooks: Sequence[str], offsets: Optional[Dict[str, int]],
+                 destroy: bool, selftest: bool = False) -> List[str]:
+    """The -D flags that configure the C source (no text substitution)."""
+    flags = ["-DMAX_ENTRIES=%d" % map_size]
+    for h in hooks:
+        flags.append("-DTCPIDLE_HOOK_%s" % h.upper())
+    if offsets and (selftest or set(hooks) & {"fentry", "kprobe"}):
+        flags += ["-D%s=%d" % kv for kv in sorted(offsets.items())]
+    if destroy:
+        flags.append("-DTCPIDLE_DESTROY")
+    if selftest:
+        flags.append("-DTCPIDLE_SELFTEST")
+    return flags
+
+
+def bpf_source() -> str:
+    """Path of bpf/tcpidle.bpf.c (package data of tcpidle.bpf)."""
+    from . import bpf as _pkg  # noqa: F401  (tcpidle.bpf maps to bpf/)
+
+    return os.path.join(os.path.dirname(_pkg.__file__), "tcpidle.bpf.c")
+
+
+# --------------------------------------------------------------------------
+# libbpf calls through ctypes: map reads, pins, info.
+
+
+class _BpfInfo(ctypes.Structure):
+    # The head of struct bpf_map_info (include/uapi/linux/bpf.h).
+    _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32),
+                ("key_size", ctypes.c_uint32), ("value_size", ctypes.c_uint32),
+                ("max_entries", ctypes.c_uint32), ("map_flags", ctypes.c_uint32),
+                ("name", ctypes.c_char * 16), ("_rest", ctypes.c_uint8 * 160)]
+
+
+class _ObjGetOpts(ctypes.Structure):
+    _fields_ = [("sz", ctypes.c_size_t), ("file_flags", ctypes.c_uint32),
+                ("path_fd", ctypes.c_int)]
+
+
+_libbpf = None
+
+
+def libbpf():
+    """libbpf's functions, from bcc's own library when loaded, else libbpf.so."""
+    global _libbpf
+    if _libbpf is not None:
+        return _libbpf
+    lib = None
+    try:
+        from bcc.libbcc import lib as bcclib  # resolves libbpf symbols too
+
+        bcclib.bpf_map_lookup_batch  # noqa: B018 (probe the symbol)
+        lib = bcclib
+    except Exception:
+        name = ctypes.util.find_library("bpf") or "libbpf.so.1"
+        try:
+            lib = ctypes.CDLL(name, use_errno=True)
+        except OSError as e:
+            raise ProbeUnavailable("libbpf not found: %s" % e) from None
+    c = ctypes
+    sig = {
+        "bpf_map_lookup_batch": [c.c_int, c.c_void_p, c.c_void_p, c.c_void_p, c.c_void_p,
+                                 c.POINTER(c.c_uint32), c.c_void_p],
+        "bpf_map_lookup_elem": [c.c_int, c.c_void_p, c.c_void_p],
+        "bpf_map_get_next_key": [c.c_int, c.c_void_p, c.c_void_p],
+        "bpf_obj_pin": [c.c_int, c.c_char_p],
+        "bpf_obj_get_info_by_fd": [c.c_int, c.c_void_p, c.POINTER(c.c_uint32)],
+    }
+    try:  # libbpf >= 1.0; older ones can only open pins read-write
+        lib.bpf_obj_get_opts.argtypes = [c.c_char_p, c.POINTER(_ObjGetOpts)]
+        lib.bpf_obj_get_opts.restype = c.c_int
+        lib._tcpidle_rdonly_get = True
+    except AttributeError:
+        sig["bpf_obj_get"] = [c.c_char_p]
+    for fn, args in sig.items():
+        f = getattr(lib, fn)
+        f.argtypes = args
+        f.restype = c.c_int
+    _libbpf = lib
+    return lib
+
+
+def _errno(ret: int) -> int:
+    # libbpf >= 1.0 returns -errno and sets errno; older ones return -1 and
+    # set errno.  errno is right in both cases.
+    return ctypes.get_errno() or -ret
+
+
+def _check(ret: int, what: str) -> int:
+    if ret < 0:
+        err = _errno(ret)
+        raise OSError(err, "%s: %s" % (what, os.strerror(err)))
+    return ret
+
+
+def possible_cpus(path: str = "/sys/devices/system/cpu/possible") -> int:
+    """Number of possible CPUs: per-CPU map lookups return one value each."""
+    with open(path) as f:
+        text = f.read().strip()
+    n = 0
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        n = max(n, int(hi or lo) + 1)
+    return n
+
+
+def map_info(fd: int) -> _BpfInfo:
+    info = _BpfInfo()
+    size = ctypes.c_uint32(ctypes.sizeof(info))
+    _check(libbpf().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)),
+           "BPF_OBJ_GET_INFO_BY_FD")
+    return info
+
+
+def decode_entries(keys: Sequence[int], values: bytes) -> Dict[int, Activity]:
+    """Activity records from parallel keys and packed values (pure)."""
+    out = {}
+    for cookie, (seg, data, nseg, ndata, nbytes) in zip(keys, VALUE.iter_unpack(values)):
+        out[cookie] = Activity(cookie, seg, data, nseg, ndata, nbytes)
+    return out
+
+
+def evicted_count(inserts: int, deletes: int, entries: int) -> int:
+    """Entries that left the map other than by a destroy: LRU evictions."""
+    return max(0, inserts - deletes - entries)
+
+
+class MapReader:
+    """Reads the probe's two maps given their file descriptors."""
+
+    def __init__(self, activity_fd: int, counters_fd: int, own_fds: bool = False):
+        self._lib = libbpf()
+        self.activity_fd = activity_fd
+        self.counters_fd = counters_fd
+        self._own = own_fds
+        info = map_info(activity_fd)
+        if info.key_size != KEY_SIZE or info.value_size != VALUE.size:
+            raise ProbeUnavailable("activity map has key/value sizes %d/%d, expected %d/%d"
+                                   % (info.key_size, info.value_size, KEY_SIZE, VALUE.size))
+        self.max_entries = info.max_entries
+        self._ncpu = possible_cpus()
+        self._batch = True
+
+    # -- raw reads
+
+    def _read_batch(self) -> Tuple[List[int], bytes]:
+        cap = self.max_entries + 256  # slack for entries added during the walk
+        keys = (ctypes.c_uint64 * cap)()
+        vals = ctypes.create_string_buffer(VALUE.size * cap)
+        token = ctypes.c_uint32(0)  # hash maps use a u32 bucket cursor
+        count = ctypes.c_uint32(0)
+        total = 0
+        first = True
+        while total < cap:
+            count.value = cap - total
+            ret = self._lib.bpf_map_lookup_batch(
+                self.activity_fd, None if first else ctypes.byref(token), ctypes.byref(token),
+                ctypes.byref(keys, KEY_SIZE * total), ctypes.byref(vals, VALUE.size * total),
+                ctypes.byref(count), None)
+            err = _errno(ret) if ret < 0 else 0
+            total += count.value
+            first = False
+            if ret == 0:
+                continue
+            if err == errno.ENOENT:  # walked past the last bucket
+                break
+            if err == errno.ENOSPC and total:  # next bucket does not fit
+                break
+            raise OSError(err, "BPF_MAP_LOOKUP_BATCH: %s" % os.strerror(err))
+        return keys[:total], vals.raw[:VALUE.size * total]
+
+    def _read_iter(self) -> Tuple[List[int], bytes]:
+        """Key-by-key walk for kernels without batch lookups."""
+        keys, vals = [], []
+        key, nxt = ctypes.c_uint64(), ctypes.c_uint64()
+        val = ctypes.create_string_buffer(VALUE.size)
+        prev = None
+        for _ in range(self.max_entries + 256):
+            ret = self._lib.bpf_map_get_next_key(self.activity_fd, prev, ctypes.byref(nxt))
+            if ret < 0:
+                break
+            key.value = nxt.value
+            prev = ctypes.byref(key)
+            if self._lib.bpf_map_lookup_elem(self.activity_fd, ctypes.byref(key), val) == 0:
+                keys.append(key.value)
+                vals.append(val.raw)
+        return keys, b"".join(vals)
+
+    def _read(self) -> Tuple[List[int], bytes]:
+        if self._batch:
+            try:
+                return self._read_batch()
+            except OSError as e:
+                if e.errno not in (errno.EINVAL, errno.ENOTSUP, 524):  # 524: ENOTSUPP
+                    raise
+                self._batch = False
+        return self._read_iter()
+
+    def counters(self) -> Dict[str, int]:
+        """The per-CPU counters, summed."""
+        buf = (ctypes.c_uint64 * self._ncpu)()
+        out = {}
+        for i, name in enumerate(COUNTERS):
+            key = ctypes.c_uint32(i)
+            _check(self._lib.bpf_map_lookup_elem(self.counters_fd, ctypes.byref(key), buf),
+                   "counters lookup")
+            out[name] = sum(buf)
+        return out
+
+    # -- the API
+
+    def activity(self) -> Dict[int, Activity]:
+        """A snapshot of the map, keyed by socket cookie."""
+        keys, vals = self._read()
+        return decode_entries(keys, vals)
+
+    def stats(self) -> Dict[str, int]:
+        """entries, inserts, deletes, evicted, failed (and no_cookie, max_entries).
+
+        The counters and the map cannot be read atomically together: they are
+        read counters-map-counters, up to three times, until the counters did
+        not move meanwhile; evicted is then exact, else a close estimate.
+        """
+        for _ in range(3):
+            before = self.counters()
+            entries = len(self._read()[0])
+            after = self.counters()
+            if before == after:
+                break
+        c = after
+        return {
+            "entries": entries,
+            "inserts": c["inserts"],
+            "deletes": c["deletes"],
+            "evicted": evicted_count(c["inserts"], c["deletes"], entries),
+            "failed": c["failed"],
+            "no_cookie": c["no_cookie"],
+            "max_entries": self.max_entries,
+        }
+
+    def close(self) -> None:
+        if self._own:
+            for fd in (self.activity_fd, self.counters_fd):
+                if fd >= 0:
+                    os.close(fd)
+        self.activity_fd = self.counters_fd = -1
+
+
+def _fs_type(path: str) -> int:
+    libc = ctypes.CDLL(None, use_errno=True)
+    buf = ctypes.create_string_buffer(256)  # struct statfs; f_type is first
+    if libc.statfs(os.fsencode(path), buf) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, "%s: %s" % (path, os.strerror(err)))
+    return struct.unpack_from("l", buf.raw)[0] & 0xFFFFFFFF
+
+
+def _require_bpffs(directory: str) -> None:
+    probe = directory
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if _fs_type(probe) != BPF_FS_MAGIC:
+        raise ProbeUnavailable(
+            "%s is not on a BPF filesystem (mount one: mount -t bpf bpf /sys/fs/bpf)" % directory)
+
+
+def is_bpffs(path: str) -> bool:
+    try:
+        return _fs_type(path) == BPF_FS_MAGIC
+    except OSError:
+        return False
+
+
+def mount_bpffs(path: str = "/sys/fs/bpf") -> bool:
+    """Mount a BPF filesystem at path unless one is there; True if mounted now.
+
+    systemd mounts /sys/fs/bpf at boot; minimal systems and containers may
+    not, and pins need it.  For `tcpidle track`, which pins.
+    """
+    if is_bpffs(path):
+        return False
+    os.makedirs(path, exist_ok=True)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_void_p]
+    if libc.mount(b"bpf", os.fsencode(path), b"bpf", 0, None) != 0:
+        err = ctypes.get_errno()
+        raise ProbeUnavailable("cannot mount a BPF filesystem at %s: %s" % (path, os.strerror(err)))
+    return True
+
+
+class PinnedMap(MapReader):
+    """Read-only view of maps another tcpidle pinned with Probe.pin()."""
+
+    @classmethod
+    def open(cls, directory: str) -> "PinnedMap":
+        lib = libbpf()
+        fds = []
+        try:
+            for name in PIN_NAMES:
+                path = os.fsencode(os.path.join(directory, name))
+                if getattr(lib, "_tcpidle_rdonly_get", False):
+                    opts = _ObjGetOpts(ctypes.sizeof(_ObjGetOpts), BPF_F_RDONLY, 0)
+                    fd = lib.bpf_obj_get_opts(path, ctypes.byref(opts))
+                else:
+                    fd = lib.bpf_obj_get(path)
+                fds.append(_check(fd, "open pinned %s" % os.fsdecode(path)))
+            for fd, want in zip(fds, (BPF_MAP_TYPE_LRU_HASH, BPF_MAP_TYPE_PERCPU_ARRAY)):
+                if map_info(fd).type != want:
+                    raise ProbeUnavailable("%s does not hold tcpidle maps" % directory)
+            return cls(fds[0], fds[1], own_fds=True)
+        except OSError as e:
+            for fd in fds:
+                os.close(fd)
+            raise ProbeUnavailable(_one_line(e)) from None
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+
+
+# --------------------------------------------------------------------------
+# Compiling and attaching.
+
+
+@contextmanager
+def _captured_stderr(sink: List[str]) -> Iterator[None]:
+    """Send C-level stderr (bcc, libbpf, clang) to sink instead of the terminal.
+
+    bcc prints compiler diagnostics and whole verifier logs on fd 2; when an
+    expected failure (fentry refused) falls through to the next hook, that is
+    noise for the user but useful in the debug log.
+    """
+    import sys
+
+    try:
+        sys.stderr.flush()
+    except Exception:
+        pass
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            text = tmp.read().decode(errors="replace").strip()
+            if text:
+                sink.append(text)
+
+
+@contextmanager
+def _env(name: str, value: Optional[str]) -> Iterator[None]:
+    """Set an environment variable (seen by bcc's getenv) for a block."""
+    if value is None:
+        yield
+        return
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = old
+
+
+def _module_class():
+    """A bcc BPF subclass that compiles only: we attach programs one by one.
+
+    bcc's constructor attaches every function named kfunc__*, kprobe__*,
+    tracepoint__* itself, and if one fails the half-made object (maps,
+    attached programs) cannot be cleaned up.  We need the kfunc__ name (bcc
+    derives the BTF attach target from it), so auto-attach is turned off.
+    """
+    from bcc import BPF
+
+    class _Module(BPF):
+        def _trace_autoload(self):
+            pass
+
+    return _Module
+
+
+def _dispose(module) -> None:
+    try:
+        module.cleanup()
+    finally:
+        atexit.unregister(module.cleanup)
+        atexit.unregister(module.donothing)
+
+
+class Probe(MapReader):
+    """The attached probe.  Read it with activity()/stats(); close() detaches."""
+
+    hook: str
+    hook_notes: List[str]
+    header_source: str
+    startup_ms: float
+
+    @classmethod
+    def attach(cls, map_size: int = 65536, hook: str = "auto", log=None,
+               cache_dir: Optional[str] = None, selftest: bool = False) -> "Probe":
+        """Compile and attach the probe; ProbeUnavailable(reason) if impossible.
+
+        map_size bounds the activity map; hook is "auto" or one of HOOKS;
+        cache_dir is where adapted header trees are kept (default:
+        kheaders.default_cache_dir()); selftest (for tests) makes the
+        tracepoint hook check the BTF-offset readers of the other hooks.
+        """
+        log = log or _log
+        t0 = time.monotonic()
+        if not isinstance(map_size, int) or not 1 <= map_size <= MAX_MAP_SIZE:
+            raise UsageError("BPF map size must be 1..%d, not %r" % (MAX_MAP_SIZE, map_size))
+        if hook != "auto" and hook not in HOOKS:
+            plan_hooks(hook, {})  # raises the UsageError
+        if os.geteuid() != 0:
+            raise ProbeUnavailable("loading BPF needs root")
+        try:
+            Module = _module_class()
+        except ImportError:
+            raise ProbeUnavailable("bcc Python module not found (install python3-bpfcc)") from None
+
+        need_btf = selftest or hook in ("auto", "fentry", "kprobe")
+        feats = detect_features(need_btf, cache_dir)
+        candidates, notes = plan_hooks(hook, unavailable_reasons(feats))
+        destroy = bool(feats.destroy_fields and "sock_cookie" in feats.destroy_fields)
+        if not destroy:
+            notes.append("no tcp:tcp_destroy_sock with sock_cookie: entries of closed "
+                         "sockets stay until evicted")
+        if selftest and not ({"skbaddr", "skaddr"} <= (feats.tcp_probe_fields or set())
+                             and feats.btf_offsets):
+            raise ProbeUnavailable("selftest needs tcp_probe skbaddr/skaddr and kernel BTF")
+        try:
+            tree = kheaders.find_headers(cache_dir=cache_dir)
+        except (kheaders.HeadersNotFound, OSError) as e:
+            raise ProbeUnavailable(_one_line(e)) from None
+
+        cflags = build_cflags(map_size, candidates, feats.btf_offsets, destroy, selftest)
+        diag: List[str] = []
+        try:
+            with _env("BCC_KERNEL_SOURCE", tree.env), _captured_stderr(diag):
+                module = Module(src_file=bpf_source().encode(), cflags=cflags)
+        except Exception as e:
+            for d in diag:
+                log.debug("bcc: %s", d)
+            detail = _first_error(diag) or _one_line(e)
+            raise ProbeUnavailable("BPF compile failed with headers %s: %s"
+                                   % (tree.source, detail)) from None
+        for d in diag:
+            log.debug("bcc compile: %s", d)
+
+        try:
+            if destroy:
+                module.attach_tracepoint(tp=b"tcp:tcp_destroy_sock", fn_name=b"on_destroy")
+
+            def try_attach(h: str) -> None:
+                out: List[str] = []
+                try:
+                    with _captured_stderr(out):
+                        _attach_hook(module, h)
+                finally:
+                    for d in out:
+                        log.debug("bcc %s: %s", h, d)
+
+            chosen, notes = attach_first(candidates, try_attach, notes, log)
+            self = cls(module[b"activity"].get_fd(), module[b"counters"].get_fd())
+        except ProbeUnavailable:
+            _dispose(module)
+            raise
+        except Exception as e:  # bcc's bare Exception, OSError from map info
+            _dispose(module)
+            raise ProbeUnavailable("attaching BPF failed: %s" % _one_line(e)) from None
+        except BaseException:
+            _dispose(module)
+            raise
+        self._module = module
+        self._pins: List[str] = []
+        self.hook = chosen
+        self.hook_notes = notes
+        self.header_source = tree.source
+        self.startup_ms = (time.monotonic() - t0) * 1000.0
+        log.info("BPF probe on %s (%s); headers: %s; %.0f ms",
+                 chosen, "; ".join(notes) or "first choice", tree.source, self.startup_ms)
+        return self
+
+    def describe(self) -> str:
+        """One line for humans: the hook, and why others were not used."""
+        what = {"fentry": "fentry %s" % RCV_FUNC, "kprobe": "kprobe %s" % RCV_FUNC,
+                "tracepoint": "tracepoint tcp:tcp_probe"}[self.hook]
+        return what + (" (%s)" % "; ".join(self.hook_notes) if self.hook_notes else "")
+
+    def selftest_counts(self) -> Tuple[int, int]:
+        """(agreeing, disagreeing) BTF-offset reads, when attached with selftest."""
+        c = self.counters()
+        return c["selftest_ok"], c["selftest_bad"]
+
+    def pin(self, directory: str) -> None:
+        """Pin both maps as DIR/activity and DIR/counters (DIR on bpffs).
+
+        close() removes the pins: once the programs are detached the maps are
+        no longer updated.
+        """
+        _require_bpffs(directory)
+        os.makedirs(directory, exist_ok=True)
+        lib = libbpf()
+        for name, fd in zip(PIN_NAMES, (self.activity_fd, self.counters_fd)):
+            path = os.path.join(directory, name)
+            try:
+                _check(lib.bpf_obj_pin(fd, os.fsencode(path)), "pin %s" % path)
+            except OSError as e:
+                if e.errno == errno.EEXIST:
+                    raise ProbeUnavailable("%s is already pinned (another tcpidle?)" % path) from None
+                raise ProbeUnavailable(_one_line(e)) from None
+            self._pins.append(path)
+
+    @classmethod
+    def open_pinned(cls, directory: str) -> PinnedMap:
+        return PinnedMap.open(directory)
+
+    def unpin(self) -> None:
+        """Remove the pins pin() made (the maps live on while attached)."""
+        for path in getattr(self, "_pins", []):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        self._pins = []
+
+    def close(self) -> None:
+        """Unpin, detach the programs and free the maps."""
+        self.unpin()
+        module = getattr(self, "_module", None)
+        if module is not None:
+            self._module = None
+            _dispose(module)
+        super().close()
+
+    def __enter__(self) -> "Probe":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _attach_hook(module, hook: str) -> None:
+    if hook == "fentry":
+        # load (BPF_PROG_TYPE_TRACING, target found by name in vmlinux BTF)
+        # and attach through a BPF trampoline
+        module.attach_kfunc(fn_name=("kfunc__" + RCV_FUNC).encode())
+    elif hook == "kprobe":
+        module.attach_kprobe(event=RCV_FUNC.encode(), fn_name=b"on_rcv_kprobe")
+    elif hook == "tracepoint":
+        module.attach_tracepoint(tp=b"tcp:tcp_probe", fn_name=b"on_tcp_probe")
+    else:
+        raise ValueError(hook)
+
+
+def _first_error(diag: Sequence[str]) -> Optional[str]:
+    """The first clang "file:line:col: error: ..." line of bcc's output."""
+    for text in diag:
+        for line in text.splitlines():
+            if " error: " in line or line.startswith("error: "):
+                return " ".join(line.split())
+    return None

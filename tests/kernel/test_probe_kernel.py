@@ -1,0 +1,493 @@
+"""Kernel tests for tcpidle.probe: the real BPF probe on real TCP traffic.
+
+Every connection lives in a network namespace made here (prefix tiprobe-,
+`lo` only).  The sockets are created by this process: a short-lived thread
+enters the namespace, creates the socket and leaves; a socket keeps the
+namespace it was born in.  The probe itself is global (BPF sees every
+namespace), so tests only look at the cookies of their own sockets.
+
+The header-less path is what this machine exercises: /lib/modules/$(uname -r)
+is absent, so every attach here adapts the Debian header tree, in a cache
+directory of the test's own.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import pytest
+
+from tcpidle.probe import HOOKS, PinnedMap, Probe, ProbeUnavailable
+
+TESTS_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if TESTS_DIR not in sys.path:
+    sys.path.insert(0, TESTS_DIR)
+
+from lab.netns import NetnsFactory  # noqa: E402
+
+pytestmark = [
+    pytest.mark.kernel,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (BPF, netns)"),
+]
+
+SO_COOKIE = 57
+CLONE_NEWNET = 0x40000000
+TCPI_LAST_DATA_RECV = 52  # offset in struct tcp_info (u32, ms)
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+# -- helpers --------------------------------------------------------------------
+
+
+def in_netns(name, fn):
+    """Run fn() in a thread that has entered namespace `name`; return its result."""
+    box = {}
+
+    def run():
+        try:
+            fd = os.open("/run/netns/%s" % name, os.O_RDONLY)
+            try:
+                if _libc.setns(fd, CLONE_NEWNET) != 0:
+                    raise OSError(ctypes.get_errno(), "setns")
+            finally:
+                os.close(fd)
+            box["value"] = fn()
+        except BaseException as e:  # handed to the caller
+            box["error"] = e
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(10)
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def cookie(s):
+    return struct.unpack("=Q", s.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8))[0]
+
+
+def tcp_last_data_recv_ms(s):
+    info = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    return struct.unpack_from("=I", info, TCPI_LAST_DATA_RECV)[0]
+
+
+class Conns:
+    """Connected TCP pairs on the loopback of one namespace; closes them all."""
+
+    def __init__(self, ns_name, family=socket.AF_INET):
+        self.ns = ns_name
+        self.family = family
+        self.listener = in_netns(ns_name, self._listen)
+        self.socks = []
+
+    def _listen(self):
+        s = socket.socket(self.family)
+        s.bind(("::1" if self.family == socket.AF_INET6 else "127.0.0.1", 0))
+        s.listen(128)
+        return s
+
+    def pair(self, client_opts=()):
+        """(client, server) ends of a new connection; opts set before connect."""
+        def make():
+            c = socket.socket(self.family)
+            for level, opt, val in client_opts:
+                c.setsockopt(level, opt, val)
+            c.connect(self.listener.getsockname())
+            return c
+
+        c = in_netns(self.ns, make)
+        c.settimeout(5)
+        a, _ = self.listener.accept()
+        a.settimeout(5)
+        self.socks += [c, a]
+        return c, a
+
+    def close(self):
+        for s in self.socks + [self.listener]:
+            try:
+                s.close()
+            except OSError:
+                pass
+        self.socks = []
+
+
+def wait_for(pred, timeout=5.0, step=0.02):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(step)
+
+
+# -- fixtures -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cache_dir():
+    d = tempfile.mkdtemp(prefix="tiprobe-cache-")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def probe(cache_dir):
+    p = Probe.attach(map_size=4096, hook="auto", cache_dir=cache_dir)
+    yield p
+    p.close()
+
+
+@pytest.fixture
+def make_conns():
+    factory = NetnsFactory("tiprobe-")
+    made = []
+
+    def make(family=socket.AF_INET):
+        c = Conns(factory().name, family)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.close()
+    factory.cleanup()
+
+
+@pytest.fixture
+def conns(make_conns):
+    return make_conns()
+
+
+# -- tests ----------------------------------------------------------------------
+
+
+def test_header_less_attach_from_clean_cache(tmp_path, monkeypatch):
+    """No /lib/modules/$(uname -r)/build: tcpidle adapts the Debian tree itself."""
+    if os.path.exists("/lib/modules/%s/build/include/linux/kconfig.h" % os.uname().release):
+        pytest.skip("this kernel has its own headers; the header-less path is not taken")
+    monkeypatch.delenv("BCC_KERNEL_SOURCE", raising=False)
+    cache = tmp_path / "cache"
+    assert not cache.exists()
+    p = Probe.attach(map_size=64, hook="tracepoint", cache_dir=str(cache))
+    try:
+        assert p.hook == "tracepoint"
+        assert "/usr/src/linux-headers-" in p.header_source
+        assert "merged in %s" % cache in p.header_source
+        trees = list(cache.glob("kheaders-*"))
+        assert len(trees) == 1
+        assert (trees[0] / "include/linux/kconfig.h").is_file()
+        assert (trees[0] / "include/generated/autoconf.h").is_file()
+        assert p.startup_ms > 0
+    finally:
+        p.close()
+    # The environment bcc reads is left as it was.
+    assert "BCC_KERNEL_SOURCE" not in os.environ
+
+
+def test_auto_hook_reports_why_earlier_hooks_were_not_used(probe):
+    assert probe.hook in HOOKS
+    earlier = HOOKS[:HOOKS.index(probe.hook)]
+    for hook in earlier:
+        assert any(n.startswith(hook + ": ") for n in probe.hook_notes), probe.hook_notes
+    assert probe.describe().startswith(
+        {"fentry": "fentry", "kprobe": "kprobe", "tracepoint": "tracepoint tcp:tcp_probe"}[probe.hook])
+
+
+def test_forced_hook_loads_or_says_why(cache_dir):
+    """Each hook on its own: attaches, or fails with a one-line reason naming it."""
+    for hook in HOOKS:
+        try:
+            p = Probe.attach(map_size=16, hook=hook, cache_dir=cache_dir)
+        except ProbeUnavailable as e:
+            msg = str(e)
+            assert hook in msg and "\n" not in msg
+        else:
+            assert p.hook == hook
+            p.close()
+
+
+def test_last_data_precision_against_ground_truth(probe, conns, record_property):
+    client, server = conns.pair()
+    for i in range(5):
+        client.sendall(b"x" * 100)
+        assert server.recv(4096)
+        time.sleep(0.01)
+    t_send = time.monotonic_ns()
+    client.sendall(b"last")
+    assert server.recv(4096) == b"last"
+    time.sleep(0.3)
+
+    now = time.monotonic_ns()
+    act = probe.activity()[cookie(server)]
+    truth_ms = (now - t_send) / 1e6
+    bpf_ms = (now - act.last_data_ns) / 1e6
+    tcpinfo_ms = float(tcp_last_data_recv_ms(server))
+    bpf_err, tcpinfo_err = abs(bpf_ms - truth_ms), abs(tcpinfo_ms - truth_ms)
+    record_property("bpf_error_ms", round(bpf_err, 3))
+    record_property("tcp_info_error_ms", round(tcpinfo_err, 3))
+    print("idle truth %.3f ms: bpf error %.3f ms, tcp_info error %.3f ms"
+          % (truth_ms, bpf_err, tcpinfo_err))
+    assert bpf_err < 2.0
+    assert act.data_segments >= 6
+    assert act.bytes >= 5 * 100 + 4
+
+
+def test_keepalives_advance_segment_time_not_data_time(probe, conns):
+    opts = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+            (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 1),
+            (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 1)]
+    client, server = conns.pair(client_opts=opts)
+    client.sendall(b"data")
+    assert server.recv(16) == b"data"
+    time.sleep(0.05)  # let the ACK of the data settle
+    ck = cookie(server)
+    before = probe.activity()[ck]
+    assert before.last_data_ns > 0
+
+    # The client now sends keep-alive probes (no payload) after 1 s idle.
+    after = wait_for(lambda: (lambda a: a if a.segments >= before.segments + 2 else None)(
+        probe.activity()[ck]), timeout=6.0, step=0.1)
+    assert after, "no keep-alive probes seen within 6 s"
+    assert after.last_segment_ns > before.last_segment_ns
+    assert after.last_data_ns == before.last_data_ns
+    assert after.data_segments == before.data_segments
+    assert after.bytes == before.bytes
+
+
+def test_pure_acks_are_segments_not_data(probe, conns):
+    client, server = conns.pair()
+    client.sendall(b"hello")
+    assert server.recv(16) == b"hello"
+    ck = cookie(client)  # the client will only receive ACKs from now on
+    time.sleep(0.05)
+    before = probe.activity().get(ck)
+    client.sendall(b"more data")  # the server's kernel ACKs it
+    assert server.recv(16) == b"more data"
+    after = wait_for(lambda: (lambda a: a if a and (not before or a.segments > before.segments)
+                              else None)(probe.activity().get(ck)), timeout=2.0)
+    assert after, "the client's socket received no ACK"
+    assert after.last_data_ns == 0 and after.data_segments == 0 and after.bytes == 0
+    assert after.last_segment_ns > 0
+
+
+def test_entries_disappear_when_sockets_close(probe, conns):
+    client, server = conns.pair()
+    client.sendall(b"ping")
+    assert server.recv(16) == b"ping"
+    server.sendall(b"pong")
+    assert client.recv(16) == b"pong"
+    cookies = {cookie(client), cookie(server)}
+    deletes_before = probe.stats()["deletes"]
+    assert cookies <= set(probe.activity())
+
+    client.close()
+    assert server.recv(16) == b""
+    server.close()
+    gone = wait_for(lambda: not (cookies & set(probe.activity())), timeout=5.0)
+    assert gone, "entries still present after both ends closed"
+    assert probe.stats()["deletes"] >= deletes_before + 2
+
+
+def test_full_map_evicts_and_counts(cache_dir, conns):
+    small = Probe.attach(map_size=16, hook="auto", cache_dir=cache_dir)
+    try:
+        pairs = [conns.pair() for _ in range(40)]
+        for client, server in pairs:
+            client.sendall(b"x")
+            assert server.recv(4) == b"x"
+        st = small.stats()
+        assert st["max_entries"] == 16
+        assert st["entries"] <= 16
+        assert st["inserts"] >= 40
+        assert st["evicted"] > 0
+        assert st["evicted"] == st["inserts"] - st["deletes"] - st["entries"]
+        assert st["failed"] == 0
+    finally:
+        small.close()
+
+
+def test_large_map_keeps_everything(probe, conns):
+    pairs = [conns.pair() for _ in range(40)]
+    for client, server in pairs:
+        client.sendall(b"x")
+        assert server.recv(4) == b"x"
+    acts = probe.activity()
+    assert all(cookie(server) in acts for _, server in pairs)
+
+
+def test_btf_offset_readers_agree_with_the_tracepoint(cache_dir, conns):
+    """The fentry/kprobe code path (skb len/data, sk cookie from BTF offsets)
+    runs inside the tracepoint and is checked against the kernel's own values."""
+    try:
+        p = Probe.attach(map_size=256, hook="tracepoint", cache_dir=cache_dir, selftest=True)
+    except ProbeUnavailable as e:
+        pytest.skip(str(e))
+    try:
+        client, server = conns.pair()
+        for n in (1, 100, 1000, 30000):
+            client.sendall(b"y" * n)
+            got = 0
+            while got < n:
+                got += len(server.recv(65536))
+            server.sendall(b"k")
+            client.recv(4)
+        ok, bad = p.selftest_counts()
+        assert ok >= 8 and bad == 0
+    finally:
+        p.close()
+
+
+@pytest.fixture
+def bpffs(tmp_path):
+    """A private BPF filesystem instance on a temporary directory."""
+    from tcpidle.probe import is_bpffs, mount_bpffs
+
+    d = tmp_path / "bpffs"
+    assert not is_bpffs(str(tmp_path))
+    assert mount_bpffs(str(d)) is True
+    try:
+        assert is_bpffs(str(d))
+        assert mount_bpffs(str(d)) is False  # already there
+        yield str(d)
+    finally:
+        subprocess.run(["umount", str(d)], check=False)
+
+
+def test_pin_and_read_pinned(probe, conns, bpffs):
+    client, server = conns.pair()
+    client.sendall(b"pinned")
+    assert server.recv(16) == b"pinned"
+    pin_dir = os.path.join(bpffs, "tcpidle")
+    probe.pin(pin_dir)
+    try:
+        reader = Probe.open_pinned(pin_dir)
+        try:
+            ck = cookie(server)
+            assert reader.activity()[ck] == probe.activity()[ck]
+            assert reader.stats()["max_entries"] == probe.stats()["max_entries"]
+            with pytest.raises(ProbeUnavailable):
+                probe.pin(pin_dir)  # already pinned
+        finally:
+            reader.close()
+    finally:
+        probe.unpin()
+    assert os.listdir(pin_dir) == []
+
+
+def test_pin_outside_bpffs_is_refused(probe, tmp_path):
+    with pytest.raises(ProbeUnavailable, match="BPF filesystem"):
+        probe.pin(str(tmp_path / "notbpffs"))
+    with pytest.raises(ProbeUnavailable):
+        PinnedMap.open(str(tmp_path))
+
+
+def test_close_unpins(cache_dir, bpffs):
+    p = Probe.attach(map_size=16, hook="tracepoint", cache_dir=cache_dir)
+    pin_dir = os.path.join(bpffs, "x")
+    p.pin(pin_dir)
+    assert sorted(os.listdir(pin_dir)) == ["activity", "counters"]
+    p.close()
+    assert os.listdir(pin_dir) == []
+
+
+def test_reading_many_entries_batch_and_fallback(cache_dir):
+    """20,000 entries (written from user space, far from real cookies) come
+    back complete and intact from the batch read and from the key-by-key walk
+    used on kernels without batch lookups."""
+    from tcpidle.probe import VALUE, libbpf
+
+    p = Probe.attach(map_size=30000, hook="tracepoint", cache_dir=cache_dir)
+    try:
+        lib = libbpf()
+        update = lib.bpf_map_update_elem
+        update.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint64]
+        update.restype = ctypes.c_int
+        key, val = ctypes.c_uint64(), ctypes.create_string_buffer(VALUE.size)
+        base, n = 1 << 62, 20000
+        for i in range(n):
+            key.value = base + i
+            val.raw = VALUE.pack(i + 3, i + 2, i, i + 1, 7 * i)
+            assert update(p.activity_fd, ctypes.byref(key), val, 0) == 0
+        t0 = time.monotonic()
+        acts = p.activity()
+        print("activity() of %d entries: %.0f ms" % (len(acts), (time.monotonic() - t0) * 1000))
+        ours = {k: a for k, a in acts.items() if k >= base}
+        assert len(ours) == n
+        for i in (0, 1, 4999, n - 1):
+            a = ours[base + i]
+            assert (a.last_segment_ns, a.last_data_ns, a.segments, a.data_segments, a.bytes) \
+                == (i + 3, i + 2, i, i + 1, 7 * i)
+        keys, _ = p._read_iter()
+        assert {k for k in keys if k >= base} == set(ours)
+    finally:
+        p.close()
+
+
+def test_compile_failure_is_probe_unavailable(tmp_path, monkeypatch):
+    broken = tmp_path / "tree"
+    (broken / "include/linux").mkdir(parents=True)
+    (broken / "include/linux/kconfig.h").write_text("")
+    monkeypatch.setenv("BCC_KERNEL_SOURCE", str(broken))
+    with pytest.raises(ProbeUnavailable) as e:
+        Probe.attach(map_size=16, hook="tracepoint")
+    msg = str(e.value)
+    assert msg.startswith("BPF compile failed with headers BCC_KERNEL_SOURCE=%s: " % broken)
+    assert "error" in msg and "\n" not in msg
+
+
+def test_attach_and_close_leave_no_fds_behind(cache_dir):
+    """Also covers hooks that fail to load on the way (auto on this machine)."""
+    def fds():
+        return set(os.listdir("/proc/self/fd"))
+
+    Probe.attach(map_size=16, hook="auto", cache_dir=cache_dir).close()  # warm-up
+    before = fds()
+    for _ in range(3):
+        Probe.attach(map_size=16, hook="auto", cache_dir=cache_dir).close()
+    assert fds() == before
+
+
+def test_ipv6_data_is_recorded_and_dropped_at_close(probe, make_conns):
+    conns = make_conns(socket.AF_INET6)
+    client, server = conns.pair()
+    t_send = time.monotonic_ns()
+    client.sendall(b"six")
+    assert server.recv(16) == b"six"
+    ck = cookie(server)
+    act = probe.activity()[ck]
+    assert act.bytes == 3 and act.data_segments == 1
+    assert abs(act.last_data_ns - t_send) < 2_000_000
+    client.close()
+    server.close()
+    assert wait_for(lambda: ck not in probe.activity(), timeout=5.0)
+
+
+def test_every_hook_branch_compiles(cache_dir):
+    """The fentry and kprobe programs cannot attach here, but they compile
+    (with the real BTF offsets) and the kprobe one passes the verifier."""
+    from tcpidle import kheaders
+    from tcpidle.probe import _dispose, _env, _module_class, bpf_source, btf_offsets, \
+        build_cflags
+
+    tree = kheaders.find_headers(cache_dir=cache_dir)
+    flags = build_cflags(16, list(HOOKS), btf_offsets(), destroy=True, selftest=True)
+    with _env("BCC_KERNEL_SOURCE", tree.env):
+        module = _module_class()(src_file=bpf_source().encode(), cflags=flags)
+    try:
+        from bcc import BPF
+
+        for fn, ptype in ((b"on_tcp_probe", BPF.TRACEPOINT), (b"on_destroy", BPF.TRACEPOINT),
+                          (b"on_rcv_kprobe", BPF.KPROBE)):
+            assert module.load_func(fn, ptype).fd >= 0
+    finally:
+        _dispose(module)

@@ -1,0 +1,435 @@
+"""Pure tests of the probe's decisions and readers (no root, no BPF).
+
+Covers: which hook is chosen given what the kernel offers and which attach
+fails (and what is said about it), the -D flags, decoding of map values,
+the eviction arithmetic, the BTF reader (on a hand-made blob and on the
+running kernel's /sys/kernel/btf/vmlinux), tracefs format parsing, and the
+header-tree search and merge (on fake trees and on the installed ones).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+
+import pytest
+
+from tcpidle import kheaders
+from tcpidle.btf import BTF, BTFError, VMLINUX
+from tcpidle.errors import UsageError
+from tcpidle.model import Activity
+from tcpidle.probe import (
+    HOOKS,
+    KernelFeatures,
+    ProbeUnavailable,
+    VALUE,
+    attach_first,
+    bpf_source,
+    build_cflags,
+    decode_entries,
+    evicted_count,
+    plan_hooks,
+    possible_cpus,
+    tracepoint_fields,
+    unavailable_reasons,
+)
+
+OFFS = {"TCPIDLE_SKB_LEN_OFF": 112, "TCPIDLE_SKB_DATA_OFF": 200, "TCPIDLE_SK_COOKIE_OFF": 88}
+TP_FIELDS = frozenset({"sock_cookie", "data_len", "skbaddr", "skaddr"})
+
+
+def feats(btf=True, kprobes=True, tp=TP_FIELDS, destroy=frozenset({"sock_cookie"})):
+    return KernelFeatures(btf_offsets=OFFS if btf else None,
+                          btf_error=None if btf else "cannot read /sys/kernel/btf/vmlinux",
+                          kprobes=kprobes, tcp_probe_fields=tp, destroy_fields=destroy)
+
+
+# -- hook choice ----------------------------------------------------------------
+
+
+def test_everything_available_tries_fentry_kprobe_tracepoint_in_order():
+    cands, notes = plan_hooks("auto", unavailable_reasons(feats()))
+    assert cands == ["fentry", "kprobe", "tracepoint"]
+    assert notes == []
+
+
+def test_this_machine_shape_no_kprobes():
+    cands, notes = plan_hooks("auto", unavailable_reasons(feats(kprobes=False)))
+    assert cands == ["fentry", "tracepoint"]
+    assert notes == ["kprobe: kernel has no kprobes"]
+
+
+def test_no_btf_leaves_only_the_tracepoint():
+    cands, notes = plan_hooks("auto", unavailable_reasons(feats(btf=False)))
+    assert cands == ["tracepoint"]
+    assert [n.split(":")[0] for n in notes] == ["fentry", "kprobe"]
+    assert all("BTF" in n for n in notes)
+
+
+def test_old_tracepoint_without_cookie_is_not_a_candidate():
+    r = unavailable_reasons(feats(tp=frozenset({"data_len", "sport"})))
+    assert "sock_cookie" in r["tracepoint"]
+    r = unavailable_reasons(feats(tp=None))
+    assert r["tracepoint"] == "no tcp:tcp_probe tracepoint"
+
+
+def test_nothing_available_is_probe_unavailable_with_all_reasons():
+    r = unavailable_reasons(feats(btf=False, kprobes=False, tp=None))
+    with pytest.raises(ProbeUnavailable) as e:
+        plan_hooks("auto", r)
+    msg = str(e.value)
+    assert "fentry" in msg and "kprobe" in msg and "tcp_probe" in msg
+    assert "\n" not in msg
+
+
+def test_named_hook_must_be_available():
+    r = unavailable_reasons(feats(kprobes=False))
+    assert plan_hooks("tracepoint", r) == (["tracepoint"], [])
+    with pytest.raises(ProbeUnavailable, match="kprobe unavailable: kernel has no kprobes"):
+        plan_hooks("kprobe", r)
+
+
+def test_unknown_hook_is_a_usage_error():
+    with pytest.raises(UsageError):
+        plan_hooks("uprobe", {})
+
+
+def fake_kernel(failing):
+    """try_attach for a kernel where the hooks in `failing` fail with that text."""
+    tried = []
+
+    def try_attach(hook):
+        tried.append(hook)
+        if hook in failing:
+            raise Exception(failing[hook])
+
+    return try_attach, tried
+
+
+def test_failed_fentry_falls_through_and_is_logged(caplog):
+    try_attach, tried = fake_kernel({"fentry": "Need super-user privileges to run"})
+    with caplog.at_level(logging.INFO, logger="tcpidle.probe"):
+        hook, notes = attach_first(["fentry", "tracepoint"], try_attach,
+                                   ["kprobe: kernel has no kprobes"])
+    assert hook == "tracepoint"
+    assert tried == ["fentry", "tracepoint"]
+    # bcc's misleading EPERM text is rewritten; notes come in HOOKS order
+    assert notes == ["fentry: load refused: Operation not permitted",
+                     "kprobe: kernel has no kprobes"]
+    assert "BPF hook fentry failed: load refused: Operation not permitted; trying tracepoint" \
+        in caplog.text
+
+
+def test_first_working_hook_wins_and_later_ones_are_not_tried():
+    try_attach, tried = fake_kernel({})
+    hook, notes = attach_first(list(HOOKS), try_attach)
+    assert (hook, notes, tried) == ("fentry", [], ["fentry"])
+
+
+def test_kprobe_chosen_when_fentry_fails():
+    try_attach, tried = fake_kernel({"fentry": "Failed to attach BPF to entry kernel func"})
+    hook, notes = attach_first(list(HOOKS), try_attach)
+    assert hook == "kprobe" and tried == ["fentry", "kprobe"]
+    assert notes == ["fentry: Failed to attach BPF to entry kernel func"]
+
+
+def test_all_attaches_failing_is_probe_unavailable():
+    try_attach, _ = fake_kernel({h: "boom %s" % h for h in HOOKS})
+    with pytest.raises(ProbeUnavailable) as e:
+        attach_first(list(HOOKS), try_attach)
+    assert str(e.value) == ("no BPF hook could attach (fentry: boom fentry; "
+                            "kprobe: boom kprobe; tracepoint: boom tracepoint)")
+
+
+# -- compiler flags, source -----------------------------------------------------
+
+
+def test_cflags_configure_the_source_without_text_substitution():
+    f = build_cflags(16, ["tracepoint"], OFFS, destroy=True)
+    assert f == ["-DMAX_ENTRIES=16", "-DTCPIDLE_HOOK_TRACEPOINT", "-DTCPIDLE_DESTROY"]
+    f = build_cflags(65536, ["fentry", "tracepoint"], OFFS, destroy=False)
+    assert "-DTCPIDLE_HOOK_FENTRY" in f and "-DTCPIDLE_SKB_LEN_OFF=112" in f
+    assert "-DTCPIDLE_DESTROY" not in f
+    f = build_cflags(8, ["tracepoint"], OFFS, destroy=True, selftest=True)
+    assert "-DTCPIDLE_SELFTEST" in f and "-DTCPIDLE_SK_COOKIE_OFF=88" in f
+
+
+def test_source_has_every_macro_the_flags_set():
+    with open(bpf_source()) as f:
+        src = f.read()
+    for macro in ("MAX_ENTRIES", "TCPIDLE_HOOK_TRACEPOINT", "TCPIDLE_HOOK_FENTRY",
+                  "TCPIDLE_HOOK_KPROBE", "TCPIDLE_DESTROY", "TCPIDLE_SELFTEST", *OFFS):
+        assert macro in src
+    # The documented value layout matches the reader's.
+    assert VALUE.size == 40 and "40 bytes" in src
+
+
+# -- map decoding ---------------------------------------------------------------
+
+
+def test_decode_entries():
+    vals = VALUE.pack(10, 8, 3, 2, 99) + VALUE.pack(20, 0, 1, 0, 0)
+    got = decode_entries([7, 9], vals)
+    assert got == {7: Activity(7, 10, 8, 3, 2, 99), 9: Activity(9, 20, 0, 1, 0, 0)}
+
+
+def test_evicted_is_what_left_other_than_by_destroy():
+    assert evicted_count(inserts=40, deletes=3, entries=16) == 21
+    assert evicted_count(inserts=5, deletes=1, entries=4) == 0
+    # a counter read that raced ahead of the map read never goes negative
+    assert evicted_count(inserts=5, deletes=2, entries=4) == 0
+
+
+@pytest.mark.parametrize("text,n", [("0-1\n", 2), ("0\n", 1), ("0-3,8-11\n", 12), ("0,2\n", 3)])
+def test_possible_cpus(tmp_path, text, n):
+    p = tmp_path / "possible"
+    p.write_text(text)
+    assert possible_cpus(str(p)) == n
+
+
+def test_tracepoint_fields_from_a_format_file(tmp_path):
+    d = tmp_path / "events" / "tcp" / "tcp_probe"
+    d.mkdir(parents=True)
+    (d / "format").write_text(
+        "name: tcp_probe\nID: 1\nformat:\n"
+        "\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;\n"
+        "\tfield:__u8 saddr[28];\toffset:8;\tsize:28;\tsigned:0;\n"
+        "\tfield:__u16 data_len;\toffset:76;\tsize:2;\tsigned:0;\n"
+        "\tfield:__u64 sock_cookie;\toffset:112;\tsize:8;\tsigned:0;\n"
+        "\tfield:const void * skbaddr;\toffset:120;\tsize:8;\tsigned:0;\n\n"
+        "print fmt: \"x\"\n")
+    got = tracepoint_fields("tcp", "tcp_probe", str(tmp_path))
+    assert got == {"common_type", "saddr", "data_len", "sock_cookie", "skbaddr"}
+    assert tracepoint_fields("tcp", "nope", str(tmp_path)) is None
+
+
+# -- BTF ------------------------------------------------------------------------
+
+
+def make_btf():
+    """A tiny BTF blob:
+
+    [1] int (4 bytes)   [2] struct inner {int a @0; int b @4}
+    [3] union <anon> {int x @0; struct inner in @0}
+    [4] typedef inner_t -> 2
+    [5] struct outer (kind_flag) {int flags:4 @bit0; int odd:4 @bit4;
+                                  <anon> union @8; inner_t t @16; int *p @24}
+    [6] ptr -> 1
+    """
+    strings = b"\0int\0inner\0a\0b\0x\0in\0inner_t\0outer\0flags\0odd\0t\0p\0"
+
+    def s(name):
+        return strings.index(name.encode() + b"\0")
+
+    types = b""
+    types += struct.pack("<III", s("int"), 1 << 24, 4) + struct.pack("<I", 32)
+    types += struct.pack("<III", s("inner"), (4 << 24) | 2, 8)
+    types += struct.pack("<III", s("a"), 1, 0) + struct.pack("<III", s("b"), 1, 32)
+    types += struct.pack("<III", 0, (5 << 24) | 2, 8)
+    types += struct.pack("<III", s("x"), 1, 0) + struct.pack("<III", s("in"), 2, 0)
+    types += struct.pack("<III", s("inner_t"), 8 << 24, 2)
+    types += struct.pack("<III", s("outer"), (1 << 31) | (4 << 24) | 5, 32)
+    types += struct.pack("<III", s("flags"), 1, (4 << 24) | 0)
+    types += struct.pack("<III", s("odd"), 1, (4 << 24) | 4)
+    types += struct.pack("<III", 0, 3, 64)
+    types += struct.pack("<III", s("t"), 4, 128)
+    types += struct.pack("<III", s("p"), 6, 192)
+    types += struct.pack("<III", 0, 2 << 24, 1)
+    hdr = struct.pack("<HBBIIIII", 0xEB9F, 1, 0, 24, 0, len(types), len(types), len(strings))
+    return hdr + types + strings
+
+
+def test_btf_reader_on_a_hand_made_blob():
+    b = BTF(make_btf())
+    assert b.offsetof("inner", "b") == 4
+    assert b.offsetof("outer", "x") == 8  # through the anonymous union
+    assert b.offsetof("outer", "in.b") == 12  # nested, through a named member
+    assert b.offsetof("outer", "t.b") == 20  # through a typedef
+    assert b.offsetof("outer", "flags") == 0
+    assert b.member_size("outer", "p") == 8
+    assert b.member_size("outer", "t") == 8
+    assert b.sizeof("outer") == 32
+    with pytest.raises(BTFError, match="bitfield"):
+        b.offsetof("outer", "odd")
+    with pytest.raises(BTFError, match="no member"):
+        b.offsetof("outer", "missing")
+    with pytest.raises(BTFError, match="not in BTF"):
+        b.offsetof("nope", "a")
+
+
+def test_btf_reader_rejects_garbage():
+    with pytest.raises(BTFError):
+        BTF(b"\0" * 64)
+    blob = bytearray(make_btf())
+    struct.pack_into("<I", blob, 24 + 4, 31 << 24)  # an unknown kind
+    with pytest.raises(BTFError):
+        BTF(bytes(blob))
+
+
+needs_vmlinux_btf = pytest.mark.skipif(not os.access(VMLINUX, os.R_OK),
+                                       reason="kernel has no readable BTF")
+
+
+@needs_vmlinux_btf
+def test_btf_of_the_running_kernel_has_the_probe_offsets():
+    b = BTF.load()
+    skb = b.sizeof("sk_buff")
+    length, data = b.offsetof("sk_buff", "len"), b.offsetof("sk_buff", "data")
+    assert 0 < length < skb and length % 4 == 0
+    assert 0 < data < skb and data % 8 == 0
+    assert b.member_size("sk_buff", "len") == 4
+    assert b.member_size("sk_buff", "data") == 8
+    # skc_cookie sits in struct sock_common, the first member of struct sock
+    assert b.offsetof("sock", "__sk_common") == 0
+    ck = b.offsetof("sock", "__sk_common.skc_cookie")
+    assert ck == b.offsetof("sock_common", "skc_cookie")
+    assert 0 < ck < b.sizeof("sock_common") and ck % 8 == 0
+    assert b.member_size("sock", "__sk_common.skc_cookie") == 8
+
+
+@needs_vmlinux_btf
+def test_probe_btf_offsets_helper():
+    from tcpidle.probe import btf_offsets
+
+    offs = btf_offsets()
+    assert set(offs) == set(OFFS)
+    assert offs["TCPIDLE_SKB_LEN_OFF"] != offs["TCPIDLE_SKB_DATA_OFF"]
+
+
+# -- kernel headers -------------------------------------------------------------
+
+
+def fake_debian(root, ver="6.1.0-9", flavour="amd64", arch="x86"):
+    """A minimal Debian-style split header pair under root."""
+    common = root / ("linux-headers-%s-common" % ver)
+    build = root / ("linux-headers-%s-%s" % (ver, flavour))
+    for d in ("include/linux", "include/uapi/linux", "arch/%s/include/asm" % arch,
+              "arch/%s/include/uapi/asm" % arch):
+        (common / d).mkdir(parents=True)
+    (common / "include/linux/kconfig.h").write_text("/* kconfig */\n")
+    (common / "Makefile").write_text("# top\n")
+    for d in ("include/generated/uapi/linux", "include/config",
+              "arch/%s/include/generated/asm" % arch):
+        (build / d).mkdir(parents=True)
+    (build / "include/generated/autoconf.h").write_text("#define CONFIG_X 1\n")
+    (build / "include/generated/utsrelease.h").write_text(
+        '#define UTS_RELEASE "%s-%s"\n' % (ver, flavour))
+    (build / "Makefile").write_text("include %s/Makefile\n" % common)
+    return common, build
+
+
+def test_find_candidates_pairs_debian_trees(tmp_path):
+    common, build = fake_debian(tmp_path)
+    (tmp_path / "unrelated").mkdir()
+    cands = kheaders.find_candidates(str(tmp_path), "x86")
+    assert cands == [kheaders.Candidate("6.1.0-9-amd64", str(build), str(common))]
+    assert kheaders.find_candidates(str(tmp_path), "arm64") == []
+
+
+def test_rank_prefers_exact_then_same_series_then_newest():
+    c = [kheaders.Candidate(r, "/b/" + r, "/c/" + r)
+         for r in ("5.10.0-1-amd64", "6.1.0-9-amd64", "6.1.0-12-amd64", "6.5.0-1-amd64")]
+    assert kheaders.rank(c, "6.1.0-9-amd64")[0].release == "6.1.0-9-amd64"
+    assert kheaders.rank(c, "6.1.99-custom")[0].release == "6.1.0-12-amd64"
+    assert kheaders.rank(c, "6.18.44-fc")[0].release == "6.5.0-1-amd64"
+
+
+def test_merged_tree_is_what_bcc_needs_and_is_reused(tmp_path):
+    common, build = fake_debian(tmp_path / "src")
+    cand = kheaders.find_candidates(str(tmp_path / "src"), "x86")[0]
+    cache = tmp_path / "cache"
+    tree = kheaders.merged_tree(cand, str(cache), "x86")
+    assert tree == str(cache / "kheaders-6.1.0-9-amd64")
+    # bcc's relative include paths all resolve inside one directory
+    for rel in ("include/linux/kconfig.h", "include/generated/autoconf.h", "include/config",
+                "include/uapi/linux", "arch/x86/include/asm", "arch/x86/include/uapi/asm",
+                "arch/x86/include/generated/asm", "Makefile"):
+        assert os.path.exists(os.path.join(tree, rel)), rel
+    # the objtree's Makefile (which includes the common one) wins the clash
+    assert os.path.realpath(os.path.join(tree, "Makefile")) == str(build / "Makefile")
+    # nothing was written into the source trees
+    assert not os.path.lexists(common / "include/generated")
+    # a second call reuses the tree
+    mtime = os.stat(tree).st_mtime_ns
+    assert kheaders.merged_tree(cand, str(cache), "x86") == tree
+    assert os.stat(tree).st_mtime_ns == mtime
+    assert [n for n in os.listdir(cache) if n.startswith(".")] == []
+
+
+def test_merged_tree_is_rebuilt_when_links_dangle(tmp_path):
+    fake_debian(tmp_path / "src")
+    cand = kheaders.find_candidates(str(tmp_path / "src"), "x86")[0]
+    tree = kheaders.merged_tree(cand, str(tmp_path / "cache"), "x86")
+    os.unlink(os.path.join(tree, "include", "generated"))
+    os.symlink("/nonexistent", os.path.join(tree, "include", "generated"))
+    assert kheaders.merged_tree(cand, str(tmp_path / "cache"), "x86") == tree
+    assert os.path.isfile(os.path.join(tree, "include/generated/autoconf.h"))
+
+
+def test_find_headers_order(tmp_path, monkeypatch):
+    monkeypatch.setattr(kheaders, "kernel_arch", lambda machine=None: "x86")
+    src, mods, cache = tmp_path / "src", tmp_path / "modules", tmp_path / "cache"
+    fake_debian(src)
+    mods.mkdir()
+    # no /lib/modules tree: the /usr/src pair is merged and handed to bcc
+    t = kheaders.find_headers("6.18.1-custom", str(cache), str(src), str(mods), environ={})
+    assert t.env == t.path == str(cache / "kheaders-6.1.0-9-amd64")
+    assert "linux-headers-6.1.0-9-common + " in t.source
+    assert "headers of 6.1.0-9-amd64 for running 6.18.1-custom" in t.source
+    # /lib/modules/<release>/build with kconfig.h: bcc finds it on its own
+    build = mods / "6.18.1-custom" / "build"
+    (build / "include/linux").mkdir(parents=True)
+    (build / "include/linux/kconfig.h").write_text("")
+    t = kheaders.find_headers("6.18.1-custom", str(cache), str(src), str(mods), environ={})
+    assert t.env is None and t.source == str(build)
+    # the user's BCC_KERNEL_SOURCE wins when usable
+    t = kheaders.find_headers("6.18.1-custom", str(cache), str(src), str(mods),
+                              environ={"BCC_KERNEL_SOURCE": str(build)})
+    assert t.env == str(build)
+
+
+def test_find_headers_none(tmp_path):
+    with pytest.raises(kheaders.HeadersNotFound, match="no kernel headers"):
+        kheaders.find_headers("6.18.1", str(tmp_path / "c"), str(tmp_path), str(tmp_path),
+                              environ={})
+
+
+def test_cache_dir_defaults(monkeypatch):
+    monkeypatch.delenv("TCPIDLE_CACHE_DIR", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    assert kheaders.default_cache_dir() == "/var/cache/tcpidle"
+    monkeypatch.setenv("XDG_CACHE_HOME", "/x")
+    assert kheaders.default_cache_dir() == "/x/tcpidle"
+    monkeypatch.setenv("TCPIDLE_CACHE_DIR", "/y")
+    assert kheaders.default_cache_dir() == "/y"
+
+
+@pytest.mark.skipif(not kheaders.find_candidates(), reason="no header package installed")
+def test_installed_header_packages_are_found():
+    cands = kheaders.find_candidates()
+    for c in cands:
+        assert os.path.isfile(os.path.join(c.common, kheaders.KCONFIG_H))
+        assert os.path.isfile(os.path.join(c.build, kheaders.AUTOCONF_H))
+
+
+@needs_vmlinux_btf
+def test_btf_offsets_are_cached_per_boot(tmp_path, monkeypatch):
+    import json
+
+    from tcpidle import probe
+
+    first = probe.cached_btf_offsets(str(tmp_path))
+    path = tmp_path / "btf-offsets.json"
+    saved = json.loads(path.read_text())
+    assert saved["offsets"] == first
+    # the same boot: the file is believed (proved by planting other values)
+    saved["offsets"] = {k: v + 1000 for k, v in first.items()}
+    path.write_text(json.dumps(saved))
+    assert probe.cached_btf_offsets(str(tmp_path)) == saved["offsets"]
+    # another boot or kernel: recomputed from BTF
+    monkeypatch.setattr(probe, "_boot_identity", lambda: "other boot")
+    assert probe.cached_btf_offsets(str(tmp_path)) == first
+    # a corrupt file is recomputed too
+    path.write_text("{not json")
+    assert probe.cached_btf_offsets(str(tmp_path)) == first

@@ -16,9 +16,9 @@ from typing import List, Optional
 
 import click
 
-from . import report, selectors
+from . import activity, netns, report, selectors
 from .engine import Engine, require_privilege
-from .errors import TcpidleError, UsageError
+from .errors import PrivilegeError, TcpidleError, UsageError
 from .model import AF_INET, AF_INET6, Policy, Selector
 
 EPILOG_SELECTORS = """\b
@@ -30,7 +30,7 @@ and groups (all, connected, synchronized). Default: established."""
 
 
 # ---------------------------------------------------------------------------
-# option sets
+# option sets (reusable decorators)
 
 
 def _non_negative(name):
@@ -42,70 +42,128 @@ def _non_negative(name):
     return check
 
 
-def selector_options(f):
-    """-4/-6, ports, CIDRs, states: shared by every command."""
-    options = [
-        click.option("-4", "--ipv4", "ipv4", is_flag=True, help="IPv4 sockets only."),
-        click.option("-6", "--ipv6", "ipv6", is_flag=True, help="IPv6 sockets only."),
-        click.option("-s", "--sport", "sports", multiple=True, metavar="PORTS",
-                     help="Local port(s): list and ranges, e.g. 22,8000-8100. Repeatable."),
-        click.option("-d", "--dport", "dports", multiple=True, metavar="PORTS",
-                     help="Remote port(s): list and ranges. Repeatable."),
-        click.option("--src", "srcs", multiple=True, metavar="CIDR", help="Local address or network. Repeatable."),
-        click.option("--dst", "dsts", multiple=True, metavar="CIDR", help="Remote address or network. Repeatable."),
-        click.option("--state", "states", multiple=True, metavar="NAME",
-                     help="TCP state or group (default established). Repeatable."),
-        click.option("--idle-metric", type=click.Choice(["data", "any"]), default="data", show_default=True,
-                     help="data: time since payload was received; any: since any segment (ACKs, keep-alives)."),
-        click.option("--last-recv-limit", "--last_recv_limit", "last_recv_limit", type=float, default=None,
-                     callback=_non_negative("--last-recv-limit"), metavar="MS",
-                     help="Treat tcp_info idle times above MS as unknown (tcp_closer's option)."),
-        click.option("--json", "as_json", is_flag=True, help="JSON Lines on stdout, one object per connection."),
-        click.option("-v", "--verbose", count=True, help="More detail on stderr (-vv: debug)."),
-    ]
-    for option in reversed(options):
-        f = option(f)
-    return f
+def _options(*options):
+    def decorate(f):
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return decorate
 
 
-def kill_options(f):
-    """Options of `kill` (and of the tracker)."""
-    options = [
-        click.option("-t", "--idle-time", "--idle_time", "idle_time", type=float, default=0.0,
-                     callback=_non_negative("--idle-time"), metavar="MS", show_default=True,
-                     help="Kill connections idle at least MS milliseconds; 0 = every matching connection."),
-        click.option("--dry-run", is_flag=True, help="Report what would be destroyed; touch nothing."),
-        click.option("--use-proc", "--use_proc", "use_proc", is_flag=True,
-                     help="Use the /proc fallback instead of SOCK_DESTROY."),
-        click.option("--proc-action", type=click.Choice(["shutdown", "kill"]), default="shutdown",
-                     show_default=True,
-                     help="Fallback action: shut the socket down in its owner (owner lives) or SIGKILL the owner."),
-        click.option("-f", "--logfile", type=click.Path(dir_okay=False, writable=True), default=None,
-                     help="Append a log line per kill to this file."),
-        click.option("--disable-syslog", "--disable_syslog", "disable_syslog", is_flag=True,
-                     help="Do not log kills to syslog."),
-        click.option("--all", "all_", is_flag=True,
-                     help="Allow killing with no port or address selector."),
-    ]
-    for option in reversed(options):
-        f = option(f)
-    return f
+selector_options = _options(
+    click.option("-4", "--ipv4", "ipv4", is_flag=True, help="IPv4 sockets only."),
+    click.option("-6", "--ipv6", "ipv6", is_flag=True, help="IPv6 sockets only."),
+    click.option("-s", "--sport", "sports", multiple=True, metavar="PORTS",
+                 help="Local port(s): list and ranges, e.g. 22,8000-8100. Repeatable."),
+    click.option("-d", "--dport", "dports", multiple=True, metavar="PORTS",
+                 help="Remote port(s): list and ranges. Repeatable."),
+    click.option("--src", "srcs", multiple=True, metavar="CIDR", help="Local address or network. Repeatable."),
+    click.option("--dst", "dsts", multiple=True, metavar="CIDR", help="Remote address or network. Repeatable."),
+    click.option("--state", "states", multiple=True, metavar="NAME",
+                 help="TCP state or group (default established). Repeatable."),
+    click.option("--pid", "pids", multiple=True, type=click.IntRange(min=1), metavar="PID",
+                 help="Only sockets held by this process. Repeatable."),
+    click.option("--comm", "comms", multiple=True, metavar="NAME",
+                 help="Only sockets held by a process of this name (as in /proc/PID/comm). Repeatable."),
+    click.option("--cgroup", "cgroups", multiple=True, metavar="PREFIX",
+                 help="Only sockets held by a process whose cgroup path starts with PREFIX. Repeatable."),
+    click.option("--uid", "uids", multiple=True, type=click.IntRange(min=0), metavar="UID",
+                 help="Only sockets of this user id. Repeatable."),
+    click.option("--netns", "netns_specs", multiple=True, metavar="NAME|PATH|PID",
+                 help="Work in this network namespace: a name under /run/netns, an ns file, or a PID. Repeatable."),
+    click.option("--all-netns", is_flag=True,
+                 help="Work in every network namespace of the host (/run/netns and /proc/*/ns/net), each once."),
+)
+
+evidence_options = _options(
+    click.option("--idle-metric", type=click.Choice(["data", "any"]), default="data", show_default=True,
+                 help="data: time since payload was received; any: since any segment (ACKs, keep-alives)."),
+    click.option("--last-recv-limit", "--last_recv_limit", "last_recv_limit", type=float, default=None,
+                 callback=_non_negative("--last-recv-limit"), metavar="MS",
+                 help="Treat tcp_info idle times above MS as unknown (tcp_closer's option)."),
+    click.option("--pin-dir", default=activity.DEFAULT_PIN_DIR, show_default=True, metavar="DIR",
+                 help="Where a running `tcpidle track` pins its BPF map; read when present."),
+    click.option("--require-bpf", is_flag=True,
+                 help="Fail (exit 1) rather than fall back to tcp_info when no BPF evidence is available."),
+    click.option("--json", "as_json", is_flag=True, help="JSON Lines on stdout, one object per connection."),
+    click.option("-v", "--verbose", count=True, help="More detail on stderr (-vv: debug)."),
+)
+
+kill_options = _options(
+    click.option("-t", "--idle-time", "--idle_time", "idle_time", type=float, default=0.0,
+                 callback=_non_negative("--idle-time"), metavar="MS", show_default=True,
+                 help="Kill connections idle at least MS milliseconds; 0 = every matching connection."),
+    click.option("--dry-run", is_flag=True, help="Report what would be destroyed; touch nothing."),
+    click.option("--use-proc", "--use_proc", "use_proc", is_flag=True,
+                 help="Use the /proc fallback instead of SOCK_DESTROY."),
+    click.option("--proc-action", type=click.Choice(["shutdown", "kill"]), default="shutdown",
+                 show_default=True,
+                 help="Fallback action: shut the socket down in its owner (owner lives) or SIGKILL the owner."),
+    click.option("-f", "--logfile", type=click.Path(dir_okay=False, writable=True), default=None,
+                 help="Append a log line per kill to this file."),
+    click.option("--disable-syslog", "--disable_syslog", "disable_syslog", is_flag=True,
+                 help="Do not log kills to syslog."),
+    click.option("--all", "all_", is_flag=True,
+                 help="Allow killing with no port, address or owner selector."),
+)
 
 
-def build_selector(ipv4, ipv6, sports, dports, srcs, dsts, states) -> Selector:
+def build_selector(opts) -> Selector:
+    """The Selector of the parsed selector options; UsageError on bad values."""
     families = set()
-    if ipv4:
+    if opts["ipv4"]:
         families.add(AF_INET)
-    if ipv6:
+    if opts["ipv6"]:
         families.add(AF_INET6)
     return Selector(
         families=frozenset(families or {AF_INET, AF_INET6}),
-        states=selectors.parse_states(states),
-        sports=selectors.parse_ports(sports, "--sport"),
-        dports=selectors.parse_ports(dports, "--dport"),
-        src=selectors.parse_networks(srcs, "--src"),
-        dst=selectors.parse_networks(dsts, "--dst"),
+        states=selectors.parse_states(opts["states"]),
+        sports=selectors.parse_ports(opts["sports"], "--sport"),
+        dports=selectors.parse_ports(opts["dports"], "--dport"),
+        src=selectors.parse_networks(opts["srcs"], "--src"),
+        dst=selectors.parse_networks(opts["dsts"], "--dst"),
+        pids=frozenset(opts["pids"]),
+        comms=frozenset(opts["comms"]),
+        cgroups=tuple(opts["cgroups"]),
+        uids=frozenset(opts["uids"]),
     )
+
+
+def build_namespaces(opts) -> Optional[List[netns.Netns]]:
+    """The namespaces to visit: None for our own only."""
+    if opts["all_netns"] and opts["netns_specs"]:
+        raise UsageError("--netns and --all-netns exclude each other")
+    if opts["all_netns"]:
+        return netns.all_namespaces()
+    if opts["netns_specs"]:
+        found, seen = [], set()
+        for spec in opts["netns_specs"]:
+            ns = netns.resolve(spec)
+            if ns.inode not in seen:
+                seen.add(ns.inode)
+                found.append(ns)
+        return found
+    return None
+
+
+def build_policy(opts, idle_time: float, **extra) -> Policy:
+    return Policy(idle_time_ms=idle_time, idle_metric=opts["idle_metric"],
+                  last_recv_limit_ms=opts["last_recv_limit"], **extra)
+
+
+def narrows(selector: Selector) -> bool:
+    """Does the selector name what to kill (ports, addresses or owners)?"""
+    return selector.narrows_by_address or bool(selector.pids or selector.comms or selector.cgroups
+                                               or selector.uids)
+
+
+def open_evidence(opts, watch: Optional[float] = None, map_size: int = 65536):
+    """The activity source for this run, its choice said with -v."""
+    source = activity.open_source(opts["pin_dir"], watch, map_size, opts["require_bpf"],
+                                  progress=report.progress if watch else None)
+    report.log.info("%s", source.description)
+    return source
 
 
 # ---------------------------------------------------------------------------
@@ -120,76 +178,101 @@ def cli():
     \b
     tcpidle audit   report connections and how long each has been idle
     tcpidle kill    destroy the idle ones (SOCK_DESTROY, cookie-checked)
+    tcpidle track   a daemon: BPF probe + audit/kill every interval
 
     Idle time is the time since data was last received, from the kernel's
     tcp_info (jiffies precision), refined to the nanosecond by a BPF probe
-    where one is running.
+    where one is running (`tcpidle track`, or `audit --watch S`).
     """
 
 
 @cli.command(epilog=EPILOG_SELECTORS)
 @selector_options
+@evidence_options
 @click.option("--min-idle", type=float, default=0.0, callback=_non_negative("--min-idle"), metavar="MS",
               show_default=True, help="Show only connections idle at least MS milliseconds.")
+@click.option("--watch", type=float, default=None, callback=_non_negative("--watch"), metavar="S",
+              help="Attach the BPF probe and observe S seconds before reporting (ns precision).")
+@click.option("--map-size", type=click.IntRange(min=1, max=1 << 24), default=65536, show_default=True,
+              help="Entries of the probe's map with --watch.")
 @click.option("--no-owners", is_flag=True, help="Do not look up owning processes in /proc (faster).")
-def audit(ipv4, ipv6, sports, dports, srcs, dsts, states, idle_metric, last_recv_limit, as_json,
-          verbose, min_idle, no_owners):
+def audit(min_idle, watch, map_size, no_owners, **opts):
     """Report matching connections and their idle time. Never kills.
 
     \b
     Examples:
-      tcpidle audit                        every established connection
+      tcpidle audit                        every established connection, idlest first
       tcpidle audit --min-idle 600000      idle for 10 minutes or more
       tcpidle audit -d 5432 --json         connections to PostgreSQL, JSON Lines
+      tcpidle audit --watch 10 -v          observe 10 s with the BPF probe, then report
+      tcpidle audit --all-netns --comm nginx   nginx's connections in every container
       tcpidle audit --state all -6         every IPv6 TCP socket
     """
-    selector = build_selector(ipv4, ipv6, sports, dports, srcs, dsts, states)
-    policy = Policy(idle_time_ms=min_idle, idle_metric=idle_metric, last_recv_limit_ms=last_recv_limit)
-    report.setup_logging(verbose, None, syslog=False)
-    started = time.monotonic()
-    engine = Engine(selector, policy, want_owners=not no_owners)
-    scan = engine.scan()
+    selector = build_selector(opts)
+    namespaces = build_namespaces(opts)
+    if no_owners and (selector.pids or selector.comms or selector.cgroups):
+        raise UsageError("--no-owners cannot be combined with --pid, --comm or --cgroup")
+    if watch == 0:
+        raise UsageError("--watch must be positive (got 0)")
+    policy = build_policy(opts, min_idle)
+    report.setup_logging(opts["verbose"], None, syslog=False)
+    source = open_evidence(opts, watch, map_size)
+    try:
+        started = time.monotonic()
+        engine = Engine(selector, policy, activity=source.read, want_owners=not no_owners,
+                        namespaces=namespaces)
+        scan = engine.scan()
+        if source.stats:
+            report.probe_stats(source.stats())
+    finally:
+        source.close()
     shown = scan.victims if min_idle > 0 else scan.verdicts
     shown = sorted(shown, key=lambda v: (v.idle_ms is None, -(v.idle_ms or 0.0)))
-    report.write_rows((report.row(v, owners=scan.owners) for v in shown), as_json)
+    report.write_rows((report.row(v, owners=scan.owners) for v in shown), opts["as_json"])
     report.summary_audit(scan.verdicts, len(shown), scan.seen, (time.monotonic() - started) * 1000,
-                         min_idle, "no BPF probe: idle from tcp_info")
+                         min_idle, source.description)
 
 
 @cli.command(epilog=EPILOG_SELECTORS)
 @selector_options
+@evidence_options
 @kill_options
 @click.option("-i", "--interval", type=float, default=None, callback=_non_negative("--interval"),
               metavar="S", help="Poll every S seconds until SIGINT/SIGTERM instead of once.")
-def kill(ipv4, ipv6, sports, dports, srcs, dsts, states, idle_metric, last_recv_limit, as_json,
-         verbose, idle_time, dry_run, use_proc, proc_action, logfile, disable_syslog, all_, interval):
+def kill(idle_time, dry_run, use_proc, proc_action, logfile, disable_syslog, all_, interval, **opts):
     """Destroy matching connections idle for at least --idle-time.
 
-    Needs a port or address selector, or --all. Each kill is logged with the
-    socket cookie, 4-tuple, idle time, idle source and outcome.
+    Needs a port, address or owner selector, or --all. Each kill is logged
+    with the socket cookie, 4-tuple, idle time, idle source and outcome.
 
     \b
     Examples:
       tcpidle kill -d 5432 -t 600000           kill connections to port 5432 idle 10+ min
       tcpidle kill -s 8080 -t 30000 --dry-run  show what would be killed on local port 8080
       tcpidle kill -d 443 --dst 10.0.0.0/8 -t 60000 -i 10   poll every 10 s
+      tcpidle kill --all-netns -d 6379 -t 300000            in every container too
       tcpidle kill -d 22 --use-proc            without SOCK_DESTROY: shut down in the owner
     """
-    selector = build_selector(ipv4, ipv6, sports, dports, srcs, dsts, states)
+    selector = build_selector(opts)
+    namespaces = build_namespaces(opts)
     if interval is not None and interval == 0:
         raise UsageError("--interval must be positive (got 0)")
-    if not selector.narrows_by_address and not all_:
-        raise UsageError("kill needs a port or address selector (-s, -d, --src, --dst) or --all")
-    policy = Policy(idle_time_ms=idle_time, idle_metric=idle_metric, last_recv_limit_ms=last_recv_limit,
-                    dry_run=dry_run, use_proc=use_proc, proc_action=proc_action)
+    if not narrows(selector) and not all_:
+        raise UsageError("kill needs a port, address or owner selector (-s, -d, --src, --dst, --pid, "
+                         "--comm, --cgroup, --uid) or --all")
+    policy = build_policy(opts, idle_time, dry_run=dry_run, use_proc=use_proc, proc_action=proc_action)
     if not dry_run:
         require_privilege("kill")
-    report.setup_logging(verbose, logfile, syslog=not disable_syslog)
-    engine = Engine(selector, policy)
-    if interval is None:
-        failed = _kill_once(engine, as_json, dry_run)
-        sys.exit(1 if failed else 0)
-    _poll(engine, interval, as_json, dry_run)
+    report.setup_logging(opts["verbose"], logfile, syslog=not disable_syslog)
+    source = open_evidence(opts)
+    try:
+        engine = Engine(selector, policy, activity=source.read, namespaces=namespaces)
+        if interval is None:
+            failed = _kill_once(engine, opts["as_json"], dry_run)
+            sys.exit(1 if failed else 0)
+        _poll(engine, interval, opts["as_json"], dry_run)
+    finally:
+        source.close()
 
 
 def _kill_once(engine: Engine, as_json: bool, dry_run: bool, quiet_if_empty: bool = False) -> int:
@@ -221,21 +304,13 @@ def _poll(engine: Engine, interval: float, as_json: bool, dry_run: bool) -> None
     while not stop.is_set():
         try:
             _kill_once(engine, as_json, dry_run, quiet_if_empty=True)
-        except TcpidleError as exc:
-            if exc.exit_code == 2 or isinstance(exc, _fatal_errors()):
-                raise
-            report.log.error("poll failed: %s (retrying in %g s)", exc, interval)
-        except OSError as exc:
+        except (PrivilegeError, UsageError):
+            raise
+        except (TcpidleError, OSError) as exc:
             report.log.error("poll failed: %s (retrying in %g s)", exc, interval)
         stop.wait(interval)
     report.note("stopped")
     sys.exit(0)
-
-
-def _fatal_errors():
-    from .errors import PrivilegeError
-
-    return (PrivilegeError,)
 
 
 # ---------------------------------------------------------------------------

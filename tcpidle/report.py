@@ -221,6 +221,25 @@ def summary_kill(outcomes: Sequence[Outcome], matched: int, victims: int, elapse
         prefix, " (dry run)" if dry_run else "", parts, victims, matched, elapsed_ms))
 
 
+def probe_stats(stats: Dict) -> None:
+    """The probe map's health, with -v: entries, and those evicted or never created."""
+    log.info(
+        "BPF map: %d entries of %s; %d evicted, %d not created (map full), %d without cookie",
+        stats.get("entries", 0), stats.get("max_entries", "?"), stats.get("evicted", 0),
+        stats.get("failed", 0), stats.get("no_cookie", 0),
+    )
+    if stats.get("evicted") or stats.get("failed"):
+        log.warning("the BPF map lost %d entries: raise --map-size for full precision",
+                    stats.get("evicted", 0) + stats.get("failed", 0))
+
+
+def progress(text: str) -> None:
+    """A transient progress line on a terminal; nothing when stderr is not one."""
+    if sys.stderr.isatty():
+        sys.stderr.write("\rtcpidle: %s\x1b[K" % text)
+        sys.stderr.flush()
+
+
 def note(text: str) -> None:
     """A one-line remark for the user on stderr (not a log record)."""
     _err(text)
@@ -231,6 +250,8 @@ def error(text: str) -> None:
 
 
 def _err(text: str) -> None:
+    if sys.stderr.isatty():
+        sys.stderr.write("\r\x1b[K")  # clear a progress line
     sys.stderr.write("tcpidle: %s\n" % text)
     sys.stderr.flush()
 

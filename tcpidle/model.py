@@ -177,3 +177,4 @@ class Outcome:
     error: Optional[str] = None
     pids: Tuple[int, ...] = ()
     comms: Tuple[str, ...] = ()
+    cgroups: Tuple[str, ...] = ()

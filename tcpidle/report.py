@@ -111,14 +111,15 @@ def log_outcome(outcome: Outcome) -> None:
 
 
 def row(verdict: Verdict, outcome: Optional[Outcome] = None, owners: Optional[Dict] = None) -> Dict:
-    """The JSON object of one connection, keys exactly as DESIGN.md's table."""
+    """The JSON object of one connection: DESIGN.md's keys, plus `cgroups`."""
     s = verdict.socket
     if outcome is not None:
-        pids, comms = list(outcome.pids), list(outcome.comms)
+        pids, comms, cgroups = list(outcome.pids), list(outcome.comms), list(outcome.cgroups)
     else:
         held = (owners or {}).get(s.inode, ())
         pids = sorted({o.pid for o in held})
         comms = sorted({o.comm for o in held})
+        cgroups = sorted({o.cgroup for o in held if o.cgroup})
     obj = {
         "cookie": s.cookie,
         "netns": s.netns,
@@ -135,6 +136,7 @@ def row(verdict: Verdict, outcome: Optional[Outcome] = None, owners: Optional[Di
         "uid": s.uid,
         "pids": pids,
         "comms": comms,
+        "cgroups": cgroups,  # issue "Containers": the owners' cgroup paths
     }
     if outcome is not None:
         obj["action"] = outcome.action

@@ -141,6 +141,9 @@ def test_owner_attribution_and_owner_selectors(make_netns, make_farm, named_pyth
             for c in clients(farm):
                 assert rows[c["cookie"]]["pids"] == [farm.pid]
                 assert rows[c["cookie"]]["comms"] == [comm]
+                with open("/proc/%d/cgroup" % farm.pid) as f:
+                    cgroup = f.readline().strip().split(":", 2)[2]
+                assert rows[c["cookie"]]["cgroups"] == [cgroup]
 
         by_comm = tcpidle("audit", "--netns", ns.name, "--comm", "tcpidle-alpha", "--json")
         assert {r["cookie"] for r in parse_json_lines(by_comm.stdout)} == {c["cookie"] for c in clients(alpha)}

@@ -8,12 +8,12 @@ from tcpidle import report
 from tcpidle.model import AF_INET6, Outcome, Socket, Verdict
 
 CONTRACT_KEYS = ["cookie", "netns", "family", "state", "src", "sport", "dst", "dport", "idle_ms",
-                 "idle_source", "last_rx_ms", "inode", "uid", "pids", "comms"]
+                 "idle_source", "last_rx_ms", "inode", "uid", "pids", "comms", "cgroups"]
 
 
 class FakeOwner:
-    def __init__(self, pid, comm):
-        self.pid, self.comm = pid, comm
+    def __init__(self, pid, comm, cgroup="/system.slice/nginx.service"):
+        self.pid, self.comm, self.cgroup = pid, comm, cgroup
 
 
 def verdict(netns=None, idle_ms=1234.5678, source="bpf"):
@@ -28,12 +28,14 @@ def test_audit_row_has_exactly_the_contract_keys():
     assert obj["family"] == "ipv6" and obj["state"] == "ESTABLISHED"
     assert obj["idle_ms"] == 1234.568 and obj["last_rx_ms"] == 3.25
     assert obj["pids"] == [3, 7] and obj["comms"] == ["nginx"]
+    assert obj["cgroups"] == ["/system.slice/nginx.service"]
     assert obj["netns"] is None
 
 
 def test_kill_row_adds_action_and_error():
-    o = Outcome(verdict(netns="blue"), "failed", "SOCK_DESTROY: boom", (5,), ("redis",))
+    o = Outcome(verdict(netns="blue"), "failed", "SOCK_DESTROY: boom", (5,), ("redis",), ("/k8s/pod1",))
     obj = report.row(o.verdict, o)
+    assert obj["cgroups"] == ["/k8s/pod1"]
     assert list(obj) == CONTRACT_KEYS + ["action", "error"]
     assert (obj["action"], obj["error"], obj["netns"]) == ("failed", "SOCK_DESTROY: boom", "blue")
 

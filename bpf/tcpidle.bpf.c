@@ -69,8 +69,25 @@ struct tcpidle_activity {
 #define C_SELFTEST_BAD 5 /* selftest: ... disagreeing */
 #define N_COUNTERS 6
 
+/*
+ * Pinned maps (tcpidle track): with TCPIDLE_PIN_ACTIVITY / TCPIDLE_PIN_COUNTERS
+ * defined as string literals (bpffs paths), bcc opens the map pinned at that
+ * path if there is one and uses it as is (its own max_entries; probe.py
+ * checks type, key and value sizes first and passes the pinned size as
+ * MAX_ENTRIES), else creates the map and pins it there.  A restarted tracker
+ * thus attaches its programs to the maps, and the history, of the last one.
+ */
+#ifdef TCPIDLE_PIN_ACTIVITY
+BPF_TABLE_PINNED("lru_hash", u64, struct tcpidle_activity, activity, MAX_ENTRIES,
+		 TCPIDLE_PIN_ACTIVITY);
+#else
 BPF_TABLE("lru_hash", u64, struct tcpidle_activity, activity, MAX_ENTRIES);
+#endif
+#ifdef TCPIDLE_PIN_COUNTERS
+BPF_TABLE_PINNED("percpu_array", int, u64, counters, N_COUNTERS, TCPIDLE_PIN_COUNTERS);
+#else
 BPF_PERCPU_ARRAY(counters, u64, N_COUNTERS);
+#endif
 
 static __always_inline void count(u32 idx)
 {

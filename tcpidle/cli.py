@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import signal
 import sys
+from dataclasses import replace
 import threading
 import time
 from typing import List, Optional
@@ -359,9 +360,7 @@ def track(idle_time, dry_run, use_proc, proc_action, logfile, disable_syslog, al
       tcpidle track -d 6379 -t 300000 --metrics-port 9733
       tcpidle track --cleanup              remove the pinned maps
     """
-    import dataclasses
-
-    from . import track as tracking
+    from . import track as tracking  # prometheus_client only for the daemon
 
     if cleanup:
         removed = tracking.cleanup(opts["pin_dir"])
@@ -372,7 +371,7 @@ def track(idle_time, dry_run, use_proc, proc_action, logfile, disable_syslog, al
         sys.exit(0)
     if not interval > 0:
         raise UsageError("--interval must be positive (got %g)" % interval)
-    selector = dataclasses.replace(
+    selector = replace(
         build_selector(opts),
         exclude_ports=selectors.parse_ports(exclude_ports, "--exclude-port"),
         exclude_nets=selectors.parse_networks(exclude_cidrs, "--exclude-cidr"),

@@ -78,7 +78,13 @@ class Engine:
 
     def scan(self) -> Scan:
         started = time.monotonic()
-        found: List[Socket] = []
+        # (socket, now_ns) pairs.  "Now" is taken just before each namespace's
+        # dump: tcp_info ages are computed by the kernel while it dumps, so
+        # they can only be older than probe ages measured from that instant,
+        # and the merge rule compares like with like.  Taken after the dump,
+        # a 20-50 ms dump of a busy host would make every probe record look
+        # stale by more than a jiffy and lose the merge to tcp_info.
+        found = []
         for ns in self.namespaces:
             try:
                 nl = _open_diag(ns)
@@ -86,16 +92,18 @@ class Engine:
                 log.warning("%s: skipped", exc)
                 continue
             with nl:
+                now_ns = time.monotonic_ns()
                 for family in selectors.selector_families(self.selector):
-                    found.extend(nl.dump(family, self.states_mask, self.bytecode))
+                    found.extend((sk, now_ns) for sk in nl.dump(family, self.states_mask, self.bytecode))
         dump_ms = (time.monotonic() - started) * 1000.0
+        # Read after the dump: a socket that received data meanwhile has a
+        # stamp newer than its "now", i.e. idle 0 -- the safe direction.
         activity = self.activity() if self.activity else {}
-        now_ns = time.monotonic_ns()
-        verdicts = []
-        for sock in found:
-            if not selectors.matches(self.selector, sock):
-                continue
-            verdicts.append(idle.decide(sock, activity.get(sock.cookie), now_ns, self.policy))
+        verdicts = [
+            idle.decide(sock, activity.get(sock.cookie), now_ns, self.policy)
+            for sock, now_ns in found
+            if selectors.matches(self.selector, sock)
+        ]
         scan = Scan(verdicts, {}, seen=len(found), dump_ms=dump_ms)
         if self.selector.pids or self.selector.comms or self.selector.cgroups:
             self.attribute(scan, verdicts, force=True)

@@ -13,7 +13,10 @@ It owns:
   (tcpidle.btf), handed to the C code as -D flags;
 - reading the maps fast: BPF_MAP_LOOKUP_BATCH through libbpf, falling back to
   key-by-key iteration on kernels without it (< 5.6);
-- pinning the maps in bpffs and reading pinned maps from another process.
+- pinning the maps in bpffs and reading pinned maps from another process;
+- pin directories for the tracker: maps created pinned, or reused with
+  their history when a previous tracker left them (checked before bcc uses
+  them, locked against a second tracker), and removed on request.
 
 Everything that can go wrong before the probe runs (no bcc, no privilege, no
 headers, compile failure, no hook) raises `ProbeUnavailable` with a one-line
@@ -163,6 +166,29 @@ def tracefs() -> str:
         if os.path.isdir(os.path.join(d, "events")):
             return d
     return "/sys/kernel/tracing"
+
+
+def ensure_tracefs(log=None) -> bool:
+    """Mount tracefs at /sys/kernel/tracing when no tracefs is visible; True if mounted now.
+
+    Tracepoints are found and attached through tracefs (bcc reads the
+    record layouts and the event ids there).  systemd mounts it at boot, but
+    `ip netns exec` gives its command a fresh /sys without it.
+    """
+    if any(os.path.isdir(os.path.join(d, "events"))
+           for d in ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")):
+        return False
+    target = "/sys/kernel/tracing"
+    if not os.path.isdir(target):
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_void_p]
+    if libc.mount(b"tracefs", target.encode(), b"tracefs", 0, None) != 0:
+        (log or _log).info("no tracefs, and mounting one at %s failed: %s",
+                           target, os.strerror(ctypes.get_errno()))
+        return False
+    (log or _log).info("mounted tracefs at %s", target)
+    return True
 
 
 def tracepoint_fields(category: str, event: str, root: Optional[str] = None) -> Optional[frozenset]:
@@ -558,22 +584,27 @@ def mount_bpffs(path: str = "/sys/fs/bpf") -> bool:
     return True
 
 
+def _obj_get(path: str) -> int:
+    """A read-only fd on the BPF object pinned at path (OSError on failure)."""
+    lib = libbpf()
+    raw = os.fsencode(path)
+    if getattr(lib, "_tcpidle_rdonly_get", False):
+        opts = _ObjGetOpts(ctypes.sizeof(_ObjGetOpts), BPF_F_RDONLY, 0)
+        fd = lib.bpf_obj_get_opts(raw, ctypes.byref(opts))
+    else:
+        fd = lib.bpf_obj_get(raw)
+    return _check(fd, "open pinned %s" % path)
+
+
 class PinnedMap(MapReader):
-    """Read-only view of maps another tcpidle pinned with Probe.pin()."""
+    """Read-only view of maps pinned by Probe.pin() or Probe.attach(pin_dir=...)."""
 
     @classmethod
     def open(cls, directory: str) -> "PinnedMap":
-        lib = libbpf()
         fds = []
         try:
             for name in PIN_NAMES:
-                path = os.fsencode(os.path.join(directory, name))
-                if getattr(lib, "_tcpidle_rdonly_get", False):
-                    opts = _ObjGetOpts(ctypes.sizeof(_ObjGetOpts), BPF_F_RDONLY, 0)
-                    fd = lib.bpf_obj_get_opts(path, ctypes.byref(opts))
-                else:
-                    fd = lib.bpf_obj_get(path)
-                fds.append(_check(fd, "open pinned %s" % os.fsdecode(path)))
+                fds.append(_obj_get(os.path.join(directory, name)))
             for fd, want in zip(fds, (BPF_MAP_TYPE_LRU_HASH, BPF_MAP_TYPE_PERCPU_ARRAY)):
                 if map_info(fd).type != want:
                     raise ProbeUnavailable("%s does not hold tcpidle maps" % directory)
@@ -586,6 +617,330 @@ class PinnedMap(MapReader):
             for fd in fds:
                 os.close(fd)
             raise
+
+
+# --------------------------------------------------------------------------
+# Maps that outlive the process: pin directories (tcpidle track).
+#
+# bcc's BPF_TABLE_PINNED does the create-or-reuse (see the C source); this
+# part checks an existing pin before bcc trusts it blindly, keeps two
+# trackers from feeding the same maps (flock on the directory: released by
+# the kernel however the holder dies), and removes pins on request.
+
+DEFAULT_PIN_DIR = "/sys/fs/bpf/tcpidle"
+
+
+class PinError(ProbeUnavailable):
+    """The pin directory cannot be used (in use, foreign maps, no bpffs).
+
+    Unlike other ProbeUnavailable reasons this is a configuration problem:
+    carrying on without the probe would hide it.
+    """
+
+SYS_BPFFS = "/sys/fs/bpf"
+
+
+@dataclass(frozen=True)
+class PinInfo:
+    """What a pinned map is: enough to tell whether this probe can use it."""
+
+    map_type: int
+    key_size: int
+    value_size: int
+    max_entries: int
+
+
+# name -> (map type, key size, value size, max_entries or None for any)
+PIN_SPECS = {
+    "activity": (BPF_MAP_TYPE_LRU_HASH, KEY_SIZE, VALUE.size, None),
+    "counters": (BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, len(COUNTERS)),
+}
+
+
+def check_pin_dir(path: str) -> str:
+    """The pin directory as an absolute path; UsageError if unusable.
+
+    The paths end up in C string literals (-D flags): quotes, backslashes and
+    control characters are refused rather than escaped.
+    """
+    if not path:
+        raise UsageError("the pin directory must not be empty")
+    path = os.path.abspath(path)
+    if any(c in '"\\' or not c.isprintable() for c in path):
+        raise UsageError("pin directory %r: quotes, backslashes and control characters "
+                         "are not allowed" % path)
+    return path
+
+
+def pinned_info(path: str) -> Optional[PinInfo]:
+    """PinInfo of the map pinned at path; None if nothing is pinned there."""
+    try:
+        fd = _obj_get(path)
+    except OSError as e:
+        if e.errno == errno.ENOENT:
+            return None
+        raise PinError("cannot open %s: %s" % (path, os.strerror(e.errno))) from None
+    try:
+        info = map_info(fd)
+    except OSError as e:
+        raise PinError("%s: %s" % (path, _one_line(e))) from None
+    finally:
+        os.close(fd)
+    return PinInfo(info.type, info.key_size, info.value_size, info.max_entries)
+
+
+def plan_pinned_maps(found: Dict[str, Optional[PinInfo]], map_size: int,
+                     directory: str) -> Tuple[int, List[str], List[str]]:
+    """(map size to build with, names of the pins reused, warnings) -- pure.
+
+    A pinned map of the wrong type or key/value size (another program's, or
+    another layout) is refused: bcc would attach our programs to it as is.
+    A pinned activity map of another max_entries is reused at its own size:
+    its history is worth more than the size asked for.
+    """
+    size, reused, notes = map_size, [], []
+    for name in PIN_NAMES:
+        info = found.get(name)
+        if info is None:
+            continue
+        want_type, want_key, want_value, want_entries = PIN_SPECS[name]
+        if ((info.map_type, info.key_size, info.value_size) != (want_type, want_key, want_value)
+                or (want_entries is not None and info.max_entries != want_entries)):
+            raise PinError(
+                "%s is not a tcpidle %s map (map type %d, key/value %d/%d bytes, %d entries; "
+                "want type %d, %d/%d bytes%s): remove it with `tcpidle track --cleanup "
+                "--pin-dir %s`" % (
+                    os.path.join(directory, name), name, info.map_type, info.key_size,
+                    info.value_size, info.max_entries, want_type, want_key, want_value,
+                    "" if want_entries is None else ", %d entries" % want_entries, directory))
+        reused.append(name)
+    activity = found.get("activity")
+    if activity is not None and activity.max_entries != map_size:
+        size = activity.max_entries
+        notes.append("pinned map %s has %d entries, not %d: reusing it at its size "
+                     "(tcpidle track --cleanup starts afresh)"
+                     % (os.path.join(directory, "activity"), size, map_size))
+    if len(reused) == 1:
+        notes.append("only %s was pinned in %s: the eviction count starts over"
+                     % (reused[0], directory))
+    return size, reused, notes
+
+
+def _private_mount_namespace() -> bool:
+    """True when this process's mount namespace is its own: not init's, not
+    its parent's (`ip netns exec` makes one, with a fresh /sys).
+
+    Init's namespace is asked first; where it cannot be read (some
+    containers), the parent's.  Unknown counts as shared.
+    """
+    try:
+        mine = os.stat("/proc/self/ns/mnt").st_ino
+    except OSError:
+        return False
+    for pid in (1, os.getppid()):
+        try:
+            return os.stat("/proc/%d/ns/mnt" % pid).st_ino != mine
+        except OSError:
+            continue
+    return False
+
+
+def ensure_bpffs(directory: str, log=None) -> List[str]:
+    """Make sure directory can live on bpffs; mount /sys/fs/bpf if needed.
+
+    Returns notes on what was done.  Only /sys/fs/bpf is ever mounted (a
+    BPF filesystem elsewhere would hide what is there).
+    """
+    log = log or _log
+    probe = directory
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if is_bpffs(probe):
+        return []
+    if directory != SYS_BPFFS and not directory.startswith(SYS_BPFFS + "/"):
+        raise PinError("%s is not on a BPF filesystem (mount one: mount -t bpf bpf DIR)"
+                               % directory)
+    try:
+        mount_bpffs(SYS_BPFFS)
+    except ProbeUnavailable as e:
+        raise PinError(str(e)) from None
+    notes = ["mounted a BPF filesystem at %s" % SYS_BPFFS]
+    log.info("%s", notes[0])
+    if _private_mount_namespace():
+        # A bpffs mount is a new, empty instance, and this one lives only as
+        # long as our mount namespace: the pins would die with this process.
+        warn = ("%s was not mounted in this process's own mount namespace (ip netns exec "
+                "remounts /sys): pins there vanish when tcpidle exits; to keep history across "
+                "restarts run tcpidle in the host's mount namespace (--netns) or pin on a "
+                "shared BPF filesystem" % SYS_BPFFS)
+        log.warning("%s", warn)
+        notes.append(warn)
+    return notes
+
+
+def _lock_dir(directory: str) -> int:
+    """An fd holding an exclusive flock on directory; ProbeUnavailable if taken."""
+    import fcntl
+
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        pid = pin_dir_holder(directory)
+        raise PinError("%s is in use by another tcpidle tracker%s" % (
+            directory, " (pid %d)" % pid if pid else "")) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def pin_dir_holder(directory: str) -> Optional[int]:
+    """None if no tracker holds directory; else its pid (0 if unknown)."""
+    import fcntl
+
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            st = os.fstat(fd)
+        else:
+            return None  # closing the fd drops the probing lock
+    finally:
+        os.close(fd)
+    # /proc/locks: "1: FLOCK  ADVISORY  WRITE 1234 00:2f:5678 0 EOF"
+    ident = "%02x:%02x:%d" % (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
+    try:
+        with open("/proc/locks") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 6 and parts[1] == "FLOCK" and parts[5] == ident:
+                    return int(parts[4])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+class _PinSession:
+    """The pin directory of one attach: lock, reuse plan, and cleanup on failure."""
+
+    def __init__(self, directory: str, lock_fd: int, map_size: int, reused: List[str],
+                 notes: List[str]):
+        self.directory = directory
+        self.lock_fd = lock_fd
+        self.map_size = map_size
+        self.reused = reused
+        self.notes = notes
+
+    @classmethod
+    def open(cls, directory: str, map_size: int, log) -> "_PinSession":
+        notes = ensure_bpffs(directory, log)
+        try:
+            os.makedirs(directory, exist_ok=True)
+            lock_fd = _lock_dir(directory)
+        except OSError as e:
+            raise PinError("pin directory %s: %s" % (directory, e.strerror or e)) from None
+        try:
+            found = {name: pinned_info(os.path.join(directory, name)) for name in PIN_NAMES}
+            size, reused, warnings = plan_pinned_maps(found, map_size, directory)
+        except BaseException:
+            os.close(lock_fd)
+            raise
+        for w in warnings:
+            log.warning("%s", w)
+        return cls(directory, lock_fd, size, reused, notes + warnings)
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.directory, name)
+
+    def cflags(self) -> List[str]:
+        # String-literal macros; check_pin_dir() refused quotes and backslashes.
+        return ['-DTCPIDLE_PIN_ACTIVITY="%s"' % self.path("activity"),
+                '-DTCPIDLE_PIN_COUNTERS="%s"' % self.path("counters")]
+
+    def describe(self) -> str:
+        if not self.reused:
+            return "new maps"
+        return "reused %s" % " and ".join(self.reused)
+
+    def _unlink(self, names: Sequence[str]) -> None:
+        for name in names:
+            try:
+                os.unlink(self.path(name))
+            except FileNotFoundError:
+                pass
+
+    def _unlock(self) -> None:
+        if self.lock_fd >= 0:
+            os.close(self.lock_fd)
+            self.lock_fd = -1
+
+    def abort(self) -> None:
+        """Attach failed: remove the pins this attempt created, keep reused ones."""
+        self._unlink([n for n in PIN_NAMES if n not in self.reused])
+        self._unlock()
+
+    def release(self, remove: bool) -> None:
+        if remove:
+            self._unlink(PIN_NAMES)
+        self._unlock()
+
+
+def remove_pins(directory: str = DEFAULT_PIN_DIR) -> List[str]:
+    """Remove the pins of directory (and the directory when left empty).
+
+    Returns the paths removed, [] if there was nothing.  Refuses while a
+    tracker holds the directory: its maps would live on, unpinned, and its
+    history be lost at its next restart.
+    """
+    directory = check_pin_dir(directory)
+    if not os.path.isdir(directory):
+        return []
+    try:
+        lock_fd = _lock_dir(directory)
+    except PinError as e:
+        raise RuntimeFailure("%s: stop it before --cleanup" % e) from None
+    removed = []
+    try:
+        for name in PIN_NAMES:
+            path = os.path.join(directory, name)
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                continue
+            removed.append(path)
+        if not os.listdir(directory) and not os.path.ismount(directory):
+            os.rmdir(directory)
+            removed.append(directory)
+    finally:
+        os.close(lock_fd)
+    return removed
+
+
+def pinned_activity(directory: str = DEFAULT_PIN_DIR,
+                    log=None) -> Optional[Callable[[], Dict[int, Activity]]]:
+    """An activity source reading the maps a tracker pinned, or None.
+
+    None when nothing is pinned there (or it cannot be read: not root, not
+    tcpidle's maps; said at info level).  The maps need not be attached
+    right now: a stale probe record loses to tcp_info by the merge rule.
+    The PinnedMap stays open for the life of the returned bound method
+    (`source.__self__.close()` closes it).
+    """
+    log = log or _log
+    if not os.path.exists(os.path.join(directory, "activity")):
+        return None
+    try:
+        reader = PinnedMap.open(directory)
+    except ProbeUnavailable as e:
+        log.info("pinned BPF maps in %s not used: %s", directory, e)
+        return None
+    return reader.activity
 
 
 # --------------------------------------------------------------------------
@@ -672,13 +1027,22 @@ class Probe(MapReader):
 
     @classmethod
     def attach(cls, map_size: int = 65536, hook: str = "auto", log=None,
-               cache_dir: Optional[str] = None, selftest: bool = False) -> "Probe":
+               cache_dir: Optional[str] = None, selftest: bool = False,
+               pin_dir: Optional[str] = None) -> "Probe":
         """Compile and attach the probe; ProbeUnavailable(reason) if impossible.
 
         map_size bounds the activity map; hook is "auto" or one of HOOKS;
         cache_dir is where adapted header trees are kept (default:
         kheaders.default_cache_dir()); selftest (for tests) makes the
         tracepoint hook check the BTF-offset readers of the other hooks.
+
+        pin_dir (a directory on bpffs, mounted at /sys/fs/bpf if needed) makes
+        the maps persistent: they are pinned as pin_dir/activity and
+        pin_dir/counters, or, if pinned there already, the existing maps are
+        reused with their contents (a pinned activity map of another size is
+        reused at its own size, with a warning).  The directory is locked
+        (flock) while attached, so two trackers never feed the same maps.
+        close(keep_pins=True) leaves the pins for the next attach.
         """
         log = log or _log
         t0 = time.monotonic()
@@ -686,13 +1050,40 @@ class Probe(MapReader):
             raise UsageError("BPF map size must be 1..%d, not %r" % (MAX_MAP_SIZE, map_size))
         if hook != "auto" and hook not in HOOKS:
             plan_hooks(hook, {})  # raises the UsageError
+        if pin_dir is not None:
+            pin_dir = check_pin_dir(pin_dir)
         if os.geteuid() != 0:
             raise ProbeUnavailable("loading BPF needs root")
+        pins = _PinSession.open(pin_dir, map_size, log) if pin_dir is not None else None
+        try:
+            self = cls._load(map_size if pins is None else pins.map_size, hook, log,
+                             cache_dir, selftest, pins)
+        except BaseException:
+            if pins is not None:
+                pins.abort()
+            raise
+        self._pin_session = pins
+        self.pin_dir = pins.directory if pins else None
+        self.pins_reused = tuple(pins.reused) if pins else ()
+        self.pin_notes = list(pins.notes) if pins else []
+        self.startup_ms = (time.monotonic() - t0) * 1000.0
+        log.info("BPF probe on %s (%s); headers: %s; %.0f ms",
+                 self.hook, "; ".join(self.hook_notes) or "first choice",
+                 self.header_source, self.startup_ms)
+        if pins is not None:
+            log.info("BPF maps pinned in %s (%s)", pins.directory, pins.describe())
+        return self
+
+    @classmethod
+    def _load(cls, map_size: int, hook: str, log, cache_dir: Optional[str], selftest: bool,
+              pins: "Optional[_PinSession]") -> "Probe":
+        """Compile, load and attach: the body of attach() once inputs are checked."""
         try:
             Module = _module_class()
         except ImportError:
             raise ProbeUnavailable("bcc Python module not found (install python3-bpfcc)") from None
 
+        ensure_tracefs(log)
         need_btf = selftest or hook in ("auto", "fentry", "kprobe")
         feats = detect_features(need_btf, cache_dir)
         candidates, notes = plan_hooks(hook, unavailable_reasons(feats))
@@ -709,6 +1100,8 @@ class Probe(MapReader):
             raise ProbeUnavailable(_one_line(e)) from None
 
         cflags = build_cflags(map_size, candidates, feats.btf_offsets, destroy, selftest)
+        if pins is not None:
+            cflags += pins.cflags()
         diag: List[str] = []
         try:
             with _env("BCC_KERNEL_SOURCE", tree.env), _captured_stderr(diag):
@@ -751,9 +1144,6 @@ class Probe(MapReader):
         self.hook = chosen
         self.hook_notes = notes
         self.header_source = tree.source
-        self.startup_ms = (time.monotonic() - t0) * 1000.0
-        log.info("BPF probe on %s (%s); headers: %s; %.0f ms",
-                 chosen, "; ".join(notes) or "first choice", tree.source, self.startup_ms)
         return self
 
     def describe(self) -> str:
@@ -761,6 +1151,11 @@ class Probe(MapReader):
         what = {"fentry": "fentry %s" % RCV_FUNC, "kprobe": "kprobe %s" % RCV_FUNC,
                 "tracepoint": "tracepoint tcp:tcp_probe"}[self.hook]
         return what + (" (%s)" % "; ".join(self.hook_notes) if self.hook_notes else "")
+
+    def describe_pins(self) -> Optional[str]:
+        """"DIR (reused activity and counters)" / "DIR (new maps)"; None if not pinned."""
+        pins = getattr(self, "_pin_session", None)
+        return None if pins is None else "%s (%s)" % (pins.directory, pins.describe())
 
     def selftest_counts(self) -> Tuple[int, int]:
         """(agreeing, disagreeing) BTF-offset reads, when attached with selftest."""
@@ -799,14 +1194,24 @@ class Probe(MapReader):
                 pass
         self._pins = []
 
-    def close(self) -> None:
-        """Unpin, detach the programs and free the maps."""
-        self.unpin()
+    def close(self, keep_pins: bool = False) -> None:
+        """Detach the programs; unpin (unless keep_pins) and free the maps.
+
+        With keep_pins the maps outlive this process in bpffs, holding what
+        was recorded until now: the next attach(pin_dir=...) carries on with
+        them, and PinnedMap can still read them.
+        """
+        if not keep_pins:
+            self.unpin()
         module = getattr(self, "_module", None)
         if module is not None:
             self._module = None
             _dispose(module)
         super().close()
+        pins = getattr(self, "_pin_session", None)
+        if pins is not None:
+            self._pin_session = None
+            pins.release(remove=not keep_pins)
 
     def __enter__(self) -> "Probe":
         return self

@@ -1,0 +1,152 @@
+"""Prometheus metrics of `tcpidle track` (prometheus_client, own registry).
+
+Owns the series below, their names, types and buckets, and the HTTP
+endpoint that serves them (`--metrics-port`, on `--metrics-addr`, default
+127.0.0.1).  The tracker feeds it once per poll; nothing here looks at
+sockets or the kernel itself.
+
+Series:
+
+tcpidle_sockets_seen (gauge)
+    connections matched by the selector (after the protected list) in the
+    last poll.
+tcpidle_idle_seconds (histogram)
+    idle time of every matched connection whose idle time is known,
+    observed once per poll; buckets 1 s to 1 day.  increase() over one
+    interval is the current distribution.
+tcpidle_kills_total{outcome} (counter)
+    victims acted on, by outcome: destroyed, would-destroy (--dry-run),
+    shutdown, process-killed (the /proc fallback), gone (closed before the
+    kill), failed.  Every outcome is exported from the start, at 0.
+tcpidle_poll_duration_seconds (histogram)
+    wall time of one poll: dump, merge, decide, act.
+tcpidle_poll_errors_total (counter)
+    polls that failed and were retried at the next interval (netlink
+    errors such as ENOBUFS, a malformed dump...).
+tcpidle_last_poll_timestamp_seconds (gauge)
+    Unix time of the last successful poll (alert when it stops moving).
+tcpidle_probe_attached (gauge)
+    1 while the BPF probe runs, 0 when idle times come from tcp_info alone.
+tcpidle_probe_map_entries (gauge)
+    entries in the probe's activity map.
+tcpidle_probe_map_capacity (gauge)
+    the activity map's max_entries (--map-size, or the pinned map's size).
+tcpidle_probe_evictions (gauge)
+    entries the kernel's LRU evicted from the activity map since the pinned
+    maps were created (it survives tracker restarts); growth means the map
+    is too small for the number of connections.
+
+Gauges read 0 until the first poll.
+The registry also carries prometheus_client's process_* and python_info
+series.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional, Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import PlatformCollector, ProcessCollector, generate_latest
+
+from .model import Action, Outcome, Verdict
+
+IDLE_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 43200, 86400, math.inf)
+POLL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                30.0, math.inf)
+OUTCOMES = (Action.DESTROYED, Action.WOULD_DESTROY, Action.SHUTDOWN, Action.PROCESS_KILLED,
+            Action.GONE, Action.FAILED)
+
+# The names documented above, for tests and the README.
+SERIES = (
+    "tcpidle_sockets_seen", "tcpidle_idle_seconds", "tcpidle_kills_total",
+    "tcpidle_poll_duration_seconds", "tcpidle_poll_errors_total",
+    "tcpidle_last_poll_timestamp_seconds", "tcpidle_probe_attached",
+    "tcpidle_probe_map_entries", "tcpidle_probe_map_capacity", "tcpidle_probe_evictions",
+)
+
+
+class Metrics:
+    """The tracker's series in a registry of their own."""
+
+    def __init__(self, registry: Optional[CollectorRegistry] = None, process: bool = True):
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        if process:
+            ProcessCollector(registry=r)
+            PlatformCollector(registry=r)
+        self.sockets_seen = Gauge("tcpidle_sockets_seen",
+                                  "Connections matched by the selector in the last poll.",
+                                  registry=r)
+        self.idle_seconds = Histogram("tcpidle_idle_seconds",
+                                      "Idle time of matched connections, observed each poll.",
+                                      buckets=IDLE_BUCKETS, registry=r)
+        self.kills = Counter("tcpidle_kills", "Victims acted on, by outcome.", ["outcome"],
+                             registry=r)
+        for outcome in OUTCOMES:
+            self.kills.labels(outcome)  # every outcome visible from the start, at 0
+        self.poll_duration = Histogram("tcpidle_poll_duration_seconds", "Duration of one poll.",
+                                       buckets=POLL_BUCKETS, registry=r)
+        self.poll_errors = Counter("tcpidle_poll_errors", "Polls that failed (retried).",
+                                   registry=r)
+        self.last_poll = Gauge("tcpidle_last_poll_timestamp_seconds",
+                               "Unix time of the last successful poll.", registry=r)
+        self.probe_attached = Gauge("tcpidle_probe_attached",
+                                    "1 while the BPF probe runs, else 0.", registry=r)
+        self.map_entries = Gauge("tcpidle_probe_map_entries",
+                                 "Entries in the BPF activity map.", registry=r)
+        self.map_capacity = Gauge("tcpidle_probe_map_capacity",
+                                  "max_entries of the BPF activity map.", registry=r)
+        self.evictions = Gauge("tcpidle_probe_evictions",
+                               "LRU evictions from the activity map since it was created.",
+                               registry=r)
+        self._server = None
+
+    # -- feeding -----------------------------------------------------------------
+
+    def observe_poll(self, verdicts: Sequence[Verdict], outcomes: Sequence[Outcome],
+                     seconds: float, wall_time: float) -> None:
+        self.sockets_seen.set(len(verdicts))
+        for v in verdicts:
+            if v.idle_ms is not None:
+                self.idle_seconds.observe(v.idle_ms / 1000.0)
+        for o in outcomes:
+            self.kills.labels(o.action).inc()
+        self.poll_duration.observe(seconds)
+        self.last_poll.set(wall_time)
+
+    def observe_error(self, seconds: Optional[float] = None) -> None:
+        self.poll_errors.inc()
+        if seconds is not None:
+            self.poll_duration.observe(seconds)
+
+    def observe_probe(self, stats: Optional[Dict[str, int]]) -> None:
+        """The probe's stats() (None: no probe attached)."""
+        if stats is None:
+            self.probe_attached.set(0)
+            return
+        self.probe_attached.set(1)
+        self.map_entries.set(stats["entries"])
+        self.map_capacity.set(stats["max_entries"])
+        self.evictions.set(stats["evicted"])
+
+    # -- exposing ----------------------------------------------------------------
+
+    def render(self) -> bytes:
+        """The text exposition, as the endpoint serves it."""
+        return generate_latest(self.registry)
+
+    def serve(self, port: int, addr: str = "127.0.0.1") -> None:
+        """Serve /metrics on addr:port from a daemon thread; OSError if it cannot bind."""
+        from prometheus_client import start_http_server
+
+        # prometheus_client >= 0.17 returns (server, thread); older ones None.
+        self._server = start_http_server(port, addr=addr, registry=self.registry)
+
+    def close(self) -> None:
+        server = self._server
+        self._server = None
+        if isinstance(server, tuple):
+            httpd = server[0]
+            httpd.shutdown()
+            httpd.server_close()

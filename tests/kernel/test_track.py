@@ -1,0 +1,535 @@
+"""Kernel tests of `tcpidle track`: the daemon, its pinned maps, signals, events, metrics.
+
+The tracker runs as it would in production, a separate process, here
+`ip netns exec NS python -m tcpidle track ...` inside a namespace made for
+the test, with connections from a farm on that namespace's loopback.
+
+Where the pins live: `ip netns exec` gives the command a mount namespace of
+its own with a fresh /sys, so a bpffs at /sys/fs/bpf is never the host's
+there, and one the tracker mounts itself dies with it.  Tests that restart
+the tracker therefore pin on a BPF filesystem the test mounts (in the host's
+mount namespace, before the tracker starts, so the tracker sees it), in a
+directory named titrack-*; `test_mounts_bpffs_itself_under_ip_netns_exec`
+covers /sys/fs/bpf and the automatic mount.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import pytest
+
+from tcpidle.probe import (PIN_NAMES, VALUE, PinError, PinnedMap, Probe, ProbeUnavailable,
+                           is_bpffs, libbpf, mount_bpffs, pin_dir_holder, remove_pins)
+
+pytestmark = pytest.mark.kernel
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ECONNABORTED = 103
+PORT = 7101
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+_seq = iter(range(1, 1000))
+
+
+# -- helpers ------------------------------------------------------------------------
+
+
+def wait_for(pred, timeout=10.0, step=0.05):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(step)
+
+
+def in_netns(name, fn):
+    """fn() run by a thread that entered namespace `name` (its sockets live there)."""
+    box = {}
+
+    def run():
+        try:
+            fd = os.open("/run/netns/%s" % name, os.O_RDONLY)
+            try:
+                if _libc.setns(fd, CLONE_NEWNET) != 0:
+                    raise OSError(ctypes.get_errno(), "setns")
+            finally:
+                os.close(fd)
+            box["value"] = fn()
+        except BaseException as e:  # handed to the caller
+            box["error"] = e
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(30)
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def read_lines(path):
+    try:
+        with open(path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+    except FileNotFoundError:
+        return []
+
+
+def assert_probe_source(event):
+    """The idle time of a connection the probe has a record of is the probe's."""
+    assert event["idle_source"] == "bpf", event
+
+
+class TrackerProc:
+    """One `tcpidle track` process; its stdout and stderr go to files."""
+
+    def __init__(self, argv, directory, name):
+        self.out_path = os.path.join(directory, name + ".out")
+        self.err_path = os.path.join(directory, name + ".err")
+        self._out = open(self.out_path, "wb")
+        self._err = open(self.err_path, "wb")
+        self.proc = subprocess.Popen(argv, stdout=self._out, stderr=self._err, cwd=REPO_ROOT)
+
+    def stderr(self):
+        with open(self.err_path, errors="replace") as f:
+            return f.read()
+
+    def stdout(self):
+        with open(self.out_path, errors="replace") as f:
+            return f.read()
+
+    def running(self):
+        return self.proc.poll() is None
+
+    def wait_ready(self, timeout=60):
+        """Until the loop runs (its start-up note), failing with stderr if it died."""
+        ok = wait_for(lambda: "polling every" in self.stderr() or not self.running(), timeout)
+        assert ok and self.running(), "tracker not running: rc=%s\n%s" % (
+            self.proc.poll(), self.stderr())
+
+    def stop(self, sig=signal.SIGTERM, timeout=10):
+        """Signal it; (exit status, seconds it took to exit)."""
+        sent = time.monotonic()
+        self.proc.send_signal(sig)
+        rc = self.proc.wait(timeout=timeout)
+        return rc, time.monotonic() - sent
+
+    def kill(self):
+        if self.running():
+            self.proc.kill()
+            self.proc.wait(10)
+        self._out.close()
+        self._err.close()
+
+
+@pytest.fixture
+def trackers(tcpidle_argv, tmp_path):
+    """start(ns, *args) -> TrackerProc running `tcpidle track --disable-syslog *args`."""
+    made = []
+
+    def start(ns, *args):
+        argv = tcpidle_argv(ns, "track", "--disable-syslog", *args)
+        t = TrackerProc(argv, str(tmp_path), "track%d" % len(made))
+        made.append(t)
+        return t
+
+    yield start
+    for t in made:
+        t.kill()
+
+
+@pytest.fixture
+def bpffs(tmp_path):
+    """A BPF filesystem of the test's own, visible inside `ip netns exec`."""
+    d = str(tmp_path / "bpffs")
+    assert mount_bpffs(d) is True
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", d], check=False)
+
+
+@pytest.fixture
+def pin_dir(bpffs):
+    return os.path.join(bpffs, "titrack-%d-%d" % (os.getpid(), next(_seq)))
+
+
+# -- the daemon -----------------------------------------------------------------------
+
+
+def test_kills_what_turns_idle_spares_active_and_protected(netns, make_farm, trackers, pin_dir,
+                                                           tmp_path):
+    farm = make_farm(netns)
+    farm.serve([PORT, PORT + 1])
+    idle = farm.connect("127.0.0.1", PORT, label="idle", tag="idle")[0]
+    quitter = farm.connect("::1", PORT, label="active", tag="quitter")[0]
+    steady = farm.connect("127.0.0.1", PORT, label="active", tag="steady")[0]
+    # selected by -d, idle, but on a protected port: the protected list wins
+    protected = farm.connect("127.0.0.1", PORT + 1, label="idle", tag="protected")[0]
+    events = str(tmp_path / "events.jsonl")
+    logfile = str(tmp_path / "track.log")
+
+    t = trackers(netns, "-d", "%d,%d" % (PORT, PORT + 1), "--exclude-port", PORT + 1,
+                 "-t", 500, "--interval", 0.3, "--pin-dir", pin_dir, "--event-log", events,
+                 "-f", logfile, "--json")
+    t.wait_ready()
+    assert "BPF probe on " in t.stderr()
+    assert "maps pinned in %s (new maps)" % pin_dir in t.stderr()
+
+    st = farm.wait_until(lambda s: not s[idle["id"]]["alive"], timeout=30)
+    assert st[idle["id"]]["error"] == ECONNABORTED, (st[idle["id"]], t.stderr())
+    time.sleep(1.0)  # a few polls
+    st = farm.status()
+    for rec in (quitter, steady, protected):
+        assert st[rec["id"]]["alive"] and st[rec["id"]]["error"] is None, (st[rec["id"]], t.stderr())
+
+    # logrotate: move both files away, SIGHUP; the next kill goes to new files
+    os.rename(events, events + ".1")
+    os.rename(logfile, logfile + ".1")
+    t.proc.send_signal(signal.SIGHUP)
+    assert wait_for(lambda: os.path.exists(logfile), timeout=5), t.stderr()
+
+    farm.set_label([quitter["id"]], "idle")
+    st = farm.wait_until(lambda s: not s[quitter["id"]]["alive"], timeout=10)
+    assert st[quitter["id"]]["error"] == ECONNABORTED, (st[quitter["id"]], t.stderr())
+    assert wait_for(lambda: read_lines(events), timeout=5)
+    st = farm.status()
+    assert st[steady["id"]]["alive"] and st[protected["id"]]["alive"]
+    assert all(farm.ping([steady["id"], protected["id"]]).values())
+
+    rc, took = t.stop()
+    assert rc == 0, t.stderr()
+    assert took < 1.0, took
+    assert sorted(os.listdir(pin_dir)) == ["activity", "counters"]  # pins kept
+
+    before, after = read_lines(events + ".1"), read_lines(events)
+    assert [e["cookie"] for e in before] == [idle["cookie"]]
+    assert [e["cookie"] for e in after] == [quitter["cookie"]]
+    for e in before + after:
+        assert e["action"] == "destroyed" and e["dry_run"] is False and e["error"] is None
+        assert e["ts"].endswith("+00:00") and e["idle_ms"] >= 500
+        assert e["pids"] == [farm.pid]
+    # the quitter received data while active: the probe has its record
+    assert after[0]["family"] == "ipv6" and after[0]["last_rx_ms"] is not None
+    assert_probe_source(after[0])
+    with open(logfile + ".1") as f:
+        assert "destroyed cookie=%d " % idle["cookie"] in f.read()
+    with open(logfile) as f:
+        assert "destroyed cookie=%d " % quitter["cookie"] in f.read()
+    rows = [json.loads(line) for line in t.stdout().splitlines() if line.strip()]
+    assert sorted(r["cookie"] for r in rows) == sorted([idle["cookie"], quitter["cookie"]])
+
+
+def test_per_interval_cap_acts_on_the_idlest_first(netns, make_farm, trackers, pin_dir, tmp_path):
+    farm = make_farm(netns)
+    farm.serve([PORT])
+    conns = []
+    for _ in range(5):  # 60 ms apart: distinct idle times, oldest first
+        conns += farm.connect("127.0.0.1", PORT, label="idle")
+        time.sleep(0.06)
+    events = str(tmp_path / "events.jsonl")
+    t = trackers(netns, "-d", PORT, "-t", 200, "--interval", 2, "--max-kills-per-interval", 2,
+                 "--pin-dir", pin_dir, "--event-log", events)
+    t.wait_ready()
+    assert wait_for(lambda: read_lines(events), timeout=30), t.stderr()
+    time.sleep(0.5)  # the first poll is over; the next is 1.5 s away
+    first = read_lines(events)
+    st = farm.status()
+    dead = [c["cookie"] for c in conns if not st[c["id"]]["alive"]]
+    assert len(first) == 2, (first, t.stderr())
+    assert sorted(dead) == sorted(e["cookie"] for e in first)
+    assert {e["cookie"] for e in first} == {conns[0]["cookie"], conns[1]["cookie"]}  # idlest
+    assert "5 idle connections, acting on the 2 idlest" in t.stderr()
+
+    assert wait_for(lambda: len(read_lines(events)) >= 5, timeout=10), t.stderr()
+    evs = read_lines(events)
+    assert len(evs) == 5
+    assert [e["cookie"] for e in evs[2:4]] == [conns[2]["cookie"], conns[3]["cookie"]]
+    assert evs[4]["cookie"] == conns[4]["cookie"]
+    # three polls, about an interval apart
+    assert evs[0]["ts"] == evs[1]["ts"] < evs[2]["ts"] == evs[3]["ts"] < evs[4]["ts"]
+    st = farm.status()
+    assert not any(st[c["id"]]["alive"] for c in conns)
+    assert t.stop()[0] == 0
+
+
+def test_restart_keeps_history_and_cleanup_removes_it(netns, make_farm, trackers, pin_dir,
+                                                      tmp_path, run_tcpidle):
+    farm = make_farm(netns)
+    farm.serve([PORT])
+    hist = farm.connect("127.0.0.1", PORT, label="active", tag="hist")[0]
+    steady = farm.connect("127.0.0.1", PORT, label="active", tag="steady")[0]
+    common = ["-d", PORT, "--interval", 0.3, "--pin-dir", pin_dir]
+
+    a = trackers(netns, "-t", 600000, *common)
+    a.wait_ready()
+
+    def seen():
+        try:
+            reader = PinnedMap.open(pin_dir)
+        except ProbeUnavailable:
+            return None
+        try:
+            acts = reader.activity()
+        finally:
+            reader.close()
+        got = acts.get(hist["cookie"]), acts.get(steady["cookie"])
+        return got if all(x and x.last_data_ns for x in got) else None
+
+    assert wait_for(seen, timeout=10), a.stderr()
+    farm.set_label([hist["id"]], "idle")
+    time.sleep(0.3)  # the last answers are in
+    hist_a, steady_a = seen()
+
+    rc, took = a.stop()
+    assert rc == 0, a.stderr()
+    assert took < 1.0, took
+    assert "BPF maps kept in %s" % pin_dir in a.stderr()
+    assert sorted(os.listdir(pin_dir)) == ["activity", "counters"]
+    # the probe is detached, the history stays: same record, same last data time
+    hist_after, _ = seen()
+    assert hist_after == hist_a
+
+    time.sleep(1.0)  # hist is idle longer than B's threshold before B starts
+    events = str(tmp_path / "events.jsonl")
+    b_started_ns = time.monotonic_ns()
+    b = trackers(netns, "-t", 700, "--event-log", events, *common)
+    b.wait_ready()
+    assert "maps pinned in %s (reused activity and counters" % pin_dir in b.stderr()
+    assert wait_for(lambda: read_lines(events), timeout=10), b.stderr()
+    ev = read_lines(events)
+    assert [e["cookie"] for e in ev] == [hist["cookie"]]
+    # decided with the record made before the restart: hist received no segment
+    # since, so a probe record can only be that one, and last_rx_ms (the
+    # probe's alone) dates from before B started
+    assert ev[0]["last_rx_ms"] is not None, ev
+    assert ev[0]["last_rx_ms"] >= (b_started_ns - hist_a.last_segment_ns) / 1e6, ev
+    assert ev[0]["idle_ms"] >= 700
+    assert_probe_source(ev[0])
+    st = farm.status()
+    assert st[hist["id"]]["error"] == ECONNABORTED
+    assert st[steady["id"]]["alive"]
+    # the same map goes on counting steady's segments where A left off
+    assert wait_for(lambda: (seen_steady(pin_dir, steady["cookie"]) or 0) > steady_a.segments)
+
+    # no cleanup under a running tracker
+    res = run_tcpidle(netns, "track", "--cleanup", "--pin-dir", pin_dir)
+    assert res.returncode == 1, res
+    assert "in use by another tcpidle tracker (pid %d)" % b.proc.pid in res.stderr
+    assert sorted(os.listdir(pin_dir)) == ["activity", "counters"]
+
+    assert b.stop()[0] == 0
+    res = run_tcpidle(netns, "track", "--cleanup", "--pin-dir", pin_dir)
+    assert res.returncode == 0, res
+    for name in PIN_NAMES:
+        assert "removed %s" % os.path.join(pin_dir, name) in res.stderr
+    assert not os.path.exists(pin_dir)
+    res = run_tcpidle(netns, "track", "--cleanup", "--pin-dir", pin_dir)
+    assert res.returncode == 0 and "nothing pinned in %s" % pin_dir in res.stderr, res
+
+
+def seen_steady(pin_dir, cookie):
+    reader = PinnedMap.open(pin_dir)
+    try:
+        act = reader.activity().get(cookie)
+    finally:
+        reader.close()
+    return act.segments if act else None
+
+
+def test_second_tracker_on_the_same_pins_is_refused(netns, trackers, pin_dir):
+    a = trackers(netns, "--all", "--dry-run", "--interval", 5, "--pin-dir", pin_dir)
+    a.wait_ready()
+    b = trackers(netns, "--all", "--dry-run", "--interval", 5, "--pin-dir", pin_dir)
+    assert b.proc.wait(60) == 1
+    assert "in use by another tcpidle tracker (pid %d)" % a.proc.pid in b.stderr()
+    assert a.running()
+    assert a.stop()[0] == 0
+
+
+def test_metrics_endpoint(netns, make_farm, trackers, pin_dir):
+    from tcpidle.metrics import SERIES
+
+    def free_port():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    port = in_netns(netns.name, free_port)
+
+    def scrape():
+        url = "http://127.0.0.1:%d/metrics" % port
+        return in_netns(netns.name, lambda: urllib.request.urlopen(url, timeout=5).read().decode())
+
+    def value(text, series):
+        for line in text.splitlines():
+            if line.startswith(series + " "):
+                return float(line.split()[-1])
+        return None
+
+    farm = make_farm(netns)
+    farm.serve([PORT])
+    victim = farm.connect("127.0.0.1", PORT, label="active")[0]
+    t = trackers(netns, "-d", PORT, "-t", 400, "--interval", 0.3, "--pin-dir", pin_dir,
+                 "--map-size", 4096, "--metrics-port", port)
+    t.wait_ready()
+    assert "metrics on http://127.0.0.1:%d/metrics" % port in t.stderr()
+
+    def polled():
+        text = scrape()
+        # both ends of the victim are in the map, at least
+        if value(text, "tcpidle_sockets_seen") == 1.0 and \
+                value(text, "tcpidle_probe_map_entries") >= 2:
+            return text
+        return None
+
+    text = wait_for(polled, timeout=10)
+    assert text, scrape()
+    for name in SERIES:
+        assert "# TYPE %s " % name in text or "# TYPE %s " % name[:-len("_total")] in text, name
+    destroyed = 'tcpidle_kills_total{outcome="destroyed"}'
+    assert value(text, destroyed) == 0.0
+    assert value(text, "tcpidle_probe_attached") == 1.0
+    assert value(text, "tcpidle_probe_map_capacity") == 4096.0
+    assert value(text, "tcpidle_poll_duration_seconds_count") >= 1
+    assert value(text, "tcpidle_idle_seconds_count") >= 1
+
+    farm.set_label([victim["id"]], "idle")
+    assert farm.wait_until(lambda s: not s[victim["id"]]["alive"], timeout=10)[victim["id"]][
+        "error"] == ECONNABORTED
+    assert wait_for(lambda: value(scrape(), destroyed) == 1.0, timeout=5), scrape()
+    text = scrape()
+    assert value(text, "tcpidle_poll_errors_total") == 0.0
+    assert value(text, "tcpidle_last_poll_timestamp_seconds") > time.time() - 60
+    assert t.stop()[0] == 0
+
+
+def test_mounts_bpffs_itself_under_ip_netns_exec(netns, make_farm, trackers):
+    """/sys/fs/bpf inside `ip netns exec` is a fresh sysfs directory: the
+    tracker mounts a BPF filesystem there itself, warns that its pins die
+    with it, and tracks; the host's /sys/fs/bpf is left as it was."""
+    host_was_bpffs = is_bpffs("/sys/fs/bpf")
+    pin_dir = "/sys/fs/bpf/titrack-%d-%d" % (os.getpid(), next(_seq))
+    farm = make_farm(netns)
+    farm.serve([PORT])
+    victim = farm.connect("127.0.0.1", PORT, label="idle")[0]
+    t = trackers(netns, "-v", "-d", PORT, "-t", 100, "--interval", 0.3, "--pin-dir", pin_dir)
+    t.wait_ready()
+    err = t.stderr()
+    assert "mounted a BPF filesystem at /sys/fs/bpf" in err
+    assert "pins there vanish when tcpidle exits" in err
+    assert "maps pinned in %s (new maps)" % pin_dir in err
+    assert farm.wait_until(lambda s: not s[victim["id"]]["alive"], timeout=10)[victim["id"]][
+        "error"] == ECONNABORTED
+    assert t.stop()[0] == 0
+    assert is_bpffs("/sys/fs/bpf") == host_was_bpffs
+    assert not os.path.exists(pin_dir)
+
+
+def test_track_needs_a_selector_or_all(netns, run_tcpidle):
+    res = run_tcpidle(netns, "track", "-t", 0, "--disable-syslog")
+    assert res.returncode == 2
+    assert "track needs a port, address or owner selector" in res.stderr
+    res = run_tcpidle(netns, "track", "--all", "--interval", 0, "--disable-syslog")
+    assert res.returncode == 2 and "--interval must be positive" in res.stderr
+
+
+# -- the probe's pinned maps, in this process --------------------------------------------
+
+
+def test_pinned_maps_are_reused_across_attaches(pin_dir, caplog):
+    lib = libbpf()
+    update = lib.bpf_map_update_elem
+    update.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint64]
+    update.restype = ctypes.c_int
+    key = ctypes.c_uint64((1 << 62) + 7)
+    val = ctypes.create_string_buffer(VALUE.pack(11, 12, 13, 14, 15))
+
+    # big enough that the host's own traffic (the probe sees every socket)
+    # does not push the hand-made entry out of the LRU
+    p = Probe.attach(map_size=8192, hook="tracepoint", pin_dir=pin_dir)
+    try:
+        assert p.pins_reused == ()
+        assert pin_dir_holder(pin_dir) == os.getpid()
+        with pytest.raises(PinError, match="in use by another tcpidle tracker"):
+            Probe.attach(map_size=8192, hook="tracepoint", pin_dir=pin_dir)
+        assert update(p.activity_fd, ctypes.byref(key), val, 0) == 0
+    finally:
+        p.close(keep_pins=True)
+    assert sorted(os.listdir(pin_dir)) == ["activity", "counters"]
+    assert pin_dir_holder(pin_dir) is None
+
+    # another size asked for: the pinned map is reused at its own size, with a warning
+    p = Probe.attach(map_size=16384, hook="tracepoint", pin_dir=pin_dir)
+    try:
+        assert p.pins_reused == ("activity", "counters")
+        assert p.max_entries == 8192
+        assert any("has 8192 entries, not 16384" in r.getMessage() for r in caplog.records)
+        a = p.activity()[key.value]
+        assert (a.last_segment_ns, a.last_data_ns, a.segments, a.data_segments, a.bytes) == \
+            (11, 12, 13, 14, 15)
+    finally:
+        p.close()  # not kept
+    assert os.listdir(pin_dir) == []
+    assert remove_pins(pin_dir) == [pin_dir]
+    assert not os.path.exists(pin_dir)
+
+
+def test_failed_attach_leaves_no_new_pins(pin_dir):
+    """fentry compiles (bcc creates and pins the maps) but cannot attach here."""
+    try:
+        p = Probe.attach(map_size=64, hook="fentry", pin_dir=pin_dir)
+    except ProbeUnavailable:
+        pass
+    else:
+        p.close()
+        pytest.skip("fentry attaches on this kernel")
+    assert os.listdir(pin_dir) == []
+    assert pin_dir_holder(pin_dir) is None
+
+
+def test_foreign_pinned_map_is_refused(pin_dir, bpffs):
+    p = Probe.attach(map_size=64, hook="tracepoint")
+    try:
+        p.pin(pin_dir)
+        # a per-CPU array where the activity map should be
+        os.rename(os.path.join(pin_dir, "counters"), os.path.join(pin_dir, "activity"))
+        with pytest.raises(PinError, match="is not a tcpidle activity map .*--cleanup"):
+            Probe.attach(map_size=64, hook="tracepoint", pin_dir=pin_dir)
+        assert os.listdir(pin_dir) == ["activity"]  # left alone
+    finally:
+        p.close()
+    assert pin_dir_holder(pin_dir) is None
+
+
+# -- deployment ---------------------------------------------------------------------------
+
+
+def test_systemd_unit_verifies(tmp_path):
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze not installed (Debian package systemd)")
+    tcpidle = os.path.join(os.path.dirname(sys.executable), "tcpidle")
+    if not os.access(tcpidle, os.X_OK):
+        pytest.skip("no tcpidle console script next to %s" % sys.executable)
+    with open(os.path.join(REPO_ROOT, "deploy/systemd/tcpidle.service")) as f:
+        unit = f.read()
+    assert "ExecStart=/opt/tcpidle/.venv/bin/tcpidle track " in unit
+    # verify checks that ExecStart's binary exists: point it at this venv's
+    copy = tmp_path / "tcpidle.service"
+    copy.write_text(unit.replace("/opt/tcpidle/.venv/bin/tcpidle", tcpidle))
+    res = subprocess.run([analyze, "verify", str(copy)], stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, timeout=60)
+    assert res.returncode == 0, res.stdout
+    assert "tcpidle.service" not in res.stdout, res.stdout  # no complaint about the unit

@@ -1,0 +1,306 @@
+"""Pure tests of the tracker's logic (no root, no BPF, no netlink).
+
+Covers: the reuse plan for pinned maps (what is reused, what is refused and
+why, the size taken from a pinned map), pin directory checks, the event log
+(keys, reopen after rotation), the metrics registry (every documented
+series, counters by outcome), and the loop itself driven by a stand-in
+engine: a failing poll is contained and retried, usage and privilege errors
+end it, request_stop() and SIGTERM wake the sleep between polls at once,
+SIGHUP reopens the event log.  The kernel side of all this is exercised by
+tests/kernel/test_track.py.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from tcpidle import report
+from tcpidle.errors import PrivilegeError, UsageError
+from tcpidle.metrics import OUTCOMES, SERIES, Metrics
+from tcpidle.model import AF_INET, Action, Outcome, Policy, Socket, Verdict
+from tcpidle.probe import (
+    BPF_MAP_TYPE_LRU_HASH,
+    BPF_MAP_TYPE_PERCPU_ARRAY,
+    COUNTERS,
+    VALUE,
+    PinError,
+    PinInfo,
+    check_pin_dir,
+    plan_pinned_maps,
+)
+from tcpidle.track import EventLog, Tracker
+
+ACTIVITY_OK = PinInfo(BPF_MAP_TYPE_LRU_HASH, 8, VALUE.size, 4096)
+COUNTERS_OK = PinInfo(BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, len(COUNTERS))
+
+
+# -- pinned maps: reuse plan ------------------------------------------------------
+
+
+def test_nothing_pinned_creates_at_requested_size():
+    assert plan_pinned_maps({"activity": None, "counters": None}, 4096, "/p") == (4096, [], [])
+
+
+def test_matching_pins_are_reused():
+    size, reused, notes = plan_pinned_maps(
+        {"activity": ACTIVITY_OK, "counters": COUNTERS_OK}, 4096, "/p")
+    assert (size, reused, notes) == (4096, ["activity", "counters"], [])
+
+
+def test_pinned_size_wins_with_a_warning():
+    size, reused, notes = plan_pinned_maps(
+        {"activity": ACTIVITY_OK, "counters": COUNTERS_OK}, 65536, "/p")
+    assert size == 4096
+    assert reused == ["activity", "counters"]
+    assert len(notes) == 1
+    assert "/p/activity has 4096 entries, not 65536" in notes[0] and "--cleanup" in notes[0]
+
+
+@pytest.mark.parametrize("bad", [
+    PinInfo(BPF_MAP_TYPE_PERCPU_ARRAY, 8, VALUE.size, 4096),  # wrong type
+    PinInfo(BPF_MAP_TYPE_LRU_HASH, 4, VALUE.size, 4096),  # wrong key
+    PinInfo(BPF_MAP_TYPE_LRU_HASH, 8, 32, 4096),  # older value layout
+])
+def test_foreign_activity_map_is_refused_with_the_cleanup_hint(bad):
+    with pytest.raises(PinError) as e:
+        plan_pinned_maps({"activity": bad, "counters": COUNTERS_OK}, 4096, "/pins")
+    msg = str(e.value)
+    assert msg.startswith("/pins/activity is not a tcpidle activity map")
+    assert "tcpidle track --cleanup --pin-dir /pins" in msg
+
+
+def test_counters_of_another_version_are_refused():
+    other = PinInfo(BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, len(COUNTERS) - 1)
+    with pytest.raises(PinError, match="/p/counters is not a tcpidle counters map"):
+        plan_pinned_maps({"activity": ACTIVITY_OK, "counters": other}, 4096, "/p")
+
+
+def test_half_pinned_is_reused_with_a_note():
+    size, reused, notes = plan_pinned_maps({"activity": ACTIVITY_OK, "counters": None}, 4096, "/p")
+    assert reused == ["activity"]
+    assert notes == ["only activity was pinned in /p: the eviction count starts over"]
+
+
+def test_pin_dir_is_made_absolute_and_quotes_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert check_pin_dir("pins") == str(tmp_path / "pins")
+    for bad in ('/sys/fs/bpf/a"b', "/sys/fs/bpf/a\\b", "/sys/fs/bpf/a\nb", ""):
+        with pytest.raises(UsageError):
+            check_pin_dir(bad)
+
+
+# -- event log ------------------------------------------------------------------------
+
+
+def outcome(cookie=7, action=Action.DESTROYED, idle_ms=1234.5, source="bpf"):
+    s = Socket(cookie=cookie, family=AF_INET, state=1, src="127.0.0.1", sport=40000,
+               dst="127.0.0.1", dport=5432, inode=99, uid=0, raw_id=b"\0" * 48,
+               last_data_recv_ms=1234)
+    return Outcome(Verdict(s, idle_ms, source, 12.0, True), action, None, (42,), ("psql",))
+
+
+def test_event_log_lines_have_row_keys_ts_and_dry_run(tmp_path):
+    path = tmp_path / "events.jsonl"
+    ev = EventLog(str(path))
+    ev.write([outcome(1), outcome(2, Action.GONE)], dry_run=False)
+    ev.write([], dry_run=False)  # nothing, no line
+    ev.write([outcome(3, Action.WOULD_DESTROY)], dry_run=True)
+    ev.close()
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["cookie"] for r in rows] == [1, 2, 3]
+    assert [r["action"] for r in rows] == ["destroyed", "gone", "would-destroy"]
+    assert [r["dry_run"] for r in rows] == [False, False, True]
+    o = outcome()
+    contract = set(report.row(o.verdict, o))  # the JSON output's keys, whatever they grow to
+    assert {"cookie", "idle_ms", "idle_source", "action", "error"} <= contract
+    for r in rows:
+        assert set(r) == contract | {"ts", "dry_run"}
+        assert r["ts"].endswith("+00:00") and "T" in r["ts"]
+        assert r["idle_source"] == "bpf" and r["pids"] == [42] and r["comms"] == ["psql"]
+
+
+def test_event_log_reopens_after_rotation(tmp_path):
+    path = tmp_path / "events.jsonl"
+    ev = EventLog(str(path))
+    ev.write([outcome(1)], dry_run=False)
+    os.rename(path, tmp_path / "events.jsonl.1")
+    ev.write([outcome(2)], dry_run=False)  # still the old file
+    ev.reopen()
+    ev.write([outcome(3)], dry_run=False)
+    ev.close()
+    old = [json.loads(x)["cookie"] for x in (tmp_path / "events.jsonl.1").read_text().splitlines()]
+    new = [json.loads(x)["cookie"] for x in path.read_text().splitlines()]
+    assert (old, new) == ([1, 2], [3])
+
+
+# -- metrics ----------------------------------------------------------------------------
+
+
+def test_every_documented_series_is_exported():
+    m = Metrics(process=False)
+    text = m.render().decode()
+    for name in SERIES:
+        assert "# TYPE %s " % name.replace("_total", "") in text or "# TYPE %s " % name in text, name
+    for o in OUTCOMES:
+        assert 'tcpidle_kills_total{outcome="%s"} 0.0' % o in text
+
+
+def test_poll_feeds_gauges_histograms_and_counters():
+    m = Metrics(process=False)
+    verdicts = [outcome(1, idle_ms=2500.0).verdict, outcome(2, idle_ms=None).verdict,
+                outcome(3, idle_ms=90_000_000.0).verdict]
+    m.observe_poll(verdicts, [outcome(1), outcome(3, Action.FAILED)], 0.02, 1700000000.0)
+    m.observe_error(0.5)
+    m.observe_probe({"entries": 12, "max_entries": 4096, "evicted": 3})
+    text = m.render().decode()
+    assert "tcpidle_sockets_seen 3.0" in text
+    assert "tcpidle_idle_seconds_count 2.0" in text  # unknown idle time not observed
+    assert 'tcpidle_idle_seconds_bucket{le="5.0"} 1.0' in text
+    assert 'tcpidle_idle_seconds_bucket{le="86400.0"} 1.0' in text  # 25 h is above a day
+    assert 'tcpidle_kills_total{outcome="destroyed"} 1.0' in text
+    assert 'tcpidle_kills_total{outcome="failed"} 1.0' in text
+    assert "tcpidle_poll_errors_total 1.0" in text
+    assert "tcpidle_poll_duration_seconds_count 2.0" in text
+    assert "tcpidle_last_poll_timestamp_seconds 1.7e+09" in text
+    assert "tcpidle_probe_attached 1.0" in text
+    assert "tcpidle_probe_map_entries 12.0" in text
+    assert "tcpidle_probe_map_capacity 4096.0" in text
+    assert "tcpidle_probe_evictions 3.0" in text
+    m.observe_probe(None)
+    assert "tcpidle_probe_attached 0.0" in m.render().decode()
+
+
+# -- the loop, with a stand-in engine ----------------------------------------------------
+
+
+class Scripted:
+    """Engine stand-in: each scan() pops the next step (an exception or a count)."""
+
+    def __init__(self, steps, policy=Policy(idle_time_ms=1000.0)):
+        self.steps = list(steps)
+        self.policy = policy
+        self.scans = []
+
+    def scan(self):
+        self.scans.append(time.monotonic())
+        step = self.steps.pop(0) if self.steps else 0
+        if isinstance(step, BaseException):
+            raise step
+
+        class S:
+            verdicts = [outcome(i).verdict for i in range(step)]
+            victims = verdicts
+            seen = step
+        return S()
+
+    def act(self, scan):
+        return [Outcome(v, Action.DESTROYED) for v in scan.victims]
+
+
+def run_in_thread(tracker):
+    box = {}
+
+    def target():
+        try:
+            tracker.run()
+        except BaseException as e:  # handed to the test
+            box["error"] = e
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    return t, box
+
+
+def test_failed_polls_are_retried_and_counted(tmp_path, capsys):
+    ev = EventLog(str(tmp_path / "ev"))
+    m = Metrics(process=False)
+    eng = Scripted([OSError(errno.ENOBUFS, "No buffer space available"), 2,
+                    RuntimeError("malformed dump"), 1])
+    tr = Tracker(eng, 0.05, events=ev, metrics=m)
+    t, box = run_in_thread(tr)
+    deadline = time.monotonic() + 5
+    while len(eng.scans) < 5 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    tr.request_stop()
+    t.join(2)
+    assert not t.is_alive() and "error" not in box
+    assert tr.errors == 2 and tr.acted == 3
+    assert len(eng.scans) >= 5
+    text = m.render().decode()
+    assert "tcpidle_poll_errors_total 2.0" in text
+    assert 'tcpidle_kills_total{outcome="destroyed"} 3.0' in text
+    assert len((tmp_path / "ev").read_text().splitlines()) == 3
+    tr.close()
+    ev.close()
+
+
+@pytest.mark.parametrize("fatal", [UsageError("bad"), PrivilegeError("no CAP_NET_ADMIN"),
+                                   PermissionError(errno.EPERM, "Operation not permitted")])
+def test_usage_and_privilege_errors_end_the_loop(fatal):
+    tr = Tracker(Scripted([1, fatal, 1]), 0.01)
+    with pytest.raises(type(fatal)):
+        tr.run()
+    assert tr.polls == 1
+    tr.close()
+
+
+def test_request_stop_wakes_the_sleep_at_once():
+    eng = Scripted([])
+    tr = Tracker(eng, 30.0)
+    t, box = run_in_thread(tr)
+    deadline = time.monotonic() + 5
+    while not eng.scans and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.05)  # now asleep until the next poll, 30 s away
+    asked = time.monotonic()
+    tr.request_stop()
+    t.join(2)
+    assert not t.is_alive()
+    assert time.monotonic() - asked < 0.5
+    assert len(eng.scans) == 1
+    tr.close()
+
+
+def test_signals_stop_and_reopen_in_the_main_thread(tmp_path):
+    """SIGHUP reopens the event log without cutting the sleep short; SIGTERM ends run()."""
+    path = tmp_path / "ev"
+    ev = EventLog(str(path))
+    eng = Scripted([1, 1, 1, 1, 1, 1, 1, 1])
+    tr = Tracker(eng, 0.2, events=ev)
+    before = signal.getsignal(signal.SIGTERM)
+    restore = tr.install_signals()
+    assert signal.getsignal(signal.SIGTERM) is not before
+    pid = os.getpid()
+
+    def sender():
+        time.sleep(0.3)
+        os.rename(path, str(path) + ".1")
+        os.kill(pid, signal.SIGHUP)
+        time.sleep(0.3)
+        os.kill(pid, signal.SIGTERM)
+
+    threading.Thread(target=sender, daemon=True).start()
+    started = time.monotonic()
+    try:
+        tr.run()
+    finally:
+        restore()
+        tr.close()
+        ev.close()
+    took = time.monotonic() - started
+    assert 0.55 < took < 1.5
+    assert signal.getsignal(signal.SIGTERM) is before  # restored
+    old = (tmp_path / "ev.1").read_text().splitlines()
+    new = path.read_text().splitlines()
+    assert old and new, (old, new)
+    assert len(old) + len(new) == tr.polls
+    # polls keep their pace across the SIGHUP: about one per 0.2 s
+    gaps = [b - a for a, b in zip(eng.scans, eng.scans[1:])]
+    assert all(g > 0.15 for g in gaps), gaps

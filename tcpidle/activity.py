@@ -18,12 +18,13 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional
 
+from . import probe
 from .errors import RuntimeFailure
 from .model import Activity
 
 log = logging.getLogger("tcpidle")
 
-DEFAULT_PIN_DIR = "/sys/fs/bpf/tcpidle"
+DEFAULT_PIN_DIR = probe.DEFAULT_PIN_DIR
 
 
 @dataclass
@@ -43,12 +44,10 @@ def open_source(pin_dir: str = DEFAULT_PIN_DIR, watch_s: Optional[float] = None,
                 map_size: int = 65536, require_bpf: bool = False,
                 progress: Optional[Callable[[str], None]] = None) -> Source:
     """Pick the best activity source available; RuntimeFailure if --require-bpf finds none."""
-    from . import probe  # imports bcc lazily, only when attaching
-
     reason = None
     if watch_s:
         try:
-            return _watch(probe, watch_s, map_size, progress)
+            return _watch(watch_s, map_size, progress)
         except probe.ProbeUnavailable as exc:
             reason = "BPF probe unavailable: %s" % exc
     elif _pinned(pin_dir):
@@ -72,7 +71,7 @@ def _pinned(pin_dir: str) -> bool:
     return os.path.exists(os.path.join(pin_dir, "activity"))
 
 
-def _watch(probe, watch_s: float, map_size: int, progress) -> Source:
+def _watch(watch_s: float, map_size: int, progress) -> Source:
     attached = probe.Probe.attach(map_size=map_size, log=log)  # logs hook, headers, start-up time
     try:
         deadline = time.monotonic() + watch_s

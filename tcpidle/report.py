@@ -15,9 +15,9 @@ import logging.handlers
 import os
 import sys
 from collections import Counter
-from typing import Dict, Iterable, List, Optional, Sequence, TextIO
+from typing import Dict, Iterable, Optional, Sequence, TextIO
 
-from .model import FAMILY_NAMES, AF_INET6, Outcome, Verdict
+from .model import FAMILY_NAMES, Outcome, Verdict
 
 log = logging.getLogger("tcpidle")
 

@@ -11,8 +11,6 @@ after a destroy.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import errno
 import itertools
 import os
@@ -25,33 +23,24 @@ import time
 import pytest
 
 from tcpidle import diag, errors
+from tcpidle.netns import entered_fd
+
+from lab.netns import cookie_of
 from tcpidle.model import AF_INET, AF_INET6, TcpState
 
 pytestmark = pytest.mark.kernel
 
 SO_COOKIE = 57
-CLONE_NEWNET = 0x40000000
 ALL = 0xFFFFFFFF
 EST = 1 << TcpState.ESTABLISHED
 LISTEN = 1 << TcpState.LISTEN
 TW = 1 << TcpState.TIME_WAIT
 FAMS = (AF_INET, AF_INET6)
 _counter = itertools.count()
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-
-
-def setns(fd: int) -> None:
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
 
 
 def thread_netns_inode() -> int:
     return os.stat("/proc/thread-self/ns/net").st_ino
-
-
-def cookie_of(s: socket.socket) -> int:
-    return struct.unpack("=Q", s.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8))[0]
 
 
 class Netns:
@@ -72,15 +61,8 @@ class Netns:
     @contextlib.contextmanager
     def inside(self):
         """Run the block with this thread in the namespace; always come back."""
-        here = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-        try:
-            setns(self.fd)
-            try:
-                yield
-            finally:
-                setns(here)
-        finally:
-            os.close(here)
+        with entered_fd(self.fd):
+            yield
 
     def sock(self, family=AF_INET) -> socket.socket:
         with self.inside():

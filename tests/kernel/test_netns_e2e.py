@@ -4,7 +4,6 @@ tcpidle runs in the test's own namespace and reaches into namespaces the
 test creates; the farms inside them are on a port nothing else here uses.
 """
 
-import errno
 import os
 import subprocess
 import sys

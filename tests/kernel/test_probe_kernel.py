@@ -21,7 +21,6 @@ import struct
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 import pytest
@@ -32,7 +31,7 @@ TESTS_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if TESTS_DIR not in sys.path:
     sys.path.insert(0, TESTS_DIR)
 
-from lab.netns import NetnsFactory  # noqa: E402
+from lab.netns import NetnsFactory, cookie_of as cookie, in_netns  # noqa: E402
 
 pytestmark = [
     pytest.mark.kernel,
@@ -40,40 +39,10 @@ pytestmark = [
 ]
 
 SO_COOKIE = 57
-CLONE_NEWNET = 0x40000000
 TCPI_LAST_DATA_RECV = 52  # offset in struct tcp_info (u32, ms)
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 # -- helpers --------------------------------------------------------------------
-
-
-def in_netns(name, fn):
-    """Run fn() in a thread that has entered namespace `name`; return its result."""
-    box = {}
-
-    def run():
-        try:
-            fd = os.open("/run/netns/%s" % name, os.O_RDONLY)
-            try:
-                if _libc.setns(fd, CLONE_NEWNET) != 0:
-                    raise OSError(ctypes.get_errno(), "setns")
-            finally:
-                os.close(fd)
-            box["value"] = fn()
-        except BaseException as e:  # handed to the caller
-            box["error"] = e
-
-    t = threading.Thread(target=run)
-    t.start()
-    t.join(10)
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
-
-
-def cookie(s):
-    return struct.unpack("=Q", s.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8))[0]
 
 
 def tcp_last_data_recv_ms(s):

@@ -23,12 +23,12 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 
 import pytest
 
+from lab.netns import in_netns  # noqa: E402
 from tcpidle.probe import (PIN_NAMES, VALUE, PinError, PinnedMap, Probe, ProbeUnavailable,
                            is_bpffs, libbpf, mount_bpffs, pin_dir_holder, remove_pins)
 
@@ -37,8 +37,6 @@ pytestmark = pytest.mark.kernel
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ECONNABORTED = 103
 PORT = 7101
-CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
 _seq = iter(range(1, 1000))
 
 
@@ -52,30 +50,6 @@ def wait_for(pred, timeout=10.0, step=0.05):
         if value or time.monotonic() > deadline:
             return value
         time.sleep(step)
-
-
-def in_netns(name, fn):
-    """fn() run by a thread that entered namespace `name` (its sockets live there)."""
-    box = {}
-
-    def run():
-        try:
-            fd = os.open("/run/netns/%s" % name, os.O_RDONLY)
-            try:
-                if _libc.setns(fd, CLONE_NEWNET) != 0:
-                    raise OSError(ctypes.get_errno(), "setns")
-            finally:
-                os.close(fd)
-            box["value"] = fn()
-        except BaseException as e:  # handed to the caller
-            box["error"] = e
-
-    t = threading.Thread(target=run)
-    t.start()
-    t.join(30)
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
 
 
 def read_lines(path):

@@ -10,6 +10,9 @@ addresses chosen here.
 
 import itertools
 import os
+import socket
+import struct
+import threading
 import re
 import signal
 import subprocess
@@ -141,3 +144,41 @@ def remove_stale(prefix):
         if pid == os.getpid() or os.path.exists("/proc/%d" % pid):
             continue
         Netns(name).delete()
+
+
+SO_COOKIE = 57
+
+
+def cookie_of(sock):
+    """The socket cookie (SO_COOKIE): the INET_DIAG idiag_cookie and the probe's key."""
+    return struct.unpack("=Q", sock.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8))[0]
+
+
+def in_netns(name, fn, timeout=30):
+    """fn() run by a thread that entered namespace `name`; its sockets live there.
+
+    A fresh thread, so the test's own thread never leaves its namespace.
+    """
+    from tcpidle.netns import entered_fd
+
+    box = {}
+
+    def run():
+        try:
+            fd = os.open("/run/netns/%s" % name, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                with entered_fd(fd):
+                    box["value"] = fn()
+            finally:
+                os.close(fd)
+        except BaseException as e:  # handed to the caller
+            box["error"] = e
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        raise TimeoutError("in_netns(%s) did not finish in %s s" % (name, timeout))
+    if "error" in box:
+        raise box["error"]
+    return box["value"]

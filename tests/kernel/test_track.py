@@ -29,6 +29,7 @@ import urllib.request
 import pytest
 
 from lab.netns import in_netns  # noqa: E402
+from conftest import parse_json_lines  # noqa: E402
 from tcpidle.probe import (PIN_NAMES, VALUE, PinError, PinnedMap, Probe, ProbeUnavailable,
                            is_bpffs, libbpf, mount_bpffs, pin_dir_holder, remove_pins)
 
@@ -203,6 +204,43 @@ def test_kills_what_turns_idle_spares_active_and_protected(netns, make_farm, tra
         assert "destroyed cookie=%d " % quitter["cookie"] in f.read()
     rows = [json.loads(line) for line in t.stdout().splitlines() if line.strip()]
     assert sorted(r["cookie"] for r in rows) == sorted([idle["cookie"], quitter["cookie"]])
+
+
+def test_audit_and_kill_read_the_trackers_pinned_map(netns, make_farm, trackers, pin_dir,
+                                                      run_tcpidle):
+    """One-shot commands in other processes use the tracker's history (issue: precise idleness)."""
+    farm = make_farm(netns)
+    farm.serve([PORT])
+    talker = farm.connect("127.0.0.1", PORT, label="active", tag="talker")[0]
+    quiet = farm.connect("127.0.0.1", PORT, label="idle", tag="quiet")[0]
+    t = trackers(netns, "-d", PORT, "-t", 600000, "--interval", 0.3, "--pin-dir", pin_dir)
+    t.wait_ready()
+    time.sleep(1.0)  # the talker's segments reach the map
+
+    audit = run_tcpidle(netns, "audit", "-d", PORT, "--pin-dir", pin_dir, "--json", "-v")
+    assert audit.returncode == 0, audit.stderr
+    assert "the tracker's map pinned in %s" % pin_dir in audit.stderr
+    rows = {r["cookie"]: r for r in parse_json_lines(audit.stdout)}
+    assert rows[talker["cookie"]]["idle_source"] == "bpf"
+    assert rows[talker["cookie"]]["idle_ms"] < 250  # sends every 50 ms
+    assert rows[talker["cookie"]]["last_rx_ms"] is not None
+    # The quiet client never received data: nothing in the map, tcp_info speaks.
+    assert rows[quiet["cookie"]]["idle_source"] == "tcp_info"
+    assert rows[quiet["cookie"]]["last_rx_ms"] is None
+
+    kill = run_tcpidle(netns, "kill", "-d", PORT, "-t", 500, "--pin-dir", pin_dir, "--require-bpf",
+                       "--dry-run", "--json", "--disable-syslog")
+    assert kill.returncode == 0, kill.stderr
+    assert [(r["cookie"], r["action"]) for r in parse_json_lines(kill.stdout)] == [
+        (quiet["cookie"], "would-destroy")]
+    t.stop()
+
+    # --require-bpf with no pins anywhere: exit 1, one line, nothing done.
+    missing = run_tcpidle(netns, "kill", "-d", PORT, "--pin-dir", pin_dir + "-none", "--require-bpf",
+                          "--disable-syslog")
+    assert missing.returncode == 1
+    assert missing.stderr.count("\n") == 1 and "--require-bpf" in missing.stderr
+    assert all(farm.ping([talker["id"], quiet["id"]]).values())
 
 
 def test_per_interval_cap_acts_on_the_idlest_first(netns, make_farm, trackers, pin_dir, tmp_path):

@@ -17,7 +17,7 @@ from typing import List, Optional
 
 import click
 
-from . import activity, netns, report, selectors
+from . import activity, netns, procfs, report, selectors
 from .engine import Engine, require_privilege
 from .errors import PrivilegeError, TcpidleError, UsageError
 from .model import AF_INET, AF_INET6, Policy, Selector
@@ -217,6 +217,8 @@ def audit(min_idle, watch, map_size, no_owners, **opts):
         raise UsageError("--watch must be positive (got 0)")
     policy = build_policy(opts, min_idle)
     report.setup_logging(opts["verbose"], None, syslog=False)
+    if not no_owners and not procfs.is_root():
+        report.note("not root: owners are shown only for your own processes")
     source = open_evidence(opts, watch, map_size)
     try:
         started = time.monotonic()

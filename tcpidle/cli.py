@@ -88,6 +88,8 @@ evidence_options = _options(
     click.option("--require-bpf", is_flag=True,
                  help="Fail (exit 1) rather than fall back to tcp_info when no BPF evidence is available."),
     click.option("--json", "as_json", is_flag=True, help="JSON Lines on stdout, one object per connection."),
+    click.option("-p", "--processes", is_flag=True,
+                 help="Show the owning processes (pids, names, cgroups): one pass over /proc, as ss -p."),
     click.option("-v", "--verbose", count=True, help="More detail on stderr (-vv: debug)."),
 )
 
@@ -196,13 +198,12 @@ def cli():
               help="Attach the BPF probe and observe S seconds before reporting (ns precision).")
 @click.option("--map-size", type=click.IntRange(min=1, max=1 << 24), default=65536, show_default=True,
               help="Entries of the probe's map with --watch.")
-@click.option("--no-owners", is_flag=True, help="Do not look up owning processes in /proc (faster).")
-def audit(min_idle, watch, map_size, no_owners, **opts):
+def audit(min_idle, watch, map_size, **opts):
     """Report matching connections and their idle time. Never kills.
 
     \b
     Examples:
-      tcpidle audit                        every established connection, idlest first
+      tcpidle audit -p                     every established connection, idlest first, with owners
       tcpidle audit --min-idle 600000      idle for 10 minutes or more
       tcpidle audit -d 5432 --json         connections to PostgreSQL, JSON Lines
       tcpidle audit --watch 10 -v          observe 10 s with the BPF probe, then report
@@ -211,18 +212,16 @@ def audit(min_idle, watch, map_size, no_owners, **opts):
     """
     selector = build_selector(opts)
     namespaces = build_namespaces(opts)
-    if no_owners and (selector.pids or selector.comms or selector.cgroups):
-        raise UsageError("--no-owners cannot be combined with --pid, --comm or --cgroup")
     if watch == 0:
         raise UsageError("--watch must be positive (got 0)")
     policy = build_policy(opts, min_idle)
     report.setup_logging(opts["verbose"], None, syslog=False)
-    if not no_owners and not procfs.is_root():
+    if opts["processes"] and not procfs.is_root():
         report.note("not root: owners are shown only for your own processes")
     source = open_evidence(opts, watch, map_size)
     try:
         started = time.monotonic()
-        engine = Engine(selector, policy, activity=source.read, want_owners=not no_owners,
+        engine = Engine(selector, policy, activity=source.read, want_owners=opts["processes"],
                         namespaces=namespaces)
         scan = engine.scan()
         if source.stats:
@@ -232,7 +231,7 @@ def audit(min_idle, watch, map_size, no_owners, **opts):
     shown = scan.victims if min_idle > 0 else scan.verdicts
     shown = sorted(shown, key=lambda v: (v.idle_ms is None, -(v.idle_ms or 0.0)))
     engine.attribute(scan, shown)
-    report.write_rows((report.row(v, owners=scan.owners) for v in shown), opts["as_json"])
+    report.show(shown, opts["as_json"], owners=scan.owners)
     report.summary_audit(scan.verdicts, len(shown), scan.seen, (time.monotonic() - started) * 1000,
                          min_idle, source.description)
 
@@ -270,7 +269,8 @@ def kill(idle_time, dry_run, use_proc, proc_action, logfile, disable_syslog, all
     report.setup_logging(opts["verbose"], logfile, syslog=not disable_syslog)
     source = open_evidence(opts)
     try:
-        engine = Engine(selector, policy, activity=source.read, namespaces=namespaces)
+        engine = Engine(selector, policy, activity=source.read, want_owners=opts["processes"],
+                        namespaces=namespaces)
         if interval is None:
             failed = _kill_once(engine, opts["as_json"], dry_run)
             sys.exit(1 if failed else 0)
@@ -286,7 +286,7 @@ def _kill_once(engine: Engine, as_json: bool, dry_run: bool, quiet_if_empty: boo
     outcomes = engine.act(scan)
     for outcome in outcomes:
         report.log_outcome(outcome)
-    report.write_rows((report.row(o.verdict, o) for o in outcomes), as_json)
+    report.show(outcomes, as_json)
     if outcomes or not quiet_if_empty:
         report.summary_kill(outcomes, len(scan.verdicts), len(scan.victims),
                             (time.monotonic() - started) * 1000, dry_run)
@@ -389,6 +389,7 @@ def track(idle_time, dry_run, use_proc, proc_action, logfile, disable_syslog, al
         interval=interval, pin_dir=opts["pin_dir"], map_size=map_size, hook=bpf_hook,
         as_json=opts["as_json"], event_log=event_log, metrics_port=metrics_port,
         metrics_addr=metrics_addr, namespaces=namespaces, require_bpf=opts["require_bpf"],
+        processes=opts["processes"],
     )
     sys.exit(tracking.run(selector, policy, options))
 

@@ -57,7 +57,7 @@ class Engine:
         selector: Selector,
         policy: Policy,
         activity: Optional[ActivitySource] = None,
-        want_owners: bool = True,
+        want_owners: bool = False,
         namespaces: Optional[Sequence[netns.Netns]] = None,
     ):
         self.selector = selector

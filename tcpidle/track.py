@@ -65,6 +65,7 @@ class TrackOptions:
     namespaces: Optional[Sequence] = None  # tcpidle.netns.Netns list; None: our own
     cache_dir: Optional[str] = None  # kernel header cache of the probe
     require_bpf: bool = False  # no probe: fail rather than track with tcp_info
+    processes: bool = False  # -p: owners of every victim, from /proc
 
 
 # ---------------------------------------------------------------------------
@@ -200,7 +201,7 @@ class Tracker:
         for outcome in outcomes:
             report.log_outcome(outcome)
         if outcomes:
-            report.write_rows((report.row(o.verdict, o) for o in outcomes), self.as_json)
+            report.show(outcomes, self.as_json)
             report.summary_kill(outcomes, len(scan.verdicts), len(scan.victims),
                                 elapsed * 1000.0, dry_run, prefix="track")
         if self.events is not None:
@@ -342,7 +343,7 @@ def run(selector: Selector, policy: Policy, options: TrackOptions) -> int:
     """
     if not policy.dry_run:
         require_privilege("track")
-    engine = Engine(selector, policy, namespaces=options.namespaces)
+    engine = Engine(selector, policy, want_owners=options.processes, namespaces=options.namespaces)
     events = EventLog(options.event_log) if options.event_log else None
     metrics = None
     probe = None

@@ -113,7 +113,7 @@ def test_kill_destroys_exactly_the_idle_connections_on_the_port(
     farm.populate(PORTS, addrs=(V4, V6), idle=2, active=1)
     time.sleep(0.6)  # idle ones > 400 ms idle; active ones talk every 50 ms
 
-    res = run_tcpidle(netns, "kill", *flags, "-d", 7002, "-t", 300, "--json")
+    res = run_tcpidle(netns, "kill", *flags, "-d", 7002, "-t", 300, "--json", "-p")
     assert res.returncode == 0, res.stderr
 
     st = farm.status()
@@ -121,9 +121,9 @@ def test_kill_destroys_exactly_the_idle_connections_on_the_port(
     assert len(victims) == 2 * len(families)
     rows = json_lines(res.stdout)
     assert_rows_match(rows, victims, "destroyed")
-    # The owner is known from /proc: this farm process.
+    # -p: the owner is known from /proc: this farm process.
     for row in rows:
-        assert farm.pid in row["pids"], row
+        assert row["pids"] == [farm.pid], row
 
     st = assert_destroyed(farm, victims)
     rest = assert_untouched(farm, st, [v["id"] for v in victims])

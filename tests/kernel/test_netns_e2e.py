@@ -82,7 +82,7 @@ def peer_id(status, cid):
 
 
 def test_all_netns_audit_labels_each_namespace(three):
-    result = tcpidle("audit", "--all-netns", "-d", PORT, "--json")
+    result = tcpidle("audit", "--all-netns", "-d", PORT, "--json", "-p")
     assert result.returncode == 0, result.stderr
     rows = {r["cookie"]: r for r in parse_json_lines(result.stdout)}
     for ns, farm in three:
@@ -134,7 +134,7 @@ def test_owner_attribution_and_owner_selectors(make_netns, make_farm, named_pyth
     try:
         alpha.populate([PORT], addrs=("127.0.0.1",), idle=2, active=0)
         beta.populate([PORT], addrs=("127.0.0.1",), idle=2, active=0)
-        audit = tcpidle("audit", "--netns", ns.name, "-d", PORT, "--json")
+        audit = tcpidle("audit", "--netns", ns.name, "-d", PORT, "--json", "-p")
         rows = {r["cookie"]: r for r in parse_json_lines(audit.stdout)}
         for farm, comm in ((alpha, "tcpidle-alpha"), (beta, "tcpidle-beta")):
             for c in clients(farm):
@@ -146,6 +146,10 @@ def test_owner_attribution_and_owner_selectors(make_netns, make_farm, named_pyth
 
         by_comm = tcpidle("audit", "--netns", ns.name, "--comm", "tcpidle-alpha", "--json")
         assert {r["cookie"] for r in parse_json_lines(by_comm.stdout)} == {c["cookie"] for c in clients(alpha)}
+
+        # Without -p no /proc walk: owners are unknown (as ss without -p).
+        plain = tcpidle("audit", "--netns", ns.name, "-d", PORT, "--json")
+        assert {tuple(r["pids"]) for r in parse_json_lines(plain.stdout)} == {()}
 
         killed = tcpidle("kill", "--netns", ns.name, "--pid", beta.pid, "--json", "--disable-syslog")
         assert killed.returncode == 0, killed.stderr

@@ -157,7 +157,7 @@ def test_kills_what_turns_idle_spares_active_and_protected(netns, make_farm, tra
 
     t = trackers(netns, "-d", "%d,%d" % (PORT, PORT + 1), "--exclude-port", PORT + 1,
                  "-t", 500, "--interval", 0.3, "--pin-dir", pin_dir, "--event-log", events,
-                 "-f", logfile, "--json")
+                 "-f", logfile, "--json", "-p")
     t.wait_ready()
     assert "BPF probe on " in t.stderr()
     assert "maps pinned in %s (new maps)" % pin_dir in t.stderr()

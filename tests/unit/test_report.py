@@ -42,19 +42,29 @@ def test_kill_row_adds_action_and_error():
 
 def test_json_lines_round_trip():
     out = io.StringIO()
-    report.write_rows([report.row(verdict()), report.row(verdict(idle_ms=None, source=None))], True, out)
+    report.show([verdict(), verdict(idle_ms=None, source=None)], True, out=out)
     lines = out.getvalue().splitlines()
     assert len(lines) == 2
+    assert json.loads(lines[0]) == report.row(verdict())
     assert json.loads(lines[1])["idle_ms"] is None
+
+
+def test_json_escapes_names_that_need_it():
+    o = Outcome(verdict(netns='we"ird\\ns'), "failed", 'line "one"\nline two', (5,), ('ev"il',), ("/a\tb",))
+    out = io.StringIO()
+    report.show([o], True, out=out)
+    obj = json.loads(out.getvalue())
+    assert obj["netns"] == 'we"ird\\ns' and obj["error"] == 'line "one"\nline two'
+    assert obj["comms"] == ['ev"il'] and obj["cgroups"] == ["/a\tb"]
 
 
 def test_table_brackets_ipv6_and_aligns():
     out = io.StringIO()
-    o = Outcome(verdict(netns=4026532000), "destroyed", None, (5,), ("redis",))
-    report.write_rows([report.row(o.verdict, o)], False, out)
+    o = Outcome(verdict(netns=4026532000), "destroyed", None, (5, 9), ("redis",))
+    report.show([o], False, out=out)
     header, line = out.getvalue().splitlines()
     assert header.split() == ["NETNS", "STATE", "LOCAL", "PEER", "IDLE_MS", "SOURCE", "OWNER", "COOKIE", "ACTION"]
-    assert "[fd00::1]:5000" in line and "[fd00::2]:443" in line and "redis/5" in line
+    assert "[fd00::1]:5000" in line and "[fd00::2]:443" in line and "redis[5,9]" in line
     assert line.split()[0] == "4026532000" and line.endswith("destroyed")
 
 
@@ -68,5 +78,5 @@ def test_every_kill_is_logged_with_cookie_tuple_idle_source_outcome(tmp_path):
             h.close()
     text = logfile.read_text()
     for needle in ("destroyed", "cookie=42", "[fd00::1]:5000", "[fd00::2]:443", "idle_ms=1235",
-                   "source=bpf", "5/redis"):
+                   "source=bpf", "owners=redis[5]"):
         assert needle in text, needle

@@ -18,13 +18,10 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional
 
-from . import probe
 from .errors import RuntimeFailure
-from .model import Activity
+from .model import DEFAULT_PIN_DIR, Activity
 
 log = logging.getLogger("tcpidle")
-
-DEFAULT_PIN_DIR = probe.DEFAULT_PIN_DIR
 
 
 @dataclass
@@ -44,10 +41,12 @@ def open_source(pin_dir: str = DEFAULT_PIN_DIR, watch_s: Optional[float] = None,
                 map_size: int = 65536, require_bpf: bool = False,
                 progress: Optional[Callable[[str], None]] = None) -> Source:
     """Pick the best activity source available; RuntimeFailure if --require-bpf finds none."""
+    from . import probe  # ctypes/libbpf set-up: only when BPF is wanted
+
     reason = None
     if watch_s:
         try:
-            return _watch(watch_s, map_size, progress)
+            return _watch(probe, watch_s, map_size, progress)
         except probe.ProbeUnavailable as exc:
             reason = "BPF probe unavailable: %s" % exc
     elif _pinned(pin_dir):

@@ -32,11 +32,13 @@ Layouts used (include/uapi/linux/{netlink,inet_diag,sock_diag,tcp}.h):
 
 from __future__ import annotations
 
+import array
 import errno
 import os
 import select
 import socket
 import struct
+import sys
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 from tcpidle import errors, netns
@@ -101,8 +103,11 @@ REQ_V2_LEN = 56
 _MSG_MIN = NLMSGHDR_LEN + DIAG_MSG_LEN  # 88
 _DESTROY_MSG_LEN = NLMSGHDR_LEN + REQ_V2_LEN  # 72
 
-# Ports arrive in network byte order; a table lookup is the cheapest swap.
-_NTOHS = [socket.ntohs(i) for i in range(65536)]
+# Ports arrive in network byte order; a table lookup is the cheapest swap
+# (built as an array: 2 ms at import instead of 5 ms for a list).
+_NTOHS = array.array("H", range(65536))
+if sys.byteorder == "little":
+    _NTOHS.byteswap()
 
 # Receive buffer we ask for with SO_RCVBUFFORCE (root) or SO_RCVBUF (capped by
 # net.core.rmem_max).  The kernel doubles the value for bookkeeping overhead.

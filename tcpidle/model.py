@@ -40,6 +40,9 @@ class TcpState(IntEnum):
 
 FAMILY_NAMES = {AF_INET: "ipv4", AF_INET6: "ipv6"}
 
+# Where `tcpidle track` pins its BPF maps, and `audit`/`kill` look for them.
+DEFAULT_PIN_DIR = "/sys/fs/bpf/tcpidle"
+
 
 @dataclass(frozen=True)
 class Socket:

@@ -40,7 +40,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from . import kheaders
 from .errors import RuntimeFailure, UsageError
-from .model import Activity
+from .model import DEFAULT_PIN_DIR, Activity
 
 HOOKS = ("fentry", "kprobe", "tracepoint")
 RCV_FUNC = "tcp_rcv_established"
@@ -627,7 +627,6 @@ class PinnedMap(MapReader):
 # trackers from feeding the same maps (flock on the directory: released by
 # the kernel however the holder dies), and removes pins on request.
 
-DEFAULT_PIN_DIR = "/sys/fs/bpf/tcpidle"
 
 
 class PinError(ProbeUnavailable):

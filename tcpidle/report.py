@@ -82,6 +82,9 @@ def setup_logging(verbose: int = 0, logfile: Optional[str] = None, syslog: bool 
         sh.setLevel(logging.INFO)
         sh.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(sh)
+    # The logger's own level is the lowest any handler takes, so a record no
+    # handler wants (a kill line with only stderr at WARNING) is never built.
+    log.setLevel(min(h.level for h in log.handlers))
 
 
 def reopen_logs() -> None:

@@ -21,6 +21,7 @@ Owns the life of the daemon around the one-pass engine:
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -259,6 +260,7 @@ class Tracker:
             self._reopen_if_asked()
             started = self.clock()
             self.poll_safely()
+            gc.collect()  # the CLI disables automatic collection (see cli.main)
             self._sleep_until(started + self.interval)
 
     def _sleep_until(self, deadline: float) -> None:

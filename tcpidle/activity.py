@@ -70,7 +70,7 @@ def _pinned(pin_dir: str) -> bool:
     return os.path.exists(os.path.join(pin_dir, "activity"))
 
 
-def _watch(watch_s: float, map_size: int, progress) -> Source:
+def _watch(probe, watch_s: float, map_size: int, progress) -> Source:
     attached = probe.Probe.attach(map_size=map_size, log=log)  # logs hook, headers, start-up time
     try:
         deadline = time.monotonic() + watch_s

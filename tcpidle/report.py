@@ -15,7 +15,7 @@ import logging.handlers
 import os
 import sys
 from collections import Counter
-from typing import Dict, Iterable, Optional, Sequence, TextIO
+from typing import Dict, Optional, Sequence, TextIO
 
 from .model import FAMILY_NAMES, Outcome, TcpState, Verdict
 

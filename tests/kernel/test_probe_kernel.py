@@ -111,7 +111,9 @@ def cache_dir():
 
 @pytest.fixture(scope="module")
 def probe(cache_dir):
-    p = Probe.attach(map_size=4096, hook="auto", cache_dir=cache_dir)
+    # The probe sees every namespace of the host: a map larger than any
+    # churn another test or benchmark makes, so the LRU never evicts ours.
+    p = Probe.attach(map_size=1 << 18, hook="auto", cache_dir=cache_dir)
     yield p
     p.close()
 

@@ -9,8 +9,6 @@ that runs from our own namespace; no thread is ever left in a foreign one.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -47,6 +45,9 @@ def _setns(fd: int) -> None:
     if setns is not None:
         setns(fd, CLONE_NEWNET)
         return
+    import ctypes  # only before Python 3.12, and only when entering a namespace
+    import ctypes.util
+
     global _libc
     if _libc is None:
         _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)

@@ -17,7 +17,6 @@ Nothing here prints; failures are exceptions (`ProcActionError`, and its
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import signal
@@ -245,6 +244,8 @@ def _pidfd_getfd(pidfd: int, targetfd: int) -> int:
     native = getattr(os, "pidfd_getfd", None)
     if native is not None:
         return native(pidfd, targetfd)
+    import ctypes  # only the /proc fallback needs it, and only before Python 3.14
+
     global _libc
     if _libc is None:
         _libc = ctypes.CDLL(None, use_errno=True)

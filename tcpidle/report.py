@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import logging.handlers
 import os
 import sys
 from collections import Counter
@@ -128,6 +127,17 @@ _SOURCE_JSON = {None: "null", "bpf": '"bpf"', "tcp_info": '"tcp_info"'}
 _dumps = json.dumps
 
 
+class _Quoted(dict):
+    """value -> its JSON text, computed once per distinct value (labels, actions, errors)."""
+
+    def __missing__(self, value):
+        text = self[value] = _dumps(value)
+        return text
+
+
+_quoted = _Quoted({None: "null"})
+
+
 def json_line(verdict: Verdict, outcome: Optional[Outcome] = None, owners: Optional[Dict] = None) -> str:
     """The JSON object of one connection (with `action`/`error` when acted on), no newline."""
     s = verdict.socket
@@ -142,7 +152,7 @@ def json_line(verdict: Verdict, outcome: Optional[Outcome] = None, owners: Optio
         else:
             pids = comms = cgroups = ()
     text = _ROW % (
-        s.cookie, _dumps(s.netns), _FAMILY_JSON.get(s.family) or _dumps(str(s.family)),
+        s.cookie, _quoted[s.netns], _FAMILY_JSON.get(s.family) or _dumps(str(s.family)),
         _STATE_JSON.get(s.state) or _dumps(s.state_name), s.src, s.sport, s.dst, s.dport,
         _number(verdict.idle_ms), _SOURCE_JSON.get(verdict.idle_source) or _dumps(verdict.idle_source),
         _number(verdict.last_rx_ms), s.inode, s.uid,
@@ -150,7 +160,8 @@ def json_line(verdict: Verdict, outcome: Optional[Outcome] = None, owners: Optio
     )
     if outcome is None:
         return text + "}"
-    return text + _ACTED % (_dumps(outcome.action), _dumps(outcome.error))
+    return text + _ACTED % (_quoted[outcome.action], _quoted[outcome.error] if outcome.error is None
+                            else _dumps(outcome.error))
 
 
 def owners_text(pids: Sequence[int], comms: Sequence[str]) -> str:
@@ -161,7 +172,7 @@ def owners_text(pids: Sequence[int], comms: Sequence[str]) -> str:
 
 
 def _number(ms: Optional[float]) -> str:
-    return "null" if ms is None else repr(round(ms, 3))
+    return "null" if ms is None else repr(round(ms, 3))  # float repr is JSON's
 
 
 def _list(items) -> str:

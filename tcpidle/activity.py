@@ -41,9 +41,9 @@ def open_source(pin_dir: str = DEFAULT_PIN_DIR, watch_s: Optional[float] = None,
                 map_size: int = 65536, require_bpf: bool = False,
                 progress: Optional[Callable[[str], None]] = None) -> Source:
     """Pick the best activity source available; RuntimeFailure if --require-bpf finds none."""
-    from . import probe  # ctypes/libbpf set-up: only when BPF is wanted
-
     reason = None
+    if watch_s or _pinned(pin_dir):
+        from . import probe  # ctypes and libbpf: only when there is BPF to read
     if watch_s:
         try:
             return _watch(probe, watch_s, map_size, progress)

@@ -201,7 +201,9 @@ class Engine:
 
     @staticmethod
     def _outcome(verdict: Verdict, action: str, error: Optional[str], owners) -> Outcome:
-        held = owners.get(verdict.socket.inode, ())
+        held = owners.get(verdict.socket.inode)
+        if not held:
+            return Outcome(verdict, action, error)
         return Outcome(
             verdict, action, error,
             tuple(sorted({o.pid for o in held})),

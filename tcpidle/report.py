@@ -98,6 +98,8 @@ def log_outcome(outcome: Outcome) -> None:
     v = outcome.verdict
     s = v.socket
     level = logging.WARNING if outcome.action == "failed" else logging.INFO
+    if not log.isEnabledFor(level):  # no handler wants it: don't format it
+        return
     log.log(
         level,
         "%s cookie=%d %s %s -> %s state=%s idle_ms=%s source=%s owners=%s%s",

@@ -56,10 +56,24 @@ def iperf_bps(seconds: float) -> float:
     return json.loads(out.stdout)["end"]["sum_received"]["bits_per_second"]
 
 
+def prog_stats() -> dict:
+    """{fd: (run_cnt, run_time_ns)} of this process's BPF programs (kernel.bpf_stats_enabled)."""
+    out = {}
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            with open("/proc/self/fdinfo/%s" % fd) as f:
+                info = dict(line.split(":\t", 1) for line in f.read().splitlines() if ":\t" in line)
+        except OSError:
+            continue
+        if "prog_type" in info and "run_cnt" in info:
+            out[fd] = (int(info["run_cnt"]), int(info["run_time_ns"]))
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--seconds", type=int, default=3)
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench_probe_tools.py needs root")
@@ -78,13 +92,30 @@ def main() -> int:
         rr = {"without": [], "with": []}
         bulk = {"without": [], "with": []}
         hook = None
+        # The kernel's own account of the program: run count and time per run,
+        # free of the round-to-round noise of a shared machine.
+        subprocess.run(["sysctl", "-qw", "kernel.bpf_stats_enabled=1"], check=False)
+        runs = run_ns = txs = 0
         for r in range(args.rounds):
             for which in (("without", "with") if r % 2 == 0 else ("with", "without")):
                 probe = Probe.attach(map_size=65536) if which == "with" else None
                 try:
                     if probe is not None:
                         hook = probe.describe().partition(" (")[0]
-                    rr[which].append(sockperf_rate(args.seconds))
+                    # Attaching runs clang at full CPU for ~0.4 s: let both
+                    # sides start from the same quiet state, then warm up.
+                    time.sleep(1.0)
+                    sockperf_rate(1)
+                    before = prog_stats()
+                    rate = sockperf_rate(args.seconds)
+                    rr[which].append(rate)
+                    if probe is not None:
+                        after = prog_stats()
+                        for fd, (cnt, ns) in after.items():
+                            cnt0, ns0 = before.get(fd, (0, 0))
+                            runs += cnt - cnt0
+                            run_ns += ns - ns0
+                        txs += rate * args.seconds
                     bulk[which].append(iperf_bps(args.seconds))
                 finally:
                     if probe is not None:
@@ -105,8 +136,19 @@ def main() -> int:
         print("| `iperf3` one stream (bulk) | %.2f Gbit/s | %.2f Gbit/s | **%.1f%%** | |"
               % (statistics.median(bulk["without"]) / 1e9, statistics.median(bulk["with"]) / 1e9,
                  bulk_ratio * 100))
+        if runs and txs:
+            per_tx_us = run_ns / txs / 1000
+            tx_us = 1e6 / statistics.median(rr["without"])
+            print("\nKernel BPF statistics during the ping-pong rounds: %.0f ns per program run, "
+                  "%.2f runs per transaction, so %.2f us of a %.1f us transaction: **%.1f%%** of "
+                  "request/response time is the program itself (the rest of the end-to-end "
+                  "difference is the tracepoint's own record-building and this machine's noise; "
+                  "rounds without the probe vary by %.0f%%)." % (
+                      run_ns / runs, runs / txs, per_tx_us, tx_us, per_tx_us / tx_us * 100,
+                      (max(rr["without"]) - min(rr["without"])) / statistics.median(rr["without"]) * 100))
         return 0
     finally:
+        subprocess.run(["sysctl", "-qw", "kernel.bpf_stats_enabled=0"], check=False)
         for p in servers:
             p.kill()
             p.wait()

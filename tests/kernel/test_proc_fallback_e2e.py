@@ -87,3 +87,46 @@ def test_use_proc_kill_kills_the_owner_process(netns, make_farm, run_tcpidle, js
     sst = server.wait_until(lambda s: any(not r["alive"] for r in s.values()), timeout=5)
     ended = [r for r in sst.values() if not r["alive"]]
     assert len(ended) == 1 and ended[0]["remote"] == victim["local"], ended
+
+
+def test_eopnotsupp_switches_to_the_proc_fallback_once_and_says_so(
+        netns, make_farm, monkeypatch, caplog):
+    """A kernel without CONFIG_INET_DIAG_DESTROY answers EOPNOTSUPP.
+
+    This kernel has SOCK_DESTROY, so only that one answer is substituted;
+    the dump, the /proc walk and the shutdown in the owner are real.
+    """
+    import errno
+
+    from tcpidle import diag, netns as tnetns
+    from tcpidle.engine import Engine
+    from tcpidle.model import PortSet, Policy, Selector
+
+    server = make_farm(netns)
+    server.serve([PORT])
+    owner = make_farm(netns)
+    victims = owner.connect("127.0.0.1", PORT, label="idle", n=2)
+    calls = []
+
+    def no_destroy(self, sockets, batch=256):
+        calls.append(len(sockets))
+        return [errno.EOPNOTSUPP] * len(sockets)
+
+    monkeypatch.setattr(diag.DiagSocket, "destroy", no_destroy)
+    engine = Engine(Selector(dports=PortSet(((PORT, PORT),))), Policy(),
+                    namespaces=[tnetns.resolve(netns.name)])
+    with caplog.at_level("WARNING", logger="tcpidle"):
+        outcomes = engine.act(engine.scan())
+        assert {o.action for o in outcomes} == {"shutdown"}
+        assert {o.verdict.socket.cookie for o in outcomes} == {v["cookie"] for v in victims}
+        assert all(o.pids == (owner.pid,) for o in outcomes)
+        # Sticky: the next pass goes straight to /proc, without asking the kernel again.
+        more = owner.connect("127.0.0.1", PORT, label="idle")
+        again = engine.act(engine.scan())
+        assert [o.action for o in again] == ["shutdown"] and again[0].verdict.socket.cookie == more[0]["cookie"]
+    assert calls == [2]
+    said = [r.getMessage() for r in caplog.records if "CONFIG_INET_DIAG_DESTROY" in r.getMessage()]
+    assert len(said) == 1 and "falling back to /proc" in said[0]
+    st = owner.wait_until(lambda s: all(ended_badly_or_eof(s[v["id"]]) for v in victims + more))
+    assert all(ended_badly_or_eof(st[v["id"]]) for v in victims + more)
+    assert owner.running()

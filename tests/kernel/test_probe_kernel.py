@@ -31,7 +31,7 @@ TESTS_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if TESTS_DIR not in sys.path:
     sys.path.insert(0, TESTS_DIR)
 
-from lab.netns import NetnsFactory, cookie_of as cookie, in_netns  # noqa: E402
+from lab.netns import NetnsFactory, cookie_of as cookie, in_netns, wait_for  # noqa: E402
 
 pytestmark = [
     pytest.mark.kernel,
@@ -90,13 +90,6 @@ class Conns:
         self.socks = []
 
 
-def wait_for(pred, timeout=5.0, step=0.02):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(step)
 
 
 # -- fixtures -------------------------------------------------------------------

@@ -28,7 +28,7 @@ import urllib.request
 
 import pytest
 
-from lab.netns import in_netns  # noqa: E402
+from lab.netns import in_netns, wait_for  # noqa: E402
 from conftest import parse_json_lines  # noqa: E402
 from tcpidle.probe import (PIN_NAMES, VALUE, PinError, PinnedMap, Probe, ProbeUnavailable,
                            is_bpffs, libbpf, mount_bpffs, pin_dir_holder, remove_pins)
@@ -44,13 +44,6 @@ _seq = iter(range(1, 1000))
 # -- helpers ------------------------------------------------------------------------
 
 
-def wait_for(pred, timeout=10.0, step=0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(step)
 
 
 def read_lines(path):

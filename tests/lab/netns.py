@@ -182,3 +182,13 @@ def in_netns(name, fn, timeout=30):
     if "error" in box:
         raise box["error"]
     return box["value"]
+
+
+def wait_for(pred, timeout=10.0, step=0.05):
+    """Poll pred() until it returns something true or `timeout` passes; its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(step)

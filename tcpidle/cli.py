@@ -9,18 +9,16 @@ on stderr, `tcpidle: error: ...`.
 from __future__ import annotations
 
 import gc
-import signal
 import sys
-from dataclasses import replace
-import threading
 import time
+from dataclasses import replace
 from typing import List, Optional
 
 import click
 
 from . import activity, netns, procfs, report, selectors
-from .engine import Engine, require_privilege
-from .errors import PrivilegeError, TcpidleError, UsageError
+from .engine import Engine, require_privilege, run_pass
+from .errors import TcpidleError, UsageError
 from .model import AF_INET, AF_INET6, Policy, Selector
 
 EPILOG_SELECTORS = """\b
@@ -273,49 +271,27 @@ def kill(idle_time, dry_run, use_proc, proc_action, logfile, disable_syslog, all
         engine = Engine(selector, policy, activity=source.read, want_owners=opts["processes"],
                         namespaces=namespaces)
         if interval is None:
-            failed = _kill_once(engine, opts["as_json"], dry_run)
-            sys.exit(1 if failed else 0)
-        _poll(engine, interval, opts["as_json"], dry_run)
+            _scan, outcomes, _elapsed = run_pass(engine, opts["as_json"], "kill")
+            sys.exit(1 if any(o.action == "failed" for o in outcomes) else 0)
+        _poll(engine, interval, opts["as_json"])
     finally:
         source.close()
 
 
-def _kill_once(engine: Engine, as_json: bool, dry_run: bool, quiet_if_empty: bool = False) -> int:
-    """One scan and act; returns the number of failed kills."""
-    started = time.monotonic()
-    scan = engine.scan()
-    outcomes = engine.act(scan)
-    for outcome in outcomes:
-        report.log_outcome(outcome)
-    report.show(outcomes, as_json)
-    if outcomes or not quiet_if_empty:
-        report.summary_kill(outcomes, len(scan.verdicts), len(scan.victims),
-                            (time.monotonic() - started) * 1000, dry_run)
-    return sum(1 for o in outcomes if o.action == "failed")
+def _poll(engine: Engine, interval: float, as_json: bool) -> None:
+    """kill -i: the tracker's loop without a probe of its own; exit 0 on SIGINT/SIGTERM."""
+    from .track import Tracker  # the daemon's loop: signals, contained failures, SIGHUP
 
-
-def _poll(engine: Engine, interval: float, as_json: bool, dry_run: bool) -> None:
-    """Scan and act every `interval` seconds until SIGINT or SIGTERM; exit 0."""
-    stop = threading.Event()
-
-    def on_signal(signum, frame):
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGHUP, lambda *_: report.reopen_logs())
+    tracker = Tracker(engine, interval, as_json=as_json, name="kill")
+    restore = tracker.install_signals()
     report.set_stdout_line_buffered()
     report.note("polling every %g s; SIGINT or SIGTERM stops" % interval)
-    while not stop.is_set():
-        try:
-            _kill_once(engine, as_json, dry_run, quiet_if_empty=True)
-        except (PrivilegeError, UsageError):
-            raise
-        except (TcpidleError, OSError) as exc:
-            report.log.error("poll failed: %s (retrying in %g s)", exc, interval)
-        gc.collect()
-        stop.wait(interval)
-    report.note("stopped")
+    try:
+        tracker.run()
+    finally:
+        tracker.close()
+        restore()
+    report.note("stopped after %d polls" % tracker.polls)
     sys.exit(0)
 
 

@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from . import diag, idle, netns, procfs, selectors
+from . import diag, idle, netns, procfs, report, selectors
 from .errors import PrivilegeError, RuntimeFailure
 from .model import Action, Activity, Outcome, Policy, Selector, Socket, Verdict
 
@@ -216,6 +216,26 @@ def _cgroups(owners, verdict: Verdict) -> Tuple[str, ...]:
     return tuple(sorted({o.cgroup for o in owners.get(verdict.socket.inode, ()) if o.cgroup}))
 
 
+def run_pass(engine: "Engine", as_json: bool, name: str, quiet_if_empty: bool = False,
+             clock: Callable[[], float] = time.monotonic) -> Tuple[Scan, List[Outcome], float]:
+    """One pass as the user sees it: scan, act, a log line per outcome, the rows, a summary.
+
+    Shared by one-shot `kill` and every poll of `kill -i` and `track`
+    (`name` prefixes the summary).  Returns (scan, outcomes, seconds taken).
+    """
+    started = clock()
+    scan = engine.scan()
+    outcomes = engine.act(scan)
+    elapsed = clock() - started
+    for outcome in outcomes:
+        report.log_outcome(outcome)
+    report.show(outcomes, as_json)
+    if outcomes or not quiet_if_empty:
+        report.summary_kill(outcomes, len(scan.verdicts), len(scan.victims), elapsed * 1000.0,
+                            engine.policy.dry_run, prefix=name)
+    return scan, outcomes, elapsed
+
+
 def _open_diag(ns: netns.Netns) -> diag.DiagSocket:
     """A DiagSocket bound to `ns`, its records labelled with the namespace's label."""
     if ns.path is None:
@@ -252,4 +272,4 @@ def require_privilege(what: str) -> None:
         raise PrivilegeError("%s needs CAP_NET_ADMIN: run as root" % what)
 
 
-__all__ = ["Engine", "Scan", "require_privilege", "RuntimeFailure"]
+__all__ = ["Engine", "Scan", "run_pass", "require_privilege", "RuntimeFailure"]

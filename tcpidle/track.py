@@ -33,7 +33,7 @@ from datetime import datetime, timezone
 from typing import Callable, Dict, List, Optional, Sequence
 
 from . import report
-from .engine import Engine, require_privilege
+from .engine import Engine, require_privilege, run_pass
 from .errors import PrivilegeError, RuntimeFailure, TcpidleError
 from .model import Outcome, Policy, Selector
 from .probe import (DEFAULT_PIN_DIR, PinError, Probe, ProbeUnavailable, pinned_activity,
@@ -135,7 +135,7 @@ class Tracker:
 
     def __init__(self, engine: Engine, interval: float, probe: Optional[Probe] = None,
                  events: Optional[EventLog] = None, metrics=None, as_json: bool = False,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, name: str = "track"):
         if not interval > 0:
             raise ValueError("interval must be positive")
         self.engine = engine
@@ -145,6 +145,7 @@ class Tracker:
         self.metrics = metrics
         self.as_json = as_json
         self.clock = clock
+        self.name = name  # prefixes the per-poll summary: "track", or "kill" for kill -i
         self.polls = 0
         self.errors = 0
         self.acted = 0
@@ -191,20 +192,12 @@ class Tracker:
 
     def poll(self) -> List[Outcome]:
         """One scan and act; raises whatever they raise."""
-        started = self.clock()
-        scan = self.engine.scan()
-        outcomes = self.engine.act(scan)
+        scan, outcomes, elapsed = run_pass(self.engine, self.as_json, self.name,
+                                           quiet_if_empty=True, clock=self.clock)
         ts = now_iso()
-        elapsed = self.clock() - started
         self.polls += 1
         self.acted += len(outcomes)
         dry_run = self.engine.policy.dry_run
-        for outcome in outcomes:
-            report.log_outcome(outcome)
-        if outcomes:
-            report.show(outcomes, self.as_json)
-            report.summary_kill(outcomes, len(scan.verdicts), len(scan.victims),
-                                elapsed * 1000.0, dry_run, prefix="track")
         if self.events is not None:
             try:
                 self.events.write(outcomes, dry_run, ts)

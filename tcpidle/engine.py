@@ -93,8 +93,9 @@ class Engine:
                 continue
             with nl:
                 now_ns = time.monotonic_ns()
-                for family in selectors.selector_families(self.selector):
-                    found.extend((sk, now_ns) for sk in nl.dump(family, self.states_mask, self.bytecode))
+                socks = nl.dump_sockets(selectors.selector_families(self.selector),
+                                        self.states_mask, self.bytecode)
+                found.extend((sk, now_ns) for sk in socks)
         dump_ms = (time.monotonic() - started) * 1000.0
         # Read after the dump: a socket that received data meanwhile has a
         # stamp newer than its "now", i.e. idle 0 -- the safe direction.

@@ -170,6 +170,73 @@ def test_dump_finds_exactly_our_sockets(ns):
     assert any(r.src.startswith("::ffff:127.") for r in got.values())
 
 
+def _mixed_sockets(ns):
+    """Listeners, connections and a TIME_WAIT socket of both families (and v4-mapped)."""
+    l4 = ns.listener(AF_INET, "127.0.0.1", 4000)
+    l6 = ns.listener(AF_INET6, "::1", 6000)
+    ld = ns.listener(AF_INET6, "::", 6001, v6only=False)
+    for _ in range(3):
+        ns.pair(l4, AF_INET, "127.0.0.1", 4000)
+        ns.pair(l6, AF_INET6, "::1", 6000)
+        ns.pair(ld, AF_INET, "127.0.0.1", 6001)
+    twc, twa = ns.pair(l6, AF_INET6, "::1", 6000)
+    twc.close()  # active close: twc ends in TIME_WAIT once twa closes too
+    assert twa.recv(1) == b""
+    twa.close()
+
+
+def _identity(rec):
+    return (rec.cookie, rec.family, rec.state, rec.src, rec.sport, rec.dst, rec.dport,
+            rec.inode, rec.uid, rec.raw_id, rec.last_data_recv_ms is None)
+
+
+def test_both_families_come_from_one_walk_like_two_per_family_dumps(ns):
+    _mixed_sockets(ns)
+    dport_6000 = struct.pack("=BBHBBH", 12, 8, 12, 0, 0, 6000)  # INET_DIAG_BC_D_EQ
+    with ns.diag() as ds:
+        for bc in (b"", dport_6000):
+            per_family = ds.dump(AF_INET, ALL, bc) + ds.dump(AF_INET6, ALL, bc)
+            walks = ds.walks
+            one_walk = ds.dump_sockets(FAMS, ALL, bc)
+            assert ds.walks == walks + 1
+            assert sorted(map(_identity, one_walk)) == sorted(map(_identity, per_family))
+        assert {r.family for r in ds.dump_sockets(FAMS, ALL)} == set(FAMS)
+        # 3 listeners, 9 connections, one TIME_WAIT socket
+        assert len(ds.dump_sockets(FAMS, ALL)) == 3 + 2 * 9 + 1
+        assert {r.dport for r in ds.dump_sockets(FAMS, ALL, dport_6000)} == {6000}
+    assert diag.DiagSocket.single_walk
+
+
+def test_a_refused_one_walk_dump_falls_back_to_per_family_dumps(ns, monkeypatch, caplog):
+    # A kernel without the legacy request refuses it; here the kernel really
+    # refuses an unknown message type (EINVAL) sent in its place.
+    _mixed_sockets(ns)
+    with ns.diag() as ds:
+        want = sorted(map(_identity, ds.dump(AF_INET, ALL) + ds.dump(AF_INET6, ALL)))
+        monkeypatch.setattr(diag, "TCPDIAG_GETSOCK", 99)
+        monkeypatch.setattr(diag.DiagSocket, "single_walk", True)
+        with caplog.at_level("INFO", logger="tcpidle"):
+            walks = ds.walks
+            got = ds.dump_sockets(FAMS, ALL)
+            assert ds.walks == walks + 3  # refused, then one per family
+            assert sorted(map(_identity, got)) == want
+            assert diag.DiagSocket.single_walk is False
+            walks = ds.walks
+            assert sorted(map(_identity, ds.dump_sockets(FAMS, ALL))) == want
+            assert ds.walks == walks + 2  # not asked again
+    assert [r.getMessage() for r in caplog.records].count(
+        "kernel refused the one-walk dump of both families "
+        "(INET_DIAG dump request: Invalid argument): dumping per family") == 1
+
+
+def test_a_bad_bytecode_does_not_disable_the_one_walk_dump(ns):
+    with ns.diag() as ds:
+        with pytest.raises(errors.NetlinkError) as ei:
+            ds.dump_sockets(FAMS, ALL, struct.pack("=BBH", 12, 0, 0))
+        assert ei.value.errno == errno.EINVAL
+    assert diag.DiagSocket.single_walk
+
+
 def test_tcp_info_times_follow_traffic(ns):
     lst = ns.listener(AF_INET, "127.0.0.1", 4000)
     c, a = ns.pair(lst, AF_INET, "127.0.0.1", 4000)

@@ -301,6 +301,31 @@ def test_build_dump_request_layout():
     assert len(odd) % 4 == 0 and struct.unpack_from("=H", odd, 72)[0] == 9
 
 
+def test_one_walk_request_is_the_legacy_layout():
+    # struct inet_diag_req: family, src_len, dst_len, ext, sockid, states, dbs.
+    bc = struct.pack("=BBHBBH", 12, 8, 12, 0, 0, 80)
+    req = diag.build_dump_request(diag.AF_UNSPEC, 0x402, bc, want_info=True, seq=9)
+    assert len(req) == 16 + 60 + 4 + 8
+    assert NLH.unpack_from(req, 0) == (len(req), diag.TCPDIAG_GETSOCK, 0x301, 9, 0)
+    assert struct.unpack_from("=BBBB", req, 16) == (0, 0, 0, 2)
+    assert req[20:68] == b"\0" * 48
+    assert struct.unpack_from("=II", req, 68) == (0x402, 0)
+    assert struct.unpack_from("=HH", req, 76) == (12, diag.INET_DIAG_REQ_BYTECODE)
+    assert req[80:] == bc
+    assert diag.build_dump_request(diag.AF_UNSPEC, 2, want_info=False)[19] == 0
+
+
+@pytest.mark.parametrize("name", DUMPS)
+def test_records_of_the_legacy_request_decode_alike(name):
+    # The kernel answers TCPDIAG_GETSOCK with records of that type; the
+    # payload is the same inet_diag_msg.
+    buf = bytearray(load(name))
+    for off, _n, t in messages(bytes(buf)):
+        if t == diag.SOCK_DIAG_BY_FAMILY:
+            struct.pack_into("=H", buf, off + 4, diag.TCPDIAG_GETSOCK)
+    assert diag.decode_dump(bytes(buf)) == diag.decode_dump(load(name))
+
+
 def test_destroy_request_carries_the_sockid():
     s = diag.decode_dump(load("dump_v6.bin"))[0]
     b = bytearray(72)

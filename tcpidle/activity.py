@@ -39,14 +39,20 @@ NO_PROBE = "no BPF probe: idle from tcp_info (for ns precision run `tcpidle trac
 
 def open_source(pin_dir: str = DEFAULT_PIN_DIR, watch_s: Optional[float] = None,
                 map_size: int = 65536, require_bpf: bool = False,
-                progress: Optional[Callable[[str], None]] = None) -> Source:
-    """Pick the best activity source available; RuntimeFailure if --require-bpf finds none."""
+                progress: Optional[Callable[[str], None]] = None,
+                prime: Optional[Callable[[], int]] = None) -> Source:
+    """Pick the best activity source available; RuntimeFailure if --require-bpf finds none.
+
+    `prime` (with --watch) makes the kernel give every socket to be scanned
+    its cookie, for hooks that cannot (Probe.needs_cookie_priming); it
+    returns how many sockets it asked about.
+    """
     reason = None
     if watch_s or _pinned(pin_dir):
         from . import probe  # ctypes and libbpf: only when there is BPF to read
     if watch_s:
         try:
-            return _watch(probe, watch_s, map_size, progress)
+            return _watch(probe, watch_s, map_size, progress, prime)
         except probe.ProbeUnavailable as exc:
             reason = "BPF probe unavailable: %s" % exc
     elif _pinned(pin_dir):
@@ -70,9 +76,14 @@ def _pinned(pin_dir: str) -> bool:
     return os.path.exists(os.path.join(pin_dir, "activity"))
 
 
-def _watch(probe, watch_s: float, map_size: int, progress) -> Source:
+def _watch(probe, watch_s: float, map_size: int, progress, prime) -> Source:
     attached = probe.Probe.attach(map_size=map_size, log=log)  # logs hook, headers, start-up time
     try:
+        if prime is not None and attached.needs_cookie_priming:
+            # The hook keys segments by the cookie the socket already has;
+            # an INET_DIAG dump generates it.  Sockets opened during the
+            # watch get theirs only at the final scan: tcp_info serves them.
+            log.info("%s: cookies primed for %d sockets", attached.hook, prime())
         deadline = time.monotonic() + watch_s
         while True:
             left = deadline - time.monotonic()

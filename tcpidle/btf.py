@@ -1,11 +1,11 @@
 """A small reader of the running kernel's BTF, for struct member offsets.
 
 Owns one job: answer "at which byte offset does struct S keep member a.b.c on
-*this* kernel?" from /sys/kernel/btf/vmlinux.  The fentry and kprobe hooks of
-the probe need three such offsets (sk_buff.len, sk_buff.data,
-sock.__sk_common.skc_cookie); taking them from the running kernel's own type
-information, instead of from a header tree that may belong to another kernel,
-is what keeps the probe free of header struct layouts.  The offsets reach the
+*this* kernel?" from /sys/kernel/btf/vmlinux.  The fentry, raw tracepoint and
+kprobe hooks of the probe need a few such offsets (sk_buff.cb, tcp_skb_cb.seq,
+.end_seq, .tcp_flags, sock.__sk_common.skc_cookie); taking them from the
+running kernel's own type information, instead of from a header tree that may
+belong to another kernel, is what keeps the probe free of header struct layouts.  The offsets reach the
 BPF C code as -D compiler flags.
 
 Format (include/uapi/linux/btf.h): a header, then a type section of
@@ -159,10 +159,23 @@ class BTF:
             if found is None:
                 raise BTFError("struct %s has no member %s" % (struct_name, path))
             tid = found[1]
+        size = self._type_size(tid)
+        if size is None:
+            raise BTFError("size of %s.%s unknown (kind %d)"
+                           % (struct_name, path, self._rec(self._resolve(tid))[1]))
+        return size
+
+    def _type_size(self, tid: int, depth: int = 0) -> Optional[int]:
+        """Bytes of a type (ints, pointers, structs, arrays of them); None if unsized."""
         tid = self._resolve(tid)
-        _n, kind, _v, size, _kf, _p = self._rec(tid)
+        _n, kind, _v, size, _kf, pos = self._rec(tid)
         if kind == PTR:
             return 8
         if kind in (INT, STRUCT, UNION, ENUM, ENUM64, FLOAT):
             return size
-        raise BTFError("size of %s.%s unknown (kind %d)" % (struct_name, path, kind))
+        if kind == ARRAY and depth < 8:
+            # struct btf_array {u32 type; u32 index_type; u32 nelems;}
+            elem, _index, nelems = struct.unpack_from("<III", self._data, pos + 12)
+            esize = self._type_size(elem, depth + 1)
+            return None if esize is None else esize * nelems
+        return None

@@ -160,10 +160,10 @@ def narrows(selector: Selector) -> bool:
                                                or selector.uids)
 
 
-def open_evidence(opts, watch: Optional[float] = None, map_size: int = 65536):
+def open_evidence(opts, watch: Optional[float] = None, map_size: int = 65536, prime=None):
     """The activity source for this run, its choice said with -v."""
     source = activity.open_source(opts["pin_dir"], watch, map_size, opts["require_bpf"],
-                                  progress=report.progress if watch else None)
+                                  progress=report.progress if watch else None, prime=prime)
     report.log.info("%s", source.description)
     return source
 
@@ -217,11 +217,11 @@ def audit(min_idle, watch, map_size, **opts):
     report.setup_logging(opts["verbose"], None, syslog=False)
     if opts["processes"] and not procfs.is_root():
         report.note("not root: owners are shown only for your own processes")
-    source = open_evidence(opts, watch, map_size)
+    engine = Engine(selector, policy, want_owners=opts["processes"], namespaces=namespaces)
+    source = open_evidence(opts, watch, map_size, prime=engine.prime_cookies)
     try:
         started = time.monotonic()
-        engine = Engine(selector, policy, activity=source.read, want_owners=opts["processes"],
-                        namespaces=namespaces)
+        engine.activity = source.read
         scan = engine.scan()
         if source.stats:
             report.probe_stats(source.stats())
@@ -307,8 +307,9 @@ def _poll(engine: Engine, interval: float, as_json: bool) -> None:
               help="Poll every S seconds.")
 @click.option("--map-size", type=click.IntRange(min=1, max=1 << 24), default=65536, show_default=True,
               help="Entries of the BPF activity map (a map already pinned keeps its own size).")
-@click.option("--bpf-hook", type=click.Choice(["auto", "fentry", "kprobe", "tracepoint"]), default="auto",
-              show_default=True, help="Where the probe hooks the receive path (auto: best that works).")
+@click.option("--bpf-hook", type=click.Choice(["auto", "fentry", "raw_tracepoint", "kprobe", "tracepoint"]),
+              default="auto", show_default=True,
+              help="Where the probe hooks the receive path (auto: the best that works).")
 @click.option("--max-kills-per-interval", type=click.IntRange(min=0), default=100, show_default=True,
               metavar="N", help="Act on at most N connections per poll, the idlest first; 0 = no limit.")
 @click.option("--exclude-port", "exclude_ports", multiple=True, metavar="PORTS",

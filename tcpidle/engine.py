@@ -24,7 +24,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from . import diag, idle, netns, procfs, report, selectors
 from .errors import PrivilegeError, RuntimeFailure
@@ -76,6 +76,29 @@ class Engine:
 
     # -- enumerate and decide ------------------------------------------------
 
+    def prime_cookies(self) -> int:
+        """Dump the selected sockets once, so that each has its cookie; returns how many.
+
+        The kernel numbers a socket (sock_gen_cookie) the first time someone
+        asks, and an INET_DIAG dump asks for every socket it returns.  Probe
+        hooks that read the number from the socket (raw tracepoint, kprobe)
+        skip sockets never asked about; after this they see all of ours.
+        """
+        primed = 0
+        for nl in self._diag_per_namespace():
+            with nl:
+                primed += len(nl.dump_sockets(selectors.selector_families(self.selector),
+                                              self.states_mask, self.bytecode, want_info=False))
+        return primed
+
+    def _diag_per_namespace(self) -> Iterator[diag.DiagSocket]:
+        """A DiagSocket for each namespace in turn; vanished ones are skipped, said once."""
+        for ns in self.namespaces:
+            try:
+                yield _open_diag(ns)
+            except netns.NetnsGone as exc:
+                log.warning("%s: skipped", exc)
+
     def scan(self) -> Scan:
         started = time.monotonic()
         # (socket, now_ns) pairs.  "Now" is taken just before each namespace's
@@ -85,12 +108,7 @@ class Engine:
         # a 20-50 ms dump of a busy host would make every probe record look
         # stale by more than a jiffy and lose the merge to tcp_info.
         found = []
-        for ns in self.namespaces:
-            try:
-                nl = _open_diag(ns)
-            except netns.NetnsGone as exc:
-                log.warning("%s: skipped", exc)
-                continue
+        for nl in self._diag_per_namespace():
             with nl:
                 now_ns = time.monotonic_ns()
                 socks = nl.dump_sockets(selectors.selector_families(self.selector),

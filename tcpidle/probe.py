@@ -9,7 +9,8 @@ It owns:
   tracepoint; every hook that is skipped or fails is reported with its reason
   (`Probe.hook`, `Probe.hook_notes`);
 - the kernel header tree bcc compiles against (tcpidle.kheaders) and the
-  struct offsets fentry/kprobe need, read from the running kernel's BTF
+  struct offsets the fentry, raw tracepoint and kprobe hooks need, read from
+  the running kernel's BTF
   (tcpidle.btf), handed to the C code as -D flags;
 - reading the maps fast: BPF_MAP_LOOKUP_BATCH through libbpf, falling back to
   key-by-key iteration on kernels without it (< 5.6);
@@ -42,7 +43,14 @@ from . import kheaders
 from .errors import RuntimeFailure, UsageError
 from .model import DEFAULT_PIN_DIR, Activity
 
-HOOKS = ("fentry", "kprobe", "tracepoint")
+# Best first: fentry (a BTF trampoline, the cookie generated on demand);
+# the tcp_probe tracepoint with its raw arguments (no perf record built);
+# a kprobe; the classic tracepoint (its record costs, but always carries
+# the cookie).  See the header comment of bpf/tcpidle.bpf.c.
+HOOKS = ("fentry", "raw_tracepoint", "kprobe", "tracepoint")
+# Hooks that read the cookie from the socket, where it is 0 until an
+# INET_DIAG dump (or SO_COOKIE...) asked for it: prime_cookies() after attaching.
+LAZY_COOKIE_HOOKS = frozenset(("raw_tracepoint", "kprobe"))
 RCV_FUNC = "tcp_rcv_established"
 # Indexes of the per-CPU "counters" array; keep in step with the C source.
 COUNTERS = ("inserts", "deletes", "failed", "no_cookie", "selftest_ok", "selftest_bad")
@@ -71,7 +79,7 @@ class ProbeUnavailable(RuntimeFailure):
 class KernelFeatures:
     """What hook selection needs to know about the running kernel.
 
-    `btf_offsets` holds the -D values for the fentry/kprobe readers, or
+    `btf_offsets` holds the -D values for the socket/skb readers, or
     `btf_error` says why there are none.  `*_fields` are the field names of
     the tracepoints' format files (None: no such tracepoint).
     """
@@ -89,6 +97,10 @@ def unavailable_reasons(f: KernelFeatures) -> Dict[str, Optional[str]]:
     no_btf = None if f.btf_offsets else "no struct offsets from kernel BTF (%s)" % (
         f.btf_error or "unknown")
     out["fentry"] = no_btf
+    if f.tcp_probe_fields is None:
+        out["raw_tracepoint"] = "no tcp:tcp_probe tracepoint"
+    else:
+        out["raw_tracepoint"] = no_btf
     if not f.kprobes:
         out["kprobe"] = "kernel has no kprobes"
     else:
@@ -214,16 +226,21 @@ def kprobes_available() -> bool:
             or os.path.exists(os.path.join(tracefs(), "kprobe_events")))
 
 
-# -D macro -> (struct, member path, member size) read from kernel BTF.
+# -D macro -> (struct, member path, member sizes allowed) read from kernel BTF.
 OFFSET_MACROS = {
-    "TCPIDLE_SKB_LEN_OFF": ("sk_buff", "len", 4),
-    "TCPIDLE_SKB_DATA_OFF": ("sk_buff", "data", 8),
-    "TCPIDLE_SK_COOKIE_OFF": ("sock", "__sk_common.skc_cookie", 8),
+    "TCPIDLE_SKB_CB_OFF": ("sk_buff", "cb", (48,)),
+    "TCPIDLE_CB_SEQ_OFF": ("tcp_skb_cb", "seq", (4,)),
+    "TCPIDLE_CB_END_SEQ_OFF": ("tcp_skb_cb", "end_seq", (4,)),
+    # u8 until Linux 6.18 widened it to u16 for AccECN's AE bit
+    "TCPIDLE_CB_FLAGS_OFF": ("tcp_skb_cb", "tcp_flags", (1, 2)),
+    "TCPIDLE_SK_COOKIE_OFF": ("sock", "__sk_common.skc_cookie", (8,)),
 }
+# Members whose size varies by kernel: their size goes to the C code too.
+SIZE_MACROS = {"TCPIDLE_CB_FLAGS_SIZE": "TCPIDLE_CB_FLAGS_OFF"}
 
 
 def btf_offsets(path: str = "/sys/kernel/btf/vmlinux") -> Dict[str, int]:
-    """-D values for the fentry/kprobe readers, from the running kernel's BTF.
+    """-D values for the fentry/raw tracepoint/kprobe readers, from the running kernel's BTF.
 
     Raises tcpidle.btf.BTFError when BTF is missing or a member is not found
     or has an unexpected size.
@@ -232,11 +249,16 @@ def btf_offsets(path: str = "/sys/kernel/btf/vmlinux") -> Dict[str, int]:
 
     btf = BTF.load(path)
     out = {}
-    for macro, (st, member, size) in OFFSET_MACROS.items():
+    sizes = {}
+    for macro, (st, member, allowed) in OFFSET_MACROS.items():
         got = btf.member_size(st, member)
-        if got != size:
-            raise BTFError("%s.%s is %d bytes, expected %d" % (st, member, got, size))
+        if got not in allowed:
+            raise BTFError("%s.%s is %d bytes, expected %s"
+                           % (st, member, got, " or ".join(map(str, allowed))))
         out[macro] = btf.offsetof(st, member)
+        sizes[macro] = got
+    for macro, of in SIZE_MACROS.items():
+        out[macro] = sizes[of]
     return out
 
 
@@ -263,7 +285,7 @@ def cached_btf_offsets(cache_dir: Optional[str]) -> Dict[str, int]:
     try:
         with open(path) as f:
             saved = json.load(f)
-        if saved.get("boot") == ident and set(saved.get("offsets", {})) == set(OFFSET_MACROS):
+        if saved.get("boot") == ident and set(saved.get("offsets", {})) == set(OFFSET_MACROS) | set(SIZE_MACROS):
             return {k: int(v) for k, v in saved["offsets"].items()}
     except (OSError, ValueError, AttributeError, TypeError):
         pass
@@ -300,7 +322,7 @@ def build_cflags(map_size: int, hooks: Sequence[str], offsets: Optional[Dict[str
     flags = ["-DMAX_ENTRIES=%d" % map_size]
     for h in hooks:
         flags.append("-DTCPIDLE_HOOK_%s" % h.upper())
-    if offsets and (selftest or set(hooks) & {"fentry", "kprobe"}):
+    if offsets and (selftest or set(hooks) & {"fentry", "raw_tracepoint", "kprobe"}):
         flags += ["-D%s=%d" % kv for kv in sorted(offsets.items())]
     if destroy:
         flags.append("-DTCPIDLE_DESTROY")
@@ -1083,7 +1105,7 @@ class Probe(MapReader):
             raise ProbeUnavailable("bcc Python module not found (install python3-bpfcc)") from None
 
         ensure_tracefs(log)
-        need_btf = selftest or hook in ("auto", "fentry", "kprobe")
+        need_btf = selftest or hook in ("auto", "fentry", "raw_tracepoint", "kprobe")
         feats = detect_features(need_btf, cache_dir)
         candidates, notes = plan_hooks(hook, unavailable_reasons(feats))
         destroy = bool(feats.destroy_fields and "sock_cookie" in feats.destroy_fields)
@@ -1139,6 +1161,7 @@ class Probe(MapReader):
             _dispose(module)
             raise
         self._module = module
+        self._suspended = False
         self._pins: List[str] = []
         self.hook = chosen
         self.hook_notes = notes
@@ -1147,14 +1170,38 @@ class Probe(MapReader):
 
     def describe(self) -> str:
         """One line for humans: the hook, and why others were not used."""
-        what = {"fentry": "fentry %s" % RCV_FUNC, "kprobe": "kprobe %s" % RCV_FUNC,
-                "tracepoint": "tracepoint tcp:tcp_probe"}[self.hook]
+        what = {"fentry": "fentry %s" % RCV_FUNC, "raw_tracepoint": "raw tracepoint tcp_probe",
+                "kprobe": "kprobe %s" % RCV_FUNC, "tracepoint": "tracepoint tcp:tcp_probe"}[self.hook]
         return what + (" (%s)" % "; ".join(self.hook_notes) if self.hook_notes else "")
 
     def describe_pins(self) -> Optional[str]:
         """"DIR (reused activity and counters)" / "DIR (new maps)"; None if not pinned."""
         pins = getattr(self, "_pin_session", None)
         return None if pins is None else "%s (%s)" % (pins.directory, pins.describe())
+
+    @property
+    def needs_cookie_priming(self) -> bool:
+        """True if the hook only sees sockets whose cookie was asked for already."""
+        return self.hook in LAZY_COOKIE_HOOKS
+
+    def suspend(self) -> None:
+        """Detach the receive hook (maps and the destroy hook stay); resume() re-attaches it.
+
+        For measuring the probe's cost with and without it in one process
+        (bench/bench_probe_tools.py), without compiling again.
+        """
+        if self._module is None:
+            raise ValueError("probe is closed")
+        if not self._suspended:
+            _detach_hook(self._module, self.hook)
+            self._suspended = True
+
+    def resume(self) -> None:
+        if self._module is None:
+            raise ValueError("probe is closed")
+        if self._suspended:
+            _attach_hook(self._module, self.hook)
+            self._suspended = False
 
     def selftest_counts(self) -> Tuple[int, int]:
         """(agreeing, disagreeing) BTF-offset reads, when attached with selftest."""
@@ -1224,10 +1271,27 @@ def _attach_hook(module, hook: str) -> None:
         # load (BPF_PROG_TYPE_TRACING, target found by name in vmlinux BTF)
         # and attach through a BPF trampoline
         module.attach_kfunc(fn_name=("kfunc__" + RCV_FUNC).encode())
+    elif hook == "raw_tracepoint":
+        # BPF_PROG_TYPE_RAW_TRACEPOINT via BPF_RAW_TRACEPOINT_OPEN: called
+        # with the tracepoint's arguments, before any perf record is built
+        module.attach_raw_tracepoint(tp=b"tcp_probe", fn_name=b"on_tcp_probe_raw")
     elif hook == "kprobe":
         module.attach_kprobe(event=RCV_FUNC.encode(), fn_name=b"on_rcv_kprobe")
     elif hook == "tracepoint":
         module.attach_tracepoint(tp=b"tcp:tcp_probe", fn_name=b"on_tcp_probe")
+    else:
+        raise ValueError(hook)
+
+
+def _detach_hook(module, hook: str) -> None:
+    if hook == "fentry":
+        module.detach_kfunc(fn_name=("kfunc__" + RCV_FUNC).encode())
+    elif hook == "raw_tracepoint":
+        module.detach_raw_tracepoint(b"tcp_probe")
+    elif hook == "kprobe":
+        module.detach_kprobe(event=RCV_FUNC.encode())
+    elif hook == "tracepoint":
+        module.detach_tracepoint(b"tcp:tcp_probe")
     else:
         raise ValueError(hook)
 

@@ -363,6 +363,11 @@ def run(selector: Selector, policy: Policy, options: TrackOptions) -> int:
             engine.activity = probe.activity
             for note in probe.pin_notes:
                 log.info("%s", note)
+            if probe.needs_cookie_priming:
+                # Every poll's dump gives the sockets it lists their cookie;
+                # this hook sees a socket's segments from then on.
+                log.info("%s sees a connection from the first poll that lists it on",
+                         probe.hook)
         report.note(describe_probe(probe))
         report.note("polling every %g s: idle >= %g ms%s%s; SIGTERM or SIGINT stops, "
                     "SIGHUP reopens logs" % (

@@ -65,8 +65,14 @@ class Conns:
         s.listen(128)
         return s
 
-    def pair(self, client_opts=()):
-        """(client, server) ends of a new connection; opts set before connect."""
+    def pair(self, client_opts=(), ask_cookies=True):
+        """(client, server) ends of a new connection; opts set before connect.
+
+        ask_cookies: read both ends' SO_COOKIE at once, which makes the kernel
+        number them (sock_gen_cookie), as the dump of a tcpidle scan does for
+        every socket it lists: hooks that read the cookie from the socket
+        (raw_tracepoint, kprobe) see only numbered sockets.
+        """
         def make():
             c = socket.socket(self.family)
             for level, opt, val in client_opts:
@@ -79,6 +85,8 @@ class Conns:
         a, _ = self.listener.accept()
         a.settimeout(5)
         self.socks += [c, a]
+        if ask_cookies:
+            cookie(c), cookie(a)
         return c, a
 
     def close(self):
@@ -164,7 +172,8 @@ def test_auto_hook_reports_why_earlier_hooks_were_not_used(probe):
     for hook in earlier:
         assert any(n.startswith(hook + ": ") for n in probe.hook_notes), probe.hook_notes
     assert probe.describe().startswith(
-        {"fentry": "fentry", "kprobe": "kprobe", "tracepoint": "tracepoint tcp:tcp_probe"}[probe.hook])
+        {"fentry": "fentry", "raw_tracepoint": "raw tracepoint tcp_probe", "kprobe": "kprobe",
+         "tracepoint": "tracepoint tcp:tcp_probe"}[probe.hook])
 
 
 def test_forced_hook_loads_or_says_why(cache_dir):
@@ -289,9 +298,64 @@ def test_large_map_keeps_everything(probe, conns):
     assert all(cookie(server) in acts for _, server in pairs)
 
 
+def test_lazy_cookie_hook_sees_a_socket_from_its_first_dump_on(cache_dir, conns):
+    """raw_tracepoint reads the cookie from the socket: segments of a socket
+    nobody asked about are skipped and counted; Engine.prime_cookies (one
+    INET_DIAG dump of the selection) numbers it, and it is recorded from then on."""
+    from tcpidle import netns
+    from tcpidle.engine import Engine
+    from tcpidle.model import Policy, PortSet, Selector
+
+    try:
+        p = Probe.attach(map_size=256, hook="raw_tracepoint", cache_dir=cache_dir)
+    except ProbeUnavailable as e:
+        pytest.skip(str(e))
+    try:
+        assert p.needs_cookie_priming and p.describe().startswith("raw tracepoint tcp_probe")
+        client, server = conns.pair(ask_cookies=False)
+        before = p.counters()["no_cookie"]
+        for _ in range(3):
+            client.sendall(b"abc")
+            assert server.recv(8) == b"abc"
+        assert p.counters()["no_cookie"] >= before + 3
+        port = server.getsockname()[1]
+        engine = Engine(Selector(sports=PortSet(((port, port),))), Policy(),
+                        namespaces=[netns.resolve(conns.ns)])
+        assert engine.prime_cookies() == 1  # the server end: local port = listener port
+        ck = cookie(server)
+        assert ck not in p.activity()
+        client.sendall(b"defg")
+        assert server.recv(8) == b"defg"
+        act = p.activity()[ck]
+        assert (act.data_segments, act.bytes) == (1, 4)  # only what came after the dump
+    finally:
+        p.close()
+
+
+def test_suspended_probe_records_nothing_until_resumed(probe, conns):
+    client, server = conns.pair()
+    client.sendall(b"1")
+    server.recv(1)
+    ck = cookie(server)
+    seen = probe.activity()[ck].data_segments
+    probe.suspend()
+    try:
+        probe.suspend()  # idempotent
+        client.sendall(b"2")
+        server.recv(1)
+        assert probe.activity()[ck].data_segments == seen
+    finally:
+        probe.resume()
+    probe.resume()  # idempotent
+    client.sendall(b"3")
+    server.recv(1)
+    assert probe.activity()[ck].data_segments == seen + 1
+
+
 def test_btf_offset_readers_agree_with_the_tracepoint(cache_dir, conns):
-    """The fentry/kprobe code path (skb len/data, sk cookie from BTF offsets)
-    runs inside the tracepoint and is checked against the kernel's own values."""
+    """The readers of the other hooks (payload length from the TCP control
+    block, sk cookie, both at BTF offsets) run inside the tracepoint and are
+    checked against the kernel's own values, FIN and bulk segments included."""
     try:
         p = Probe.attach(map_size=256, hook="tracepoint", cache_dir=cache_dir, selftest=True)
     except ProbeUnavailable as e:
@@ -305,6 +369,12 @@ def test_btf_offset_readers_agree_with_the_tracepoint(cache_dir, conns):
                 got += len(server.recv(65536))
             server.sendall(b"k")
             client.recv(4)
+        # payload and FIN (maybe in one segment), then a bare FIN the other way
+        client.sendall(b"z" * 10)
+        client.shutdown(socket.SHUT_WR)
+        assert server.recv(64) == b"z" * 10 and server.recv(64) == b""
+        server.shutdown(socket.SHUT_WR)
+        assert client.recv(64) == b""
         ok, bad = p.selftest_counts()
         assert ok >= 8 and bad == 0
     finally:
@@ -438,7 +508,8 @@ def test_ipv6_data_is_recorded_and_dropped_at_close(probe, make_conns):
 
 def test_every_hook_branch_compiles(cache_dir):
     """The fentry and kprobe programs cannot attach here, but they compile
-    (with the real BTF offsets) and the kprobe one passes the verifier."""
+    (with the real BTF offsets) and the kprobe one passes the verifier, as do
+    the raw and classic tracepoint ones."""
     from tcpidle import kheaders
     from tcpidle.probe import _dispose, _env, _module_class, bpf_source, btf_offsets, \
         build_cflags
@@ -451,6 +522,7 @@ def test_every_hook_branch_compiles(cache_dir):
         from bcc import BPF
 
         for fn, ptype in ((b"on_tcp_probe", BPF.TRACEPOINT), (b"on_destroy", BPF.TRACEPOINT),
+                          (b"on_tcp_probe_raw", BPF.RAW_TRACEPOINT),
                           (b"on_rcv_kprobe", BPF.KPROBE)):
             assert module.load_func(fn, ptype).fd >= 0
     finally:

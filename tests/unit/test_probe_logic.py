@@ -35,7 +35,8 @@ from tcpidle.probe import (
     unavailable_reasons,
 )
 
-OFFS = {"TCPIDLE_SKB_LEN_OFF": 112, "TCPIDLE_SKB_DATA_OFF": 200, "TCPIDLE_SK_COOKIE_OFF": 88}
+OFFS = {"TCPIDLE_SKB_CB_OFF": 40, "TCPIDLE_CB_SEQ_OFF": 0, "TCPIDLE_CB_END_SEQ_OFF": 4,
+        "TCPIDLE_CB_FLAGS_OFF": 12, "TCPIDLE_CB_FLAGS_SIZE": 2, "TCPIDLE_SK_COOKIE_OFF": 88}
 TP_FIELDS = frozenset({"sock_cookie", "data_len", "skbaddr", "skaddr"})
 
 
@@ -48,30 +49,32 @@ def feats(btf=True, kprobes=True, tp=TP_FIELDS, destroy=frozenset({"sock_cookie"
 # -- hook choice ----------------------------------------------------------------
 
 
-def test_everything_available_tries_fentry_kprobe_tracepoint_in_order():
+def test_everything_available_tries_hooks_best_first():
     cands, notes = plan_hooks("auto", unavailable_reasons(feats()))
-    assert cands == ["fentry", "kprobe", "tracepoint"]
+    assert cands == ["fentry", "raw_tracepoint", "kprobe", "tracepoint"]
     assert notes == []
 
 
 def test_this_machine_shape_no_kprobes():
     cands, notes = plan_hooks("auto", unavailable_reasons(feats(kprobes=False)))
-    assert cands == ["fentry", "tracepoint"]
+    assert cands == ["fentry", "raw_tracepoint", "tracepoint"]
     assert notes == ["kprobe: kernel has no kprobes"]
 
 
 def test_no_btf_leaves_only_the_tracepoint():
     cands, notes = plan_hooks("auto", unavailable_reasons(feats(btf=False)))
     assert cands == ["tracepoint"]
-    assert [n.split(":")[0] for n in notes] == ["fentry", "kprobe"]
+    assert [n.split(":")[0] for n in notes] == ["fentry", "raw_tracepoint", "kprobe"]
     assert all("BTF" in n for n in notes)
 
 
 def test_old_tracepoint_without_cookie_is_not_a_candidate():
     r = unavailable_reasons(feats(tp=frozenset({"data_len", "sport"})))
     assert "sock_cookie" in r["tracepoint"]
+    # Its raw arguments (sk, skb) are all the raw hook needs.
+    assert r["raw_tracepoint"] is None
     r = unavailable_reasons(feats(tp=None))
-    assert r["tracepoint"] == "no tcp:tcp_probe tracepoint"
+    assert r["tracepoint"] == r["raw_tracepoint"] == "no tcp:tcp_probe tracepoint"
 
 
 def test_nothing_available_is_probe_unavailable_with_all_reasons():
@@ -127,11 +130,14 @@ def test_first_working_hook_wins_and_later_ones_are_not_tried():
     assert (hook, notes, tried) == ("fentry", [], ["fentry"])
 
 
-def test_kprobe_chosen_when_fentry_fails():
+def test_raw_tracepoint_chosen_when_fentry_fails_then_kprobe():
     try_attach, tried = fake_kernel({"fentry": "Failed to attach BPF to entry kernel func"})
     hook, notes = attach_first(list(HOOKS), try_attach)
-    assert hook == "kprobe" and tried == ["fentry", "kprobe"]
+    assert hook == "raw_tracepoint" and tried == ["fentry", "raw_tracepoint"]
     assert notes == ["fentry: Failed to attach BPF to entry kernel func"]
+    try_attach, tried = fake_kernel({"fentry": "no trampoline", "raw_tracepoint": "EINVAL"})
+    hook, notes = attach_first(list(HOOKS), try_attach)
+    assert hook == "kprobe" and tried == ["fentry", "raw_tracepoint", "kprobe"]
 
 
 def test_all_attaches_failing_is_probe_unavailable():
@@ -139,6 +145,7 @@ def test_all_attaches_failing_is_probe_unavailable():
     with pytest.raises(ProbeUnavailable) as e:
         attach_first(list(HOOKS), try_attach)
     assert str(e.value) == ("no BPF hook could attach (fentry: boom fentry; "
+                            "raw_tracepoint: boom raw_tracepoint; "
                             "kprobe: boom kprobe; tracepoint: boom tracepoint)")
 
 
@@ -149,8 +156,10 @@ def test_cflags_configure_the_source_without_text_substitution():
     f = build_cflags(16, ["tracepoint"], OFFS, destroy=True)
     assert f == ["-DMAX_ENTRIES=16", "-DTCPIDLE_HOOK_TRACEPOINT", "-DTCPIDLE_DESTROY"]
     f = build_cflags(65536, ["fentry", "tracepoint"], OFFS, destroy=False)
-    assert "-DTCPIDLE_HOOK_FENTRY" in f and "-DTCPIDLE_SKB_LEN_OFF=112" in f
+    assert "-DTCPIDLE_HOOK_FENTRY" in f and "-DTCPIDLE_SKB_CB_OFF=40" in f
     assert "-DTCPIDLE_DESTROY" not in f
+    f = build_cflags(16, ["raw_tracepoint"], OFFS, destroy=True)
+    assert "-DTCPIDLE_HOOK_RAW_TRACEPOINT" in f and "-DTCPIDLE_CB_FLAGS_OFF=12" in f
     f = build_cflags(8, ["tracepoint"], OFFS, destroy=True, selftest=True)
     assert "-DTCPIDLE_SELFTEST" in f and "-DTCPIDLE_SK_COOKIE_OFF=88" in f
 
@@ -286,6 +295,11 @@ def test_btf_of_the_running_kernel_has_the_probe_offsets():
     assert ck == b.offsetof("sock_common", "skc_cookie")
     assert 0 < ck < b.sizeof("sock_common") and ck % 8 == 0
     assert b.member_size("sock", "__sk_common.skc_cookie") == 8
+    # the TCP control block lives in skb->cb, which is char[48]
+    assert b.member_size("sk_buff", "cb") == 48
+    assert b.sizeof("tcp_skb_cb") <= 48
+    assert (b.offsetof("tcp_skb_cb", "seq"), b.offsetof("tcp_skb_cb", "end_seq")) == (0, 4)
+    assert b.member_size("tcp_skb_cb", "tcp_flags") in (1, 2)  # u16 since 6.18
 
 
 @needs_vmlinux_btf
@@ -294,7 +308,8 @@ def test_probe_btf_offsets_helper():
 
     offs = btf_offsets()
     assert set(offs) == set(OFFS)
-    assert offs["TCPIDLE_SKB_LEN_OFF"] != offs["TCPIDLE_SKB_DATA_OFF"]
+    assert offs["TCPIDLE_CB_SEQ_OFF"] != offs["TCPIDLE_CB_END_SEQ_OFF"]
+    assert offs["TCPIDLE_CB_FLAGS_OFF"] + offs["TCPIDLE_CB_FLAGS_SIZE"] <= 48
 
 
 # -- kernel headers -------------------------------------------------------------

@@ -16,7 +16,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Sequence
 
 from .errors import RuntimeFailure
 from .model import DEFAULT_PIN_DIR, Activity
@@ -32,6 +32,8 @@ class Source:
     description: str
     stats: Optional[Callable[[], dict]] = None
     close: Callable[[], None] = lambda: None
+    # Fresh entries of given cookies, for the re-check before a destroy.
+    lookup: Optional[Callable[[Sequence[int]], Dict[int, Activity]]] = None
 
 
 NO_PROBE = "no BPF probe: idle from tcp_info (for ns precision run `tcpidle track`, or `audit --watch S`)"
@@ -62,7 +64,7 @@ def open_source(pin_dir: str = DEFAULT_PIN_DIR, watch_s: Optional[float] = None,
             reason = "cannot read the tracker's pinned map in %s: %s" % (pin_dir, exc)
         else:
             return Source(pinned.activity, "idle from BPF: the tracker's map pinned in %s" % pin_dir,
-                          pinned.stats, pinned.close)
+                          pinned.stats, pinned.close, pinned.lookup)
     if require_bpf:
         raise RuntimeFailure((reason or "no BPF activity source (no tracker pinned in %s, no --watch)" % pin_dir)
                              + "; --require-bpf given")
@@ -97,4 +99,4 @@ def _watch(probe, watch_s: float, map_size: int, progress, prime) -> Source:
         raise
     hook = attached.describe().partition(" (")[0]  # without the notes on hooks not taken
     return Source(attached.activity, "idle from BPF: %s, watched %g s" % (hook, watch_s),
-                  attached.stats, attached.close)
+                  attached.stats, attached.close, attached.lookup)

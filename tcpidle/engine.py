@@ -12,7 +12,11 @@ Owns the order of operations, which is where correctness lives:
    none: on a host with 100k sockets the walk costs about a second, which a
    tracker polling an idle selection should not pay every interval.  Owner
    selectors (--pid, --comm, --cgroup) need the walk over every match.
-4. Victims are destroyed right after that, in batches, by cookie-checked SOCK_DESTROY.
+4. With a probe to ask (`recheck`), each victim's entry is read again
+   right before the destroy: one that received data since the scan is
+   spared (the scan's verdict is older than the data).  Without a probe the
+   window between dump and destroy stays open, as in every peer tool.
+5. Victims are destroyed right after that, in batches, by cookie-checked SOCK_DESTROY.
    EOPNOTSUPP (a kernel without CONFIG_INET_DIAG_DESTROY) switches this and
    every later pass to the /proc fallback, said once in the log.
 """
@@ -33,6 +37,8 @@ from .model import Action, Activity, Outcome, Policy, Selector, Socket, Verdict
 log = logging.getLogger("tcpidle")
 
 ActivitySource = Callable[[], Dict[int, Activity]]
+# Fresh entries of just these cookies (Probe.lookup / PinnedMap.lookup).
+ActivityLookup = Callable[[Sequence[int]], Dict[int, Activity]]
 
 
 @dataclass
@@ -43,6 +49,7 @@ class Scan:
     owners: Dict[int, list] = field(default_factory=dict)
     seen: int = 0  # sockets the kernel returned before the Python filter
     dump_ms: float = 0.0
+    activity: Dict[int, Activity] = field(default_factory=dict)  # probe entries the verdicts used
 
     @property
     def victims(self) -> List[Verdict]:
@@ -59,10 +66,13 @@ class Engine:
         activity: Optional[ActivitySource] = None,
         want_owners: bool = False,
         namespaces: Optional[Sequence[netns.Netns]] = None,
+        recheck: Optional[ActivityLookup] = None,
     ):
         self.selector = selector
         self.policy = policy
         self.activity = activity
+        self.recheck = recheck
+        self.spared = 0  # victims spared by the re-check, over all passes
         self.want_owners = want_owners
         # None: the caller's own namespace only, reported as netns=null.
         self.namespaces = list(namespaces) if namespaces is not None else [netns.own()]
@@ -123,7 +133,7 @@ class Engine:
             for sock, now_ns in found
             if selectors.matches(self.selector, sock)
         ]
-        scan = Scan(verdicts, {}, seen=len(found), dump_ms=dump_ms)
+        scan = Scan(verdicts, {}, seen=len(found), dump_ms=dump_ms, activity=activity)
         if self.selector.pids or self.selector.comms or self.selector.cgroups:
             self.attribute(scan, verdicts, force=True)
             scan.verdicts = _filter_owners(verdicts, scan.owners, self.selector)
@@ -150,6 +160,8 @@ class Engine:
                 len(victims), self.policy.max_kills,
             )
             victims = sorted(victims, key=lambda v: -(v.idle_ms or 0.0))[: self.policy.max_kills]
+        if victims and self.recheck is not None and not self.policy.dry_run:
+            victims = self._spare_the_woken(scan, victims)
         if not victims:
             return []
         self.attribute(scan, victims)
@@ -158,6 +170,29 @@ class Engine:
         if self.use_proc:
             return self._fallback(victims, scan.owners)
         return self._destroy(victims, scan.owners)
+
+    def _spare_the_woken(self, scan: Scan, victims: List[Verdict]) -> List[Verdict]:
+        """The victims whose probe entry shows no receive since the scan."""
+        try:
+            fresh = self.recheck([v.socket.cookie for v in victims])
+        except OSError as exc:
+            log.warning("re-reading the BPF map before destroying failed (%s): "
+                        "acting on the scan's verdicts", exc)
+            return victims
+        keep, woken = [], []
+        for v in victims:
+            cookie = v.socket.cookie
+            if idle.received_since(scan.activity.get(cookie), fresh.get(cookie), self.policy):
+                woken.append(v)
+            else:
+                keep.append(v)
+        if woken:
+            self.spared += len(woken)
+            log.info("spared %d connection%s that received data after the scan (BPF): %s",
+                     len(woken), "" if len(woken) == 1 else "s",
+                     " ".join("cookie=%d" % v.socket.cookie for v in woken[:10])
+                     + (" ..." if len(woken) > 10 else ""))
+        return keep
 
     def _destroy(self, victims: Sequence[Verdict], owners) -> List[Outcome]:
         results = self._destroy_per_namespace([v.socket for v in victims])
@@ -244,14 +279,16 @@ def run_pass(engine: "Engine", as_json: bool, name: str, quiet_if_empty: bool = 
     """
     started = clock()
     scan = engine.scan()
+    spared_before = engine.spared
     outcomes = engine.act(scan)
     elapsed = clock() - started
+    spared = engine.spared - spared_before
     for outcome in outcomes:
         report.log_outcome(outcome)
     report.show(outcomes, as_json)
-    if outcomes or not quiet_if_empty:
+    if outcomes or spared or not quiet_if_empty:
         report.summary_kill(outcomes, len(scan.verdicts), len(scan.victims), elapsed * 1000.0,
-                            engine.policy.dry_run, prefix=name)
+                            engine.policy.dry_run, prefix=name, spared=spared)
     return scan, outcomes, elapsed
 
 

@@ -87,3 +87,21 @@ def decide(sock: Socket, activity: Optional[Activity], now_ns: int, policy: Poli
     else:
         victim = idle_ms is not None and idle_ms >= policy.idle_time_ms
     return Verdict(sock, idle_ms, source, last_rx_ms, victim)
+
+
+def received_since(before: Optional[Activity], after: Optional[Activity], policy: Policy) -> bool:
+    """True if the probe saw the socket receive (data, or any segment with
+    idle_metric "any") between two readings of its entry.
+
+    The engine asks this of each victim right before destroying it: a
+    connection that was idle at the scan but woke up since must be spared.
+    No entry now means no new evidence (a destroyed socket's entry is
+    deleted; SOCK_DESTROY then answers ENOENT anyway).
+    """
+    if after is None:
+        return False
+    return _stamp(after, policy) > (_stamp(before, policy) if before is not None else 0)
+
+
+def _stamp(activity: Activity, policy: Policy) -> int:
+    return activity.last_segment_ns if policy.idle_metric == "any" else activity.last_data_ns

@@ -532,6 +532,27 @@ class MapReader:
         keys, vals = self._read()
         return decode_entries(keys, vals)
 
+    def lookup(self, cookies: Sequence[int]) -> Dict[int, Activity]:
+        """The entries of just these cookies, read now (absent ones are left out).
+
+        One BPF_MAP_LOOKUP_ELEM each, ~2 us from Python: for a few thousand
+        cookies that beats reading a large map whole; past that the whole
+        map is read and filtered.
+        """
+        if len(cookies) > 4096:
+            wanted = set(cookies)
+            return {c: a for c, a in self.activity().items() if c in wanted}
+        key = ctypes.c_uint64()
+        val = ctypes.create_string_buffer(VALUE.size)
+        lookup, fd, ref_key = self._lib.bpf_map_lookup_elem, self.activity_fd, ctypes.byref(key)
+        keys, vals = [], []
+        for cookie in cookies:
+            key.value = cookie
+            if lookup(fd, ref_key, val) == 0:
+                keys.append(cookie)
+                vals.append(val.raw)
+        return decode_entries(keys, b"".join(vals))
+
     def stats(self) -> Dict[str, int]:
         """entries, inserts, deletes, evicted, failed (and no_cookie, max_entries).
 

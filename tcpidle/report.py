@@ -258,9 +258,12 @@ def summary_audit(verdicts: Sequence[Verdict], shown: int, seen: int, elapsed_ms
 
 
 def summary_kill(outcomes: Sequence[Outcome], matched: int, victims: int, elapsed_ms: float,
-                 dry_run: bool, prefix: str = "kill") -> None:
+                 dry_run: bool, prefix: str = "kill", spared: int = 0) -> None:
     counts = Counter(o.action for o in outcomes)
-    parts = ", ".join("%d %s" % (n, a) for a, n in sorted(counts.items())) or "nothing to do"
+    parts = ", ".join("%d %s" % (n, a) for a, n in sorted(counts.items()))
+    if spared:
+        parts += "%s%d spared (data received after the scan)" % (", " if parts else "", spared)
+    parts = parts or "nothing to do"
     _err("%s%s: %s; %d idle of %d matched; %.0f ms" % (
         prefix, " (dry run)" if dry_run else "", parts, victims, matched, elapsed_ms))
 

@@ -361,6 +361,7 @@ def run(selector: Selector, policy: Policy, options: TrackOptions) -> int:
         if probe is not None:
             tracker.probe = probe
             engine.activity = probe.activity
+            engine.recheck = probe.lookup
             for note in probe.pin_notes:
                 log.info("%s", note)
             if probe.needs_cookie_priming:

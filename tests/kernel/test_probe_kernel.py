@@ -14,6 +14,7 @@ directory of the test's own.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import shutil
 import socket
@@ -350,6 +351,48 @@ def test_suspended_probe_records_nothing_until_resumed(probe, conns):
     client.sendall(b"3")
     server.recv(1)
     assert probe.activity()[ck].data_segments == seen + 1
+
+
+def _victims_engine(conns, probe, recheck):
+    from tcpidle import netns
+    from tcpidle.engine import Engine
+    from tcpidle.model import Policy, PortSet, Selector
+
+    port = conns.listener.getsockname()[1]
+    return Engine(Selector(sports=PortSet(((port, port),))), Policy(idle_time_ms=150),
+                  activity=probe.activity, recheck=probe.lookup if recheck else None,
+                  namespaces=[netns.resolve(conns.ns)])
+
+
+@pytest.mark.parametrize("recheck", [True, False])
+def test_a_victim_that_receives_data_after_the_scan_is_spared(probe, conns, recheck):
+    """Scan, then data reaches one idle connection, then act: with the
+    probe's re-check it lives on and only the others are destroyed; without
+    it (the control) all of them are."""
+    pairs = [conns.pair() for _ in range(3)]
+    for client, server in pairs:
+        client.sendall(b"q")
+        assert server.recv(4) == b"q"
+    time.sleep(0.3)
+    engine = _victims_engine(conns, probe, recheck)
+    scan = engine.scan()
+    assert sorted(v.socket.cookie for v in scan.victims) == sorted(cookie(s) for _, s in pairs)
+    woken_client, woken = pairs[0]
+    woken_client.sendall(b"late")  # after the scan, before the destroy
+    assert woken.recv(8) == b"late"
+    outcomes = engine.act(scan)
+    destroyed = {o.verdict.socket.cookie for o in outcomes if o.action == "destroyed"}
+    others = {cookie(s) for _, s in pairs[1:]}
+    if recheck:
+        assert destroyed == others and engine.spared == 1
+        woken.sendall(b"alive")
+        assert woken_client.recv(8) == b"alive"
+    else:
+        assert destroyed == others | {cookie(woken)} and engine.spared == 0
+    for _, server in pairs[1:]:
+        with pytest.raises(OSError) as ei:
+            server.recv(1)
+        assert ei.value.errno == errno.ECONNABORTED
 
 
 def test_btf_offset_readers_agree_with_the_tracepoint(cache_dir, conns):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from tcpidle.idle import JIFFY_SLACK_MS, decide, merge
+from tcpidle.idle import JIFFY_SLACK_MS, decide, merge, received_since
 from tcpidle.model import AF_INET, Activity, Policy, Socket
 
 MS = 1_000_000
@@ -84,3 +84,32 @@ def test_decide_threshold(idle_time, last_recv, victim):
 def test_no_receive_path_is_unknown(state):
     v = decide(sock(123456, state=state), None, NOW, Policy(idle_time_ms=1))
     assert (v.idle_ms, v.idle_source, v.idle) == (None, None, False)
+
+
+# -- the re-check before a destroy ---------------------------------------------
+
+ANY = Policy(idle_metric="any")
+
+
+def test_new_data_since_the_scan_wakes_the_victim():
+    assert received_since(act(9000, 9000), act(1, 1), Policy())
+    assert received_since(act(9000, 9000), act(1, 1), ANY)
+
+
+def test_same_stamps_are_no_news():
+    assert not received_since(act(9000, 5), act(9000, 5), Policy())
+    assert not received_since(act(9000, 5), act(9000, 5), ANY)
+
+
+def test_a_pure_ack_wakes_only_under_idle_metric_any():
+    before, after = act(9000, 9000), act(9000, 1)
+    assert not received_since(before, after, Policy())
+    assert received_since(before, after, ANY)
+
+
+def test_an_entry_made_after_the_scan_is_news_and_a_missing_one_is_not():
+    assert received_since(None, act(1, 1), Policy())
+    assert not received_since(None, act(None, 1), Policy())  # segments, no payload
+    assert not received_since(act(9000, 9000), None, Policy())
+    assert not received_since(None, None, ANY)
+

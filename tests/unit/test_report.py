@@ -80,3 +80,14 @@ def test_every_kill_is_logged_with_cookie_tuple_idle_source_outcome(tmp_path):
     for needle in ("destroyed", "cookie=42", "[fd00::1]:5000", "[fd00::2]:443", "idle_ms=1235",
                    "source=bpf", "owners=redis[5]"):
         assert needle in text, needle
+
+
+def test_kill_summary_counts_outcomes_and_spared_victims(capsys):
+    o = Outcome(verdict(), "destroyed", None)
+    report.summary_kill([o, o], 5, 3, 12.0, False, spared=1)
+    assert capsys.readouterr().err.strip().endswith(
+        "kill: 2 destroyed, 1 spared (data received after the scan); 3 idle of 5 matched; 12 ms")
+    report.summary_kill([], 5, 1, 3.0, False, prefix="track", spared=1)
+    assert "track: 1 spared (data received after the scan); 1 idle" in capsys.readouterr().err
+    report.summary_kill([], 5, 0, 3.0, True)
+    assert "kill (dry run): nothing to do; 0 idle of 5 matched" in capsys.readouterr().err

@@ -187,6 +187,7 @@ class Scripted:
         self.steps = list(steps)
         self.policy = policy
         self.scans = []
+        self.spared = 0  # victims the engine's BPF re-check left alone
 
     def scan(self):
         self.scans.append(time.monotonic())

@@ -549,16 +549,21 @@ def test_ipv6_data_is_recorded_and_dropped_at_close(probe, make_conns):
     assert wait_for(lambda: ck not in probe.activity(), timeout=5.0)
 
 
-def test_every_hook_branch_compiles(cache_dir):
+@pytest.mark.parametrize("flags_size", ["this kernel's", 1])
+def test_every_hook_branch_compiles(cache_dir, flags_size):
     """The fentry and kprobe programs cannot attach here, but they compile
     (with the real BTF offsets) and the kprobe one passes the verifier, as do
-    the raw and classic tracepoint ones."""
+    the raw and classic tracepoint ones; also with the u8 tcp_flags of
+    kernels before 6.18 (verified here with this kernel's other offsets)."""
     from tcpidle import kheaders
     from tcpidle.probe import _dispose, _env, _module_class, bpf_source, btf_offsets, \
         build_cflags
 
     tree = kheaders.find_headers(cache_dir=cache_dir)
-    flags = build_cflags(16, list(HOOKS), btf_offsets(), destroy=True, selftest=True)
+    offsets = btf_offsets()
+    if flags_size == 1:
+        offsets["TCPIDLE_CB_FLAGS_SIZE"] = 1
+    flags = build_cflags(16, list(HOOKS), offsets, destroy=True, selftest=True)
     with _env("BCC_KERNEL_SOURCE", tree.env):
         module = _module_class()(src_file=bpf_source().encode(), cflags=flags)
     try:

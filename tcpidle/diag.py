@@ -140,6 +140,9 @@ _RECV_SIZE = 1 << 16
 # leaves a margin.  Used to size destroy batches so every ack fits the
 # receive buffer; if this is ever wrong, dropped acks are detected and retried.
 _ACK_TRUESIZE = 1024
+# Likewise for the answer to an exact lookup: one inet_diag_msg with
+# tcp_info, ~340 bytes of data in a skb of its own (truesize ~1.3 KiB).
+_REPLY_TRUESIZE = 2048
 
 
 class MalformedDump(errors.RuntimeFailure, ValueError):
@@ -399,10 +402,12 @@ def build_dump_request(
     return head + b"\0" * SOCKID_LEN + attr
 
 
-def _pack_destroy(buf: bytearray, off: int, sock: Socket, seq: int) -> None:
+def _pack_request(buf: bytearray, off: int, sock: Socket, seq: int, msgtype: int = SOCK_DESTROY,
+                  flags: int = NLM_F_REQUEST | NLM_F_ACK, ext: int = 0) -> None:
+    """A request about one socket (SOCK_DESTROY, or an exact lookup) carrying its sockid."""
     _REQ_V2.pack_into(
-        buf, off, _DESTROY_MSG_LEN, SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, seq, 0,
-        sock.family, IPPROTO_TCP, 0, DESTROY_STATES,
+        buf, off, _DESTROY_MSG_LEN, msgtype, flags, seq, 0,
+        sock.family, IPPROTO_TCP, ext, DESTROY_STATES,
     )
     raw = sock.raw_id
     if len(raw) != SOCKID_LEN:
@@ -682,82 +687,123 @@ class DiagSocket:
         destroyed.  A retried request whose first ack was lost may report
         ENOENT for a socket the first request destroyed: either way it is gone.
         """
+        results = self._exchange(sockets, SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, 0,
+                                 _ACK_TRUESIZE, batch)
+        return [errno.ENOBUFS if r is None else r for r in results]  # type: ignore[misc]
+
+    def lookup(self, sockets: Sequence[Socket], batch: int = 256) -> List[Union[Socket, int]]:
+        """Each socket as the kernel sees it now (tcp_info included), or an errno.
+
+        One exact SOCK_DIAG_BY_FAMILY request per socket, carrying its dumped
+        sockid, cookie included: the kernel looks the 4-tuple up and answers
+        ENOENT unless the socket found has that cookie.  Batched like
+        destroy(); a request whose answer was lost is reported as ENOBUFS.
+        """
+        ext = 1 << (INET_DIAG_INFO - 1)
+        results = self._exchange(sockets, SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, ext,
+                                 _REPLY_TRUESIZE, batch)
+        return [errno.ENOBUFS if r is None else r for r in results]  # type: ignore[misc]
+
+    def _exchange(self, sockets: Sequence[Socket], msgtype: int, flags: int, ext: int,
+                  truesize: int, batch: int) -> List[Union[Socket, int, None]]:
+        """One request per socket, carrying its sockid; one answer each, by seq.
+
+        An answer is an errno from NLMSG_ERROR (0: an ack), or a Socket when
+        the kernel replied with a record.  None: never answered, even alone.
+        """
         if self._destroy_sock is None:
             raise ValueError("DiagSocket is closed")
         n = len(sockets)
-        results: List[Optional[int]] = [None] * n
+        results: List[Union[Socket, int, None]] = [None] * n
         if n == 0:
             return []
-        # Every ack of a batch must fit the receive buffer, and the batch
+        # Every answer of a batch must fit the receive buffer, and the batch
         # itself the send buffer (less netlink's 32-byte allowance).
-        fit_acks = self.receive_buffer // _ACK_TRUESIZE - 1
+        fit_answers = self.receive_buffer // truesize - 1
         sndbuf = self._destroy_sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
         fit_send = (sndbuf - 32) // _DESTROY_MSG_LEN
-        size = max(1, min(batch, fit_acks, fit_send))
+        size = max(1, min(batch, fit_answers, fit_send))
+        request = (msgtype, flags, ext)
         lost: List[int] = []
         for lo in range(0, n, size):
             idx = range(lo, min(n, lo + size))
-            lost.extend(self._destroy_batch(sockets, idx, results))
+            lost.extend(self._exchange_batch(sockets, idx, results, request))
         if lost:
-            # Second chance, one request per send: an ack cannot be crowded out.
+            # Second chance, one request per send: an answer cannot be crowded out.
             for i in lost:
-                self._destroy_batch(sockets, [i], results)
-        return [errno.ENOBUFS if r is None else r for r in results]
+                self._exchange_batch(sockets, [i], results, request)
+        return results
 
-    def _destroy_batch(
-        self, sockets: Sequence[Socket], idx: Sequence[int], results: List[Optional[int]]
+    def _exchange_batch(
+        self, sockets: Sequence[Socket], idx: Sequence[int],
+        results: List[Union[Socket, int, None]], request: tuple,
     ) -> List[int]:
-        """Send one batch, read its acks; returns the indexes left unanswered."""
+        """Send one batch, read its answers; returns the indexes left unanswered."""
+        msgtype, flags, ext = request
+        what = "SOCK_DESTROY" if msgtype == SOCK_DESTROY else "INET_DIAG lookup"
         count = len(idx)
         first = self._next_seq(count)
         req = bytearray(count * _DESTROY_MSG_LEN)
         for j, i in enumerate(idx):
-            _pack_destroy(req, j * _DESTROY_MSG_LEN, sockets[i], first + j)
+            _pack_request(req, j * _DESTROY_MSG_LEN, sockets[i], first + j, msgtype, flags, ext)
         sock = self._destroy_sock
         try:
             sent = sock.send(req)
         except OSError as e:
-            raise errors.NetlinkError(e.errno or errno.EIO, "SOCK_DESTROY send") from e
+            raise errors.NetlinkError(e.errno or errno.EIO, what + " send") from e
         if sent != len(req):  # netlink sends are all or nothing; be sure
-            raise errors.NetlinkError(errno.EMSGSIZE, "SOCK_DESTROY short send")
+            raise errors.NetlinkError(errno.EMSGSIZE, what + " short send")
         pending = count
         overrun = False
         buf, view = self._buf, self._view
         hdr_unpack = _NLMSGHDR.unpack_from
         i32_unpack = _I32.unpack_from
+        # Records are copied out as they come (one per recv) and decoded
+        # together at the end: one decoder call per batch, not per answer.
+        records = bytearray()
+        record_of: List[int] = []
         while pending:
             try:
                 # The kernel answered every request before send() returned;
-                # only a dropped ack can leave us waiting, so do not block
+                # only a dropped answer can leave us waiting, so do not block
                 # except for a short grace period below.
                 got = sock.recv_into(buf, 0, socket.MSG_DONTWAIT)
             except BlockingIOError:
                 if overrun:
                     break
-                # Not expected (acks are queued synchronously); allow a moment.
+                # Not expected (answers are queued synchronously); allow a moment.
                 r, _, _ = select.select([sock], [], [], 1.0)
                 if not r:
                     break
                 continue
             except OSError as e:
                 if e.errno == errno.ENOBUFS:
-                    # Acks were dropped: the queue overflowed.  Keep reading
+                    # Answers were dropped: the queue overflowed.  Keep reading
                     # what did arrive; the rest are reported unanswered.
                     overrun = True
                     continue
-                raise errors.NetlinkError(e.errno or errno.EIO, "SOCK_DESTROY ack") from e
+                raise errors.NetlinkError(e.errno or errno.EIO, what + " answer") from e
             off = 0
             while off + NLMSGHDR_LEN <= got:
                 nlen, ntype, _flags, nseq, _pid = hdr_unpack(view, off)
                 if nlen < NLMSGHDR_LEN or off + nlen > got:
-                    raise MalformedDump("malformed SOCK_DESTROY ack at offset %d" % off)
+                    raise MalformedDump("malformed %s answer at offset %d" % (what, off))
                 j = (nseq - first) & 0xFFFFFFFF
-                if ntype == NLMSG_ERROR and j < count and nlen >= NLMSGHDR_LEN + 4:
-                    i = idx[j]
-                    if results[i] is None:
-                        results[i] = -i32_unpack(view, off + NLMSGHDR_LEN)[0]
+                if j < count and results[idx[j]] is None:
+                    if ntype == NLMSG_ERROR and nlen >= NLMSGHDR_LEN + 4:
+                        results[idx[j]] = -i32_unpack(view, off + NLMSGHDR_LEN)[0]
+                        pending -= 1
+                    elif ntype == SOCK_DIAG_BY_FAMILY:
+                        records += view[off:min(got, off + ((nlen + 3) & ~3))]
+                        record_of.append(idx[j])
+                        results[idx[j]] = -1  # answered; the Socket is filled in below
                         pending -= 1
                 off += (nlen + 3) & ~3
+        if record_of:
+            decoded: List[Socket] = []
+            _decode_messages(records, 0, len(records), decoded, self.netns_label, None, {})
+            for i, sk in zip(record_of, decoded):
+                results[i] = sk
         if not pending:
             return []
         self.lost_acks += pending

@@ -12,12 +12,13 @@ Owns the order of operations, which is where correctness lives:
    none: on a host with 100k sockets the walk costs about a second, which a
    tracker polling an idle selection should not pay every interval.  Owner
    selectors (--pid, --comm, --cgroup) need the walk over every match.
-4. With a probe to ask (`recheck`), each victim's entry is read again
-   right before the destroy: one that received data since the scan is
-   spared (the scan's verdict is older than the data).  Without a probe the
-   window between dump and destroy stays open, as in every peer tool.
-5. Victims are destroyed right after that, in batches, by cookie-checked SOCK_DESTROY.
-   EOPNOTSUPP (a kernel without CONFIG_INET_DIAG_DESTROY) switches this and
+4. Victims are destroyed in batches by cookie-checked SOCK_DESTROY, and
+   right before each batch the kernel is asked again about its victims (an
+   exact, cookie-checked lookup; and their probe entries, with a probe to
+   ask, `recheck`): one that received data since the scan is spared, its
+   verdict being older than the data.  The window that peer tools leave
+   open between dump and destroy shrinks to one batch.
+5. EOPNOTSUPP (a kernel without CONFIG_INET_DIAG_DESTROY) switches this and
    every later pass to the /proc fallback, said once in the log.
 """
 
@@ -37,6 +38,7 @@ from .model import Action, Activity, Outcome, Policy, Selector, Socket, Verdict
 log = logging.getLogger("tcpidle")
 
 ActivitySource = Callable[[], Dict[int, Activity]]
+SPARED = object()  # a victim's answer in _destroy: received data after the scan, left alone
 # Fresh entries of just these cookies (Probe.lookup / PinnedMap.lookup).
 ActivityLookup = Callable[[Sequence[int]], Dict[int, Activity]]
 
@@ -152,7 +154,11 @@ class Engine:
     # -- act -------------------------------------------------------------------
 
     def act(self, scan: Scan) -> List[Outcome]:
-        """Destroy (or pretend to) every victim of `scan`; one Outcome each."""
+        """Destroy (or pretend to) every victim of `scan`; one Outcome each.
+
+        Victims that received data after the scan are spared (see
+        `_woken`) and get no Outcome; `self.spared` counts them.
+        """
         victims = scan.victims
         if self.policy.max_kills is not None and len(victims) > self.policy.max_kills:
             log.warning(
@@ -160,89 +166,119 @@ class Engine:
                 len(victims), self.policy.max_kills,
             )
             victims = sorted(victims, key=lambda v: -(v.idle_ms or 0.0))[: self.policy.max_kills]
-        if victims and self.recheck is not None and not self.policy.dry_run:
-            victims = self._spare_the_woken(scan, victims)
         if not victims:
             return []
         self.attribute(scan, victims)
         if self.policy.dry_run:
             return [self._outcome(v, Action.WOULD_DESTROY, None, scan.owners) for v in victims]
+        # -t 0 acts on every matching connection, idle or not: nothing to ask again.
+        recheck = self.policy.idle_time_ms > 0
         if self.use_proc:
-            return self._fallback(victims, scan.owners)
-        return self._destroy(victims, scan.owners)
+            flags = self._in_chunks(victims, lambda nl, part: (
+                self._woken(scan, part, nl) if recheck else [False] * len(part)))
+            kept = self._count_spared([v for v, woke in zip(victims, flags) if woke is not True],
+                                      [v for v, woke in zip(victims, flags) if woke is True])
+            return self._fallback(kept, scan.owners)
+        return self._destroy(victims, scan, recheck)
 
-    def _spare_the_woken(self, scan: Scan, victims: List[Verdict]) -> List[Verdict]:
-        """The victims whose probe entry shows no receive since the scan."""
+    def _woken(self, scan: Scan, part: Sequence[Verdict], nl: diag.DiagSocket) -> List[bool]:
+        """For each victim: did it receive since the scan?  Asked right now.
+
+        Two witnesses, each compared with what it said at the scan: the
+        kernel's tcp_info (an exact, cookie-checked INET_DIAG lookup per
+        victim, batched) and, when a probe runs, the victim's BPF entry.
+        One that fails leaves the other, or the scan's verdict, standing.
+        """
         try:
-            fresh = self.recheck([v.socket.cookie for v in victims])
-        except OSError as exc:
-            log.warning("re-reading the BPF map before destroying failed (%s): "
+            now = nl.lookup([v.socket for v in part])
+        except (RuntimeFailure, OSError) as exc:
+            log.warning("asking the kernel again before destroying failed (%s): "
                         "acting on the scan's verdicts", exc)
-            return victims
-        keep, woken = [], []
-        for v in victims:
-            cookie = v.socket.cookie
-            if idle.received_since(scan.activity.get(cookie), fresh.get(cookie), self.policy):
-                woken.append(v)
-            else:
-                keep.append(v)
+            now = [None] * len(part)
+        probe_now: Dict[int, Activity] = {}
+        if self.recheck is not None:
+            try:
+                probe_now = self.recheck([v.socket.cookie for v in part])
+            except OSError as exc:
+                log.warning("re-reading the BPF map before destroying failed (%s): "
+                            "acting on the scan's verdicts", exc)
+        policy = self.policy
+        return [
+            (isinstance(fresh, Socket) and idle.tcp_info_received_since(v.socket, fresh, policy))
+            or idle.received_since(scan.activity.get(v.socket.cookie),
+                                   probe_now.get(v.socket.cookie), policy)
+            for v, fresh in zip(part, now)
+        ]
+
+    def _count_spared(self, kept: List[Verdict], woken: List[Verdict]) -> List[Verdict]:
         if woken:
             self.spared += len(woken)
-            log.info("spared %d connection%s that received data after the scan (BPF): %s",
+            log.info("spared %d connection%s that received data after the scan: %s",
                      len(woken), "" if len(woken) == 1 else "s",
                      " ".join("cookie=%d" % v.socket.cookie for v in woken[:10])
                      + (" ..." if len(woken) > 10 else ""))
-        return keep
+        return kept
 
-    def _destroy(self, victims: Sequence[Verdict], owners) -> List[Outcome]:
-        results = self._destroy_per_namespace([v.socket for v in victims])
+    def _destroy(self, victims: Sequence[Verdict], scan: Scan, recheck: bool) -> List[Outcome]:
+        """Ask again and destroy, batch by batch: the window between the
+        re-check and the destroy of a victim is one batch."""
+
+        def work(nl: diag.DiagSocket, part: Sequence[Verdict]) -> list:
+            woken = self._woken(scan, part, nl) if recheck else [False] * len(part)
+            errs = iter(nl.destroy([v.socket for v, woke in zip(part, woken) if not woke]))
+            return [SPARED if woke else next(errs) for woke in woken]
+
+        owners = scan.owners
+        results = self._in_chunks(victims, work)
         outcomes: List[Optional[Outcome]] = []
         unsupported: List[int] = []
-        for i, (verdict, err) in enumerate(zip(victims, results)):
-            if err == 0:
+        woken: List[Verdict] = []
+        for verdict, err in zip(victims, results):
+            if err is SPARED:
+                woken.append(verdict)
+            elif err == 0:
                 outcomes.append(self._outcome(verdict, Action.DESTROYED, None, owners))
             elif err == errno.ENOENT:
                 outcomes.append(self._outcome(verdict, Action.GONE, None, owners))
             elif err == errno.EOPNOTSUPP:
-                unsupported.append(i)
+                unsupported.append((len(outcomes), verdict))
                 outcomes.append(None)
             elif err == errno.EPERM:
                 raise PrivilegeError("SOCK_DESTROY refused (EPERM): need CAP_NET_ADMIN in this network namespace")
             else:
                 outcomes.append(self._outcome(verdict, Action.FAILED, "SOCK_DESTROY: " + os.strerror(err), owners))
+        self._count_spared([], woken)
         if unsupported:
             log.warning(
                 "SOCK_DESTROY is not supported by this kernel (CONFIG_INET_DIAG_DESTROY is off): "
                 "falling back to /proc (%s)", self.policy.proc_action,
             )
             self.use_proc = True
-            redo = self._fallback([victims[i] for i in unsupported], owners)
-            for i, outcome in zip(unsupported, redo):
-                outcomes[i] = outcome
+            redo = self._fallback([verdict for _slot, verdict in unsupported], owners)
+            for (slot, _verdict), outcome in zip(unsupported, redo):
+                outcomes[slot] = outcome
         return outcomes  # type: ignore[return-value]
 
-    def _destroy_per_namespace(self, socks: Sequence[Socket]) -> List[int]:
-        """SOCK_DESTROY each socket from inside its own namespace; errno per socket.
-
-        A namespace that vanished since the scan took its sockets with it:
-        they count as gone (ENOENT).
-        """
+    def _in_chunks(self, victims: Sequence[Verdict], work, chunk: int = 256) -> list:
+        """work(DiagSocket, part) for each namespace's victims, `chunk` at a time, one
+        answer per victim, in order.  A namespace that vanished since the scan took
+        its sockets with it: they are answered ENOENT."""
         by_label = {ns.label: ns for ns in self.namespaces}
-        results = [0] * len(socks)
+        results: list = [errno.ENOENT] * len(victims)
         groups: Dict[object, List[int]] = {}
-        for i, sk in enumerate(socks):
-            groups.setdefault(sk.netns, []).append(i)
+        for i, v in enumerate(victims):
+            groups.setdefault(v.socket.netns, []).append(i)
         for label, indices in groups.items():
             try:
                 nl = _open_diag(by_label[label])
             except netns.NetnsGone as exc:
                 log.warning("%s: its %d connections are gone", exc, len(indices))
-                for i in indices:
-                    results[i] = errno.ENOENT
                 continue
             with nl:
-                for i, err in zip(indices, nl.destroy([socks[i] for i in indices])):
-                    results[i] = err
+                for lo in range(0, len(indices), chunk):
+                    part = indices[lo:lo + chunk]
+                    for i, answer in zip(part, work(nl, [victims[i] for i in part])):
+                        results[i] = answer
         return results
 
     def _fallback(self, victims: Sequence[Verdict], owners) -> List[Outcome]:

@@ -103,5 +103,17 @@ def received_since(before: Optional[Activity], after: Optional[Activity], policy
     return _stamp(after, policy) > (_stamp(before, policy) if before is not None else 0)
 
 
+def tcp_info_received_since(before: Socket, after: Socket, policy: Policy) -> bool:
+    """True if tcp_info shows a receive (as idle_metric counts it) between two
+    readings of one socket.
+
+    tcp_info's ages are "now minus the last receive" in jiffies: without a
+    receive the second age can only be larger, so a smaller one is news.
+    Unknown ages (no tcp_info, over --last-recv-limit) are no evidence.
+    """
+    old, new = tcp_info_idle_ms(before, policy), tcp_info_idle_ms(after, policy)
+    return old is not None and new is not None and new < old
+
+
 def _stamp(activity: Activity, policy: Policy) -> int:
     return activity.last_segment_ns if policy.idle_metric == "any" else activity.last_data_ns

@@ -373,6 +373,49 @@ def test_stale_cookie_is_refused(ns):
             new_c.recv(1)
 
 
+@pytest.mark.parametrize("batch", [256, 7])
+def test_lookup_asks_the_kernel_again_about_each_socket(ns, batch):
+    """Exact, cookie-checked lookups: fresh tcp_info for the live, ENOENT for the
+    gone and for a socket whose 4-tuple now belongs to another one."""
+    lst = ns.listener(AF_INET, "127.0.0.1", 5000)
+    l6 = ns.listener(AF_INET6, "::1", 5000)
+    pairs = [ns.pair(lst, AF_INET, "127.0.0.1", 5000) for _ in range(20)]
+    pairs += [ns.pair(l6, AF_INET6, "::1", 5000) for _ in range(20)]
+    stale_c, stale_a = ns.pair(lst, AF_INET, "127.0.0.1", 5000, bind=("127.0.0.1", 40000), reuse=True)
+    with ns.diag() as ds:
+        before = by_cookie(ds.dump_sockets(FAMS, EST))
+        time.sleep(0.3)
+        woken = pairs[0][1]
+        pairs[0][0].sendall(b"x")  # the accepted end of pair 0 receives
+        assert woken.recv(1) == b"x"
+        gone_c, gone_a = pairs[-1]
+        gone = before[cookie_of(gone_c)]
+        closed = {cookie_of(gone_c), cookie_of(gone_a), cookie_of(stale_c), cookie_of(stale_a)}
+        assert ds.destroy([gone]) == [0]
+        stale = before[cookie_of(stale_c)]
+        stale_c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        stale_c.close()
+        stale_a.close()
+        new_c, _new_a = ns.pair(lst, AF_INET, "127.0.0.1", 5000, bind=("127.0.0.1", 40000), reuse=True)
+        asked = [r for r in before.values()]
+        answers = ds.lookup(asked, batch=batch)
+    assert len(answers) == len(asked) and ds.lost_acks == 0
+    got = {r.cookie: a for r, a in zip(asked, answers)}
+    assert got[gone.cookie] == errno.ENOENT
+    assert got[stale.cookie] == errno.ENOENT  # same 4-tuple, another socket: not it
+    for rec in asked:
+        if rec.cookie in closed:  # the two destroyed or closed connections, both ends
+            assert got[rec.cookie] == errno.ENOENT
+            continue
+        now = got[rec.cookie]
+        assert now.cookie == rec.cookie and now.raw_id == rec.raw_id and now.netns == ns.name
+        assert seen(now) == seen(rec)
+        if rec.cookie == cookie_of(woken):
+            assert now.last_data_recv_ms < 100 <= rec.last_data_recv_ms + 250
+        else:  # tcp_info aged by the 0.3 s in between
+            assert now.last_data_recv_ms >= rec.last_data_recv_ms + 250
+
+
 @pytest.mark.parametrize("batch", [256, 1, 100000])
 def test_batch_of_2000_destroys(ns, batch):
     n = 2000 if batch != 1 else 300

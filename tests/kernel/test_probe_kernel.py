@@ -353,43 +353,68 @@ def test_suspended_probe_records_nothing_until_resumed(probe, conns):
     assert probe.activity()[ck].data_segments == seen + 1
 
 
-def _victims_engine(conns, probe, recheck):
+def _victims_engine(conns, probe, recheck, policy):
     from tcpidle import netns
     from tcpidle.engine import Engine
-    from tcpidle.model import Policy, PortSet, Selector
+    from tcpidle.model import PortSet, Selector
 
     port = conns.listener.getsockname()[1]
-    return Engine(Selector(sports=PortSet(((port, port),))), Policy(idle_time_ms=150),
-                  activity=probe.activity, recheck=probe.lookup if recheck else None,
+    return Engine(Selector(sports=PortSet(((port, port),))), policy,
+                  activity=probe.activity if probe else None,
+                  recheck=probe.lookup if recheck else None,
                   namespaces=[netns.resolve(conns.ns)])
 
 
-@pytest.mark.parametrize("recheck", [True, False])
-def test_a_victim_that_receives_data_after_the_scan_is_spared(probe, conns, recheck):
-    """Scan, then data reaches one idle connection, then act: with the
-    probe's re-check it lives on and only the others are destroyed; without
-    it (the control) all of them are."""
+# (use the probe for the scan, re-read it before destroying, -t ms,
+#  --last-recv-limit ms, --use-proc, is the woken victim spared?)
+WITNESSES = {
+    "tcp_info and BPF": (True, True, 150, None, False, True),
+    "tcp_info alone": (False, False, 150, None, False, True),
+    # tcp_info ages over the limit are unknown: only the probe can tell
+    "BPF alone": (True, True, 150, 100, False, True),
+    "the /proc fallback asks again too": (False, False, 150, None, True, True),
+    "control: tcp_info unknown, BPF not re-read": (True, False, 150, 100, False, False),
+    "control: -t 0, every connection": (True, True, 0, None, False, False),
+}
+
+
+@pytest.mark.parametrize("witnesses", list(WITNESSES))
+def test_a_victim_that_receives_data_after_the_scan_is_spared(probe, conns, witnesses):
+    """Scan, then data reaches one idle connection, then act: asked again
+    right before the destroy (an exact INET_DIAG lookup, and the probe's
+    entry when there is one) the kernel shows the receive, so it lives on and
+    only the others are destroyed.  Controls: with no witness that can tell,
+    or with -t 0 (every matching connection, idle or not), all go."""
+    from tcpidle.model import Policy
+
+    use_probe, reread, idle_ms, limit, use_proc, spared = WITNESSES[witnesses]
     pairs = [conns.pair() for _ in range(3)]
     for client, server in pairs:
         client.sendall(b"q")
         assert server.recv(4) == b"q"
     time.sleep(0.3)
-    engine = _victims_engine(conns, probe, recheck)
+    engine = _victims_engine(conns, probe if use_probe else None, reread,
+                             Policy(idle_time_ms=idle_ms, last_recv_limit_ms=limit,
+                                    use_proc=use_proc))
     scan = engine.scan()
     assert sorted(v.socket.cookie for v in scan.victims) == sorted(cookie(s) for _, s in pairs)
     woken_client, woken = pairs[0]
     woken_client.sendall(b"late")  # after the scan, before the destroy
     assert woken.recv(8) == b"late"
     outcomes = engine.act(scan)
-    destroyed = {o.verdict.socket.cookie for o in outcomes if o.action == "destroyed"}
+    acted = "shutdown" if use_proc else "destroyed"
+    destroyed = {o.verdict.socket.cookie for o in outcomes if o.action == acted}
     others = {cookie(s) for _, s in pairs[1:]}
-    if recheck:
+    if spared:
         assert destroyed == others and engine.spared == 1
         woken.sendall(b"alive")
         assert woken_client.recv(8) == b"alive"
     else:
         assert destroyed == others | {cookie(woken)} and engine.spared == 0
     for _, server in pairs[1:]:
+        if use_proc:  # shut down in the owner (this process): it reads EOF
+            assert server.recv(1) == b""
+            continue
         with pytest.raises(OSError) as ei:
             server.recv(1)
         assert ei.value.errno == errno.ECONNABORTED

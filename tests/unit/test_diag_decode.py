@@ -329,7 +329,7 @@ def test_records_of_the_legacy_request_decode_alike(name):
 def test_destroy_request_carries_the_sockid():
     s = diag.decode_dump(load("dump_v6.bin"))[0]
     b = bytearray(72)
-    diag._pack_destroy(b, 0, s, 42)
+    diag._pack_request(b, 0, s, 42)
     assert NLH.unpack_from(b, 0) == (72, 21, diag.NLM_F_REQUEST | diag.NLM_F_ACK, 42, 0)
     assert struct.unpack_from("=BBBBI", b, 16) == (socket.AF_INET6, socket.IPPROTO_TCP, 0, 0, 0xFFFFFFFF)
     assert bytes(b[24:]) == s.raw_id

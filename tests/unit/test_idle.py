@@ -2,7 +2,7 @@
 
 import pytest
 
-from tcpidle.idle import JIFFY_SLACK_MS, decide, merge, received_since
+from tcpidle.idle import JIFFY_SLACK_MS, decide, merge, received_since, tcp_info_received_since
 from tcpidle.model import AF_INET, Activity, Policy, Socket
 
 MS = 1_000_000
@@ -113,3 +113,22 @@ def test_an_entry_made_after_the_scan_is_news_and_a_missing_one_is_not():
     assert not received_since(act(9000, 9000), None, Policy())
     assert not received_since(None, None, ANY)
 
+
+
+def test_tcp_info_shows_a_receive_by_a_younger_age():
+    assert tcp_info_received_since(sock(9000), sock(3), Policy())
+    assert not tcp_info_received_since(sock(9000), sock(9300), Policy())  # only older
+    assert not tcp_info_received_since(sock(9000), sock(9000), Policy())
+
+
+def test_tcp_info_ack_counts_only_under_idle_metric_any():
+    before, after = sock(9000, last_ack_recv=9000), sock(9300, last_ack_recv=5)
+    assert not tcp_info_received_since(before, after, Policy())
+    assert tcp_info_received_since(before, after, ANY)
+
+
+def test_unknown_tcp_info_ages_are_no_evidence():
+    assert not tcp_info_received_since(sock(None), sock(3), Policy())
+    assert not tcp_info_received_since(sock(9000), sock(None), Policy())
+    limited = Policy(last_recv_limit_ms=5000)
+    assert not tcp_info_received_since(sock(9000), sock(3), limited)  # 9000 ms is over the limit

@@ -271,7 +271,7 @@ def kill(idle_time, dry_run, use_proc, proc_action, logfile, disable_syslog, all
         engine = Engine(selector, policy, activity=source.read, want_owners=opts["processes"],
                         namespaces=namespaces, recheck=source.lookup)
         if interval is None:
-            _scan, outcomes, _elapsed = run_pass(engine, opts["as_json"], "kill")
+            _scan, outcomes, _elapsed, _spared = run_pass(engine, opts["as_json"], "kill")
             sys.exit(1 if any(o.action == "failed" for o in outcomes) else 0)
         _poll(engine, interval, opts["as_json"])
     finally:

@@ -231,7 +231,7 @@ class Engine:
         owners = scan.owners
         results = self._in_chunks(victims, work)
         outcomes: List[Optional[Outcome]] = []
-        unsupported: List[int] = []
+        unsupported: List[Tuple[int, Verdict]] = []  # (slot in outcomes, victim)
         woken: List[Verdict] = []
         for verdict, err in zip(victims, results):
             if err is SPARED:
@@ -307,11 +307,13 @@ def _cgroups(owners, verdict: Verdict) -> Tuple[str, ...]:
 
 
 def run_pass(engine: "Engine", as_json: bool, name: str, quiet_if_empty: bool = False,
-             clock: Callable[[], float] = time.monotonic) -> Tuple[Scan, List[Outcome], float]:
+             clock: Callable[[], float] = time.monotonic
+             ) -> Tuple[Scan, List[Outcome], float, int]:
     """One pass as the user sees it: scan, act, a log line per outcome, the rows, a summary.
 
     Shared by one-shot `kill` and every poll of `kill -i` and `track`
-    (`name` prefixes the summary).  Returns (scan, outcomes, seconds taken).
+    (`name` prefixes the summary).  Returns (scan, outcomes, seconds taken,
+    victims spared by the re-check).
     """
     started = clock()
     scan = engine.scan()
@@ -325,7 +327,7 @@ def run_pass(engine: "Engine", as_json: bool, name: str, quiet_if_empty: bool = 
     if outcomes or spared or not quiet_if_empty:
         report.summary_kill(outcomes, len(scan.verdicts), len(scan.victims), elapsed * 1000.0,
                             engine.policy.dry_run, prefix=name, spared=spared)
-    return scan, outcomes, elapsed
+    return scan, outcomes, elapsed, spared
 
 
 def _open_diag(ns: netns.Netns) -> diag.DiagSocket:

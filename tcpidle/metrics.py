@@ -89,6 +89,8 @@ class Metrics:
                                        buckets=POLL_BUCKETS, registry=r)
         self.poll_errors = Counter("tcpidle_poll_errors", "Polls that failed (retried).",
                                    registry=r)
+        self.spared = Counter("tcpidle_spared", "Victims left alone: asked again right before "
+                              "the destroy, they had received data after the scan.", registry=r)
         self.last_poll = Gauge("tcpidle_last_poll_timestamp_seconds",
                                "Unix time of the last successful poll.", registry=r)
         self.probe_attached = Gauge("tcpidle_probe_attached",
@@ -105,8 +107,10 @@ class Metrics:
     # -- feeding -----------------------------------------------------------------
 
     def observe_poll(self, verdicts: Sequence[Verdict], outcomes: Sequence[Outcome],
-                     seconds: float, wall_time: float) -> None:
+                     seconds: float, wall_time: float, spared: int = 0) -> None:
         self.sockets_seen.set(len(verdicts))
+        if spared:
+            self.spared.inc(spared)
         for v in verdicts:
             if v.idle_ms is not None:
                 self.idle_seconds.observe(v.idle_ms / 1000.0)

@@ -192,8 +192,8 @@ class Tracker:
 
     def poll(self) -> List[Outcome]:
         """One scan and act; raises whatever they raise."""
-        scan, outcomes, elapsed = run_pass(self.engine, self.as_json, self.name,
-                                           quiet_if_empty=True, clock=self.clock)
+        scan, outcomes, elapsed, spared = run_pass(self.engine, self.as_json, self.name,
+                                                   quiet_if_empty=True, clock=self.clock)
         ts = now_iso()
         self.polls += 1
         self.acted += len(outcomes)
@@ -205,7 +205,7 @@ class Tracker:
                 log.error("event log %s: %s", self.events.path, e.strerror or e)
         if self.metrics is not None:
             stats = self._probe_stats()  # first: the gauges then move together
-            self.metrics.observe_poll(scan.verdicts, outcomes, elapsed, time.time())
+            self.metrics.observe_poll(scan.verdicts, outcomes, elapsed, time.time(), spared)
             self.metrics.observe_probe(stats)
         log.debug("poll %d: %d sockets dumped, %d matched, %d idle, %d acted on; %.1f ms",
                   self.polls, scan.seen, len(scan.verdicts), len(scan.victims), len(outcomes),

@@ -156,7 +156,7 @@ def test_poll_feeds_gauges_histograms_and_counters():
     m = Metrics(process=False)
     verdicts = [outcome(1, idle_ms=2500.0).verdict, outcome(2, idle_ms=None).verdict,
                 outcome(3, idle_ms=90_000_000.0).verdict]
-    m.observe_poll(verdicts, [outcome(1), outcome(3, Action.FAILED)], 0.02, 1700000000.0)
+    m.observe_poll(verdicts, [outcome(1), outcome(3, Action.FAILED)], 0.02, 1700000000.0, spared=2)
     m.observe_error(0.5)
     m.observe_probe({"entries": 12, "max_entries": 4096, "evicted": 3})
     text = m.render().decode()
@@ -167,6 +167,7 @@ def test_poll_feeds_gauges_histograms_and_counters():
     assert 'tcpidle_kills_total{outcome="destroyed"} 1.0' in text
     assert 'tcpidle_kills_total{outcome="failed"} 1.0' in text
     assert "tcpidle_poll_errors_total 1.0" in text
+    assert "tcpidle_spared_total 2.0" in text
     assert "tcpidle_poll_duration_seconds_count 2.0" in text
     assert "tcpidle_last_poll_timestamp_seconds 1.7e+09" in text
     assert "tcpidle_probe_attached 1.0" in text

@@ -244,8 +244,11 @@ def audit(min_idle, watch, map_size, **opts):
 def kill(idle_time, dry_run, use_proc, proc_action, logfile, disable_syslog, all_, interval, **opts):
     """Destroy matching connections idle for at least --idle-time.
 
-    Needs a port, address or owner selector, or --all. Each kill is logged
-    with the socket cookie, 4-tuple, idle time, idle source and outcome.
+    Needs a port, address or owner selector, or --all. Right before its
+    destroy each victim is asked about again (tcp_info, and the probe's map
+    where there is one): one that received data since the scan is spared.
+    Each kill is logged with the socket cookie, 4-tuple, idle time, idle
+    source and outcome.
 
     \b
     Examples:

@@ -802,6 +802,9 @@ class DiagSocket:
         if record_of:
             decoded: List[Socket] = []
             _decode_messages(records, 0, len(records), decoded, self.netns_label, None, {})
+            if len(decoded) != len(record_of):
+                raise MalformedDump("%s: %d records decoded from %d answers"
+                                    % (what, len(decoded), len(record_of)))
             for i, sk in zip(record_of, decoded):
                 results[i] = sk
         if not pending:

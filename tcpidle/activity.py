@@ -78,19 +78,21 @@ def _pinned(pin_dir: str) -> bool:
     return os.path.exists(os.path.join(pin_dir, "activity"))
 
 
+# While watching, sockets opened since the last dump have no cookie yet: the
+# dump is repeated this often, unless one dump costs more than a tenth of it.
+PRIME_EVERY_S = 2.0
+
+
 def _watch(probe, watch_s: float, map_size: int, progress, prime) -> Source:
     attached = probe.Probe.attach(map_size=map_size, log=log)  # logs hook, headers, start-up time
     try:
-        if prime is not None and attached.needs_cookie_priming:
-            # The hook keys segments by the cookie the socket already has;
-            # an INET_DIAG dump generates it.  Sockets opened during the
-            # watch get theirs only at the final scan: tcp_info serves them.
-            log.info("%s: cookies primed for %d sockets", attached.hook, prime())
+        primer = _Primer(prime if attached.needs_cookie_priming else None, attached.hook)
         deadline = time.monotonic() + watch_s
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
+            primer.maybe()
             if progress:
                 progress("watching traffic with the BPF probe: %.0f s left" % left)
             time.sleep(min(1.0, left))
@@ -100,3 +102,33 @@ def _watch(probe, watch_s: float, map_size: int, progress, prime) -> Source:
     hook = attached.describe().partition(" (")[0]  # without the notes on hooks not taken
     return Source(attached.activity, "idle from BPF: %s, watched %g s" % (hook, watch_s),
                   attached.stats, attached.close, attached.lookup)
+
+
+class _Primer:
+    """Gives the selected sockets their cookies (an INET_DIAG dump) for hooks
+    that cannot: at once, then every PRIME_EVERY_S while that stays cheap.
+
+    The hook keys segments by the cookie a socket already has; sockets
+    opened between two dumps are seen from the next one on, and until then
+    tcp_info serves them.
+    """
+
+    def __init__(self, prime: Optional[Callable[[], int]], hook: str):
+        self.prime = prime
+        self.hook = hook
+        self.last = None  # monotonic time of the last dump
+        self.cost = 0.0
+
+    def maybe(self) -> None:
+        if self.prime is None:
+            return
+        now = time.monotonic()
+        if self.last is not None and (now - self.last < PRIME_EVERY_S
+                                      or self.cost > PRIME_EVERY_S / 10):
+            return
+        count = self.prime()
+        self.cost = time.monotonic() - now
+        (log.info if self.last is None else log.debug)(
+            "%s: cookies primed for %d sockets (%.0f ms)", self.hook, count, self.cost * 1000)
+        self.last = now
+

@@ -195,6 +195,11 @@ class Engine:
             log.warning("asking the kernel again before destroying failed (%s): "
                         "acting on the scan's verdicts", exc)
             now = [None] * len(part)
+        unanswered = [a for a in now if isinstance(a, int) and a != errno.ENOENT]
+        if unanswered:  # ENOENT is a victim gone meanwhile; anything else is news
+            log.warning("%d of %d victims could not be asked about again (%s): acting on "
+                        "the scan's verdicts for them", len(unanswered), len(part),
+                        os.strerror(unanswered[0]))
         probe_now: Dict[int, Activity] = {}
         if self.recheck is not None:
             try:

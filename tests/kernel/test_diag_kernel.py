@@ -381,6 +381,8 @@ def test_lookup_asks_the_kernel_again_about_each_socket(ns, batch):
     l6 = ns.listener(AF_INET6, "::1", 5000)
     pairs = [ns.pair(lst, AF_INET, "127.0.0.1", 5000) for _ in range(20)]
     pairs += [ns.pair(l6, AF_INET6, "::1", 5000) for _ in range(20)]
+    dual = ns.listener(AF_INET6, "::", 5001, v6only=False)
+    pairs += [ns.pair(dual, AF_INET, "127.0.0.1", 5001) for _ in range(5)]  # accepted: v4-mapped
     stale_c, stale_a = ns.pair(lst, AF_INET, "127.0.0.1", 5000, bind=("127.0.0.1", 40000), reuse=True)
     with ns.diag() as ds:
         before = by_cookie(ds.dump_sockets(FAMS, EST))
@@ -400,6 +402,7 @@ def test_lookup_asks_the_kernel_again_about_each_socket(ns, batch):
         asked = [r for r in before.values()]
         answers = ds.lookup(asked, batch=batch)
     assert len(answers) == len(asked) and ds.lost_acks == 0
+    assert sum(r.src.startswith("::ffff:") for r in asked) == 5
     got = {r.cookie: a for r, a in zip(asked, answers)}
     assert got[gone.cookie] == errno.ENOENT
     assert got[stale.cookie] == errno.ENOENT  # same 4-tuple, another socket: not it

@@ -40,9 +40,11 @@
  *   raw_tracepoint and kprobe read the cookie from the socket, where it is 0
  *   until someone asked for it (an INET_DIAG dump, SO_COOKIE, a classic
  *   tcp tracepoint, bpf_get_socket_cookie): such segments are skipped and
- *   counted (C_NO_COOKIE), and probe.py primes the cookies with a dump when
- *   it attaches.  Their payload length comes from TCP_SKB_CB(skb), which
- *   tcp_v{4,6}_fill_cb() filled before tcp_rcv_established() runs:
+ *   counted (C_NO_COOKIE); tcpidle's INET_DIAG dumps of the selection ask
+ *   for the cookies (audit --watch at its start and every 2 s, every tracker
+ *   poll).  These two and fentry take the payload length from
+ *   TCP_SKB_CB(skb), which tcp_v{4,6}_fill_cb() filled before
+ *   tcp_rcv_established() runs:
  *   end_seq - seq counts payload plus one for each of SYN and FIN, so
  *   payload = end_seq - seq - SYN - FIN, what tcp_probe computes as data_len
  *   (one read instead of skb->len, skb->data and the header's data offset:

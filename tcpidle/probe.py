@@ -285,7 +285,8 @@ def cached_btf_offsets(cache_dir: Optional[str]) -> Dict[str, int]:
     try:
         with open(path) as f:
             saved = json.load(f)
-        if saved.get("boot") == ident and set(saved.get("offsets", {})) == set(OFFSET_MACROS) | set(SIZE_MACROS):
+        wanted = set(OFFSET_MACROS) | set(SIZE_MACROS)
+        if saved.get("boot") == ident and set(saved.get("offsets", {})) == wanted:
             return {k: int(v) for k, v in saved["offsets"].items()}
     except (OSError, ValueError, AttributeError, TypeError):
         pass

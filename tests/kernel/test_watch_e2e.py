@@ -29,13 +29,13 @@ def test_a_connection_opened_during_the_watch_is_seen_by_the_probe(netns, tcpidl
     proc = subprocess.Popen(tcpidle_argv(netns, "audit", "--watch", WATCH_S, "-s", PORT,
                                          "--json", "-vv"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    log, primed = [], threading.Event()
+    log, primed, primed_again = [], threading.Event(), threading.Event()
 
     def read_log():
         for line in proc.stderr:
             log.append(line)
             if "cookies primed" in line:
-                primed.set()
+                (primed_again if primed.is_set() else primed).set()
 
     reader = threading.Thread(target=read_log, daemon=True)
     reader.start()
@@ -50,7 +50,8 @@ def test_a_connection_opened_during_the_watch_is_seen_by_the_probe(netns, tcpidl
         socks += [client, server]
         client.sendall(b"early")
         assert server.recv(8) == b"early"
-        time.sleep(2.6)  # past the next dump of the selection
+        # The next dump of the selection numbers the new connection (-vv logs it).
+        assert primed_again.wait(WATCH_S), "".join(log)
         client.sendall(b"late")
         late = time.monotonic()
         assert server.recv(8) == b"late"

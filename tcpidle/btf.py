@@ -5,8 +5,8 @@ Owns one job: answer "at which byte offset does struct S keep member a.b.c on
 kprobe hooks of the probe need a few such offsets (sk_buff.cb, tcp_skb_cb.seq,
 .end_seq, .tcp_flags, sock.__sk_common.skc_cookie); taking them from the
 running kernel's own type information, instead of from a header tree that may
-belong to another kernel, is what keeps the probe free of header struct layouts.  The offsets reach the
-BPF C code as -D compiler flags.
+belong to another kernel, is what keeps the probe free of header struct
+layouts.  The offsets reach the BPF C code as -D compiler flags.
 
 Format (include/uapi/linux/btf.h): a header, then a type section of
 variable-length records (type ids count from 1, id 0 is void), then a string

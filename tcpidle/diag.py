@@ -504,8 +504,8 @@ class DiagSocket:
             self._dump_sock.close()
             raise
         self._netns_fd = None if netns_fd is None else os.dup(netns_fd)
-        # Destroy requests whose ack the kernel dropped (receive queue
-        # overflow); they were retried.  Kept for tests and diagnostics.
+        # Destroy and lookup requests whose answer the kernel dropped (receive
+        # queue overflow); they were retried.  Kept for tests and diagnostics.
         self.lost_acks = 0
         # Dump requests sent (each one walk of the kernel's hash tables).
         self.walks = 0
@@ -646,7 +646,8 @@ class DiagSocket:
         ~310 ms to ~180 ms.  A kernel that refuses the legacy request is
         asked per family from then on.
         """
-        wanted = [fam for fam in (AF_INET, AF_INET6) if fam in set(families)]
+        asked = set(families)
+        wanted = [fam for fam in (AF_INET, AF_INET6) if fam in asked]
         codes = {fam: _bytecode_for(bytecode_for_family, fam) for fam in wanted}
         if len(wanted) == 2 and codes[AF_INET] == codes[AF_INET6] and DiagSocket.single_walk:
             try:
@@ -687,9 +688,8 @@ class DiagSocket:
         destroyed.  A retried request whose first ack was lost may report
         ENOENT for a socket the first request destroyed: either way it is gone.
         """
-        results = self._exchange(sockets, SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, 0,
-                                 _ACK_TRUESIZE, batch)
-        return [errno.ENOBUFS if r is None else r for r in results]  # type: ignore[misc]
+        return self._exchange(sockets, SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, 0,
+                              _ACK_TRUESIZE, batch)  # type: ignore[return-value]
 
     def lookup(self, sockets: Sequence[Socket], batch: int = 256) -> List[Union[Socket, int]]:
         """Each socket as the kernel sees it now (tcp_info included), or an errno.
@@ -700,16 +700,15 @@ class DiagSocket:
         destroy(); a request whose answer was lost is reported as ENOBUFS.
         """
         ext = 1 << (INET_DIAG_INFO - 1)
-        results = self._exchange(sockets, SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, ext,
-                                 _REPLY_TRUESIZE, batch)
-        return [errno.ENOBUFS if r is None else r for r in results]  # type: ignore[misc]
+        return self._exchange(sockets, SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, ext,
+                              _REPLY_TRUESIZE, batch)
 
     def _exchange(self, sockets: Sequence[Socket], msgtype: int, flags: int, ext: int,
-                  truesize: int, batch: int) -> List[Union[Socket, int, None]]:
+                  truesize: int, batch: int) -> List[Union[Socket, int]]:
         """One request per socket, carrying its sockid; one answer each, by seq.
 
         An answer is an errno from NLMSG_ERROR (0: an ack), or a Socket when
-        the kernel replied with a record.  None: never answered, even alone.
+        the kernel replied with a record; ENOBUFS if never answered, even alone.
         """
         if self._destroy_sock is None:
             raise ValueError("DiagSocket is closed")
@@ -732,7 +731,7 @@ class DiagSocket:
             # Second chance, one request per send: an answer cannot be crowded out.
             for i in lost:
                 self._exchange_batch(sockets, [i], results, request)
-        return results
+        return [errno.ENOBUFS if r is None else r for r in results]  # type: ignore[misc]
 
     def _exchange_batch(
         self, sockets: Sequence[Socket], idx: Sequence[int],

@@ -174,10 +174,13 @@ class Engine:
         # -t 0 acts on every matching connection, idle or not: nothing to ask again.
         recheck = self.policy.idle_time_ms > 0
         if self.use_proc:
-            flags = self._in_chunks(victims, lambda nl, part: (
-                self._woken(scan, part, nl) if recheck else [False] * len(part)))
-            kept = self._count_spared([v for v, woke in zip(victims, flags) if woke is not True],
-                                      [v for v, woke in zip(victims, flags) if woke is True])
+            kept, woken = victims, []
+            if recheck:
+                flags = self._in_chunks(victims, lambda nl, part: self._woken(scan, part, nl))
+                # A vanished namespace answers ENOENT, not True: its sockets are kept.
+                kept = [v for v, woke in zip(victims, flags) if woke is not True]
+                woken = [v for v, woke in zip(victims, flags) if woke is True]
+            self._note_spared(woken)
             return self._fallback(kept, scan.owners)
         return self._destroy(victims, scan, recheck)
 
@@ -215,14 +218,14 @@ class Engine:
             for v, fresh in zip(part, now)
         ]
 
-    def _count_spared(self, kept: List[Verdict], woken: List[Verdict]) -> List[Verdict]:
+    def _note_spared(self, woken: Sequence[Verdict]) -> None:
+        """Count and log the victims left alone because they woke up."""
         if woken:
             self.spared += len(woken)
             log.info("spared %d connection%s that received data after the scan: %s",
                      len(woken), "" if len(woken) == 1 else "s",
                      " ".join("cookie=%d" % v.socket.cookie for v in woken[:10])
                      + (" ..." if len(woken) > 10 else ""))
-        return kept
 
     def _destroy(self, victims: Sequence[Verdict], scan: Scan, recheck: bool) -> List[Outcome]:
         """Ask again and destroy, batch by batch: the window between the
@@ -252,7 +255,7 @@ class Engine:
                 raise PrivilegeError("SOCK_DESTROY refused (EPERM): need CAP_NET_ADMIN in this network namespace")
             else:
                 outcomes.append(self._outcome(verdict, Action.FAILED, "SOCK_DESTROY: " + os.strerror(err), owners))
-        self._count_spared([], woken)
+        self._note_spared(woken)
         if unsupported:
             log.warning(
                 "SOCK_DESTROY is not supported by this kernel (CONFIG_INET_DIAG_DESTROY is off): "

@@ -60,7 +60,7 @@ OUTCOMES = (Action.DESTROYED, Action.WOULD_DESTROY, Action.SHUTDOWN, Action.PROC
 # The names documented above, for tests and the README.
 SERIES = (
     "tcpidle_sockets_seen", "tcpidle_idle_seconds", "tcpidle_kills_total",
-    "tcpidle_poll_duration_seconds", "tcpidle_poll_errors_total",
+    "tcpidle_poll_duration_seconds", "tcpidle_poll_errors_total", "tcpidle_spared_total",
     "tcpidle_last_poll_timestamp_seconds", "tcpidle_probe_attached",
     "tcpidle_probe_map_entries", "tcpidle_probe_map_capacity", "tcpidle_probe_evictions",
 )

@@ -37,7 +37,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-from tcpidle import kheaders  # noqa: E402
+from tcpidle.probe import kheaders  # noqa: E402
 from tcpidle.probe import VALUE, Probe, libbpf  # noqa: E402
 
 # One process inside the namespace holds both ends of one loopback TCP
@@ -197,7 +197,7 @@ def bench_read(entries, cache_dir):
         for i in range(entries):
             key.value = base + i
             val.raw = VALUE.pack(i + 1, i, 2, 1, 100)
-            if lib.bpf_map_update_elem(p.activity_fd, ctypes.byref(key), val, 0) == 0:
+            if lib.bpf_map_update_elem(p.reader.activity_fd, ctypes.byref(key), val, 0) == 0:
                 filled += 1
         t_fill = time.monotonic() - t0
         t0 = time.monotonic()

@@ -36,8 +36,7 @@ from . import report
 from .engine import Engine, require_privilege, run_pass
 from .errors import PrivilegeError, RuntimeFailure, TcpidleError
 from .model import Outcome, Policy, Selector
-from .probe import (DEFAULT_PIN_DIR, PinError, Probe, ProbeUnavailable, pinned_activity,
-                    remove_pins)
+from .probe import DEFAULT_PIN_DIR, PinError, Probe, ProbeUnavailable, remove_pins
 
 log = logging.getLogger("tcpidle")
 
@@ -47,7 +46,6 @@ DEFAULT_MAX_KILLS = 100
 
 __all__ = [
     "DEFAULT_PIN_DIR", "TrackOptions", "Tracker", "EventLog", "run", "cleanup",
-    "pinned_activity",
 ]
 
 

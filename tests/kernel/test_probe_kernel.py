@@ -465,38 +465,41 @@ def bpffs(tmp_path):
         subprocess.run(["umount", str(d)], check=False)
 
 
-def test_pin_and_read_pinned(probe, conns, bpffs):
-    client, server = conns.pair()
-    client.sendall(b"pinned")
-    assert server.recv(16) == b"pinned"
+def test_pin_and_read_pinned(cache_dir, conns, bpffs):
+    """The tracker's path: maps created pinned by attach(pin_dir=...), read by
+    another reader through PinnedMap, the directory locked while attached."""
     pin_dir = os.path.join(bpffs, "tcpidle")
-    probe.pin(pin_dir)
+    p = Probe.attach(map_size=1024, hook="tracepoint", cache_dir=cache_dir, pin_dir=pin_dir)
     try:
-        reader = Probe.open_pinned(pin_dir)
+        client, server = conns.pair()
+        client.sendall(b"pinned")
+        assert server.recv(16) == b"pinned"
+        ck = cookie(server)
+        assert wait_for(lambda: ck in p.activity(), timeout=2.0)
+        reader = PinnedMap.open(pin_dir)
         try:
-            ck = cookie(server)
-            assert reader.activity()[ck] == probe.activity()[ck]
-            assert reader.stats()["max_entries"] == probe.stats()["max_entries"]
+            assert reader.activity()[ck] == p.activity()[ck]
+            assert reader.stats()["max_entries"] == p.stats()["max_entries"]
             with pytest.raises(ProbeUnavailable):
-                probe.pin(pin_dir)  # already pinned
+                Probe.attach(map_size=1024, hook="tracepoint", cache_dir=cache_dir,
+                             pin_dir=pin_dir)  # already pinned, and locked
         finally:
             reader.close()
     finally:
-        probe.unpin()
+        p.close()
     assert os.listdir(pin_dir) == []
 
 
-def test_pin_outside_bpffs_is_refused(probe, tmp_path):
+def test_pin_outside_bpffs_is_refused(tmp_path):
     with pytest.raises(ProbeUnavailable, match="BPF filesystem"):
-        probe.pin(str(tmp_path / "notbpffs"))
+        Probe.attach(map_size=16, hook="tracepoint", pin_dir=str(tmp_path / "notbpffs"))
     with pytest.raises(ProbeUnavailable):
         PinnedMap.open(str(tmp_path))
 
 
 def test_close_unpins(cache_dir, bpffs):
-    p = Probe.attach(map_size=16, hook="tracepoint", cache_dir=cache_dir)
     pin_dir = os.path.join(bpffs, "x")
-    p.pin(pin_dir)
+    p = Probe.attach(map_size=16, hook="tracepoint", cache_dir=cache_dir, pin_dir=pin_dir)
     assert sorted(os.listdir(pin_dir)) == ["activity", "counters"]
     p.close()
     assert os.listdir(pin_dir) == []
@@ -519,7 +522,7 @@ def test_reading_many_entries_batch_and_fallback(cache_dir):
         for i in range(n):
             key.value = base + i
             val.raw = VALUE.pack(i + 3, i + 2, i, i + 1, 7 * i)
-            assert update(p.activity_fd, ctypes.byref(key), val, 0) == 0
+            assert update(p.reader.activity_fd, ctypes.byref(key), val, 0) == 0
         t0 = time.monotonic()
         acts = p.activity()
         print("activity() of %d entries: %.0f ms" % (len(acts), (time.monotonic() - t0) * 1000))
@@ -529,7 +532,7 @@ def test_reading_many_entries_batch_and_fallback(cache_dir):
             a = ours[base + i]
             assert (a.last_segment_ns, a.last_data_ns, a.segments, a.data_segments, a.bytes) \
                 == (i + 3, i + 2, i, i + 1, 7 * i)
-        keys, _ = p._read_iter()
+        keys, _ = p.reader._read_iter()
         assert {k for k in keys if k >= base} == set(ours)
     finally:
         p.close()
@@ -580,9 +583,8 @@ def test_every_hook_branch_compiles(cache_dir, flags_size):
     (with the real BTF offsets) and the kprobe one passes the verifier, as do
     the raw and classic tracepoint ones; also with the u8 tcp_flags of
     kernels before 6.18 (verified here with this kernel's other offsets)."""
-    from tcpidle import kheaders
-    from tcpidle.probe import _dispose, _env, _module_class, bpf_source, btf_offsets, \
-        build_cflags
+    from tcpidle.probe import bpf_source, btf_offsets, build_cflags, kheaders
+    from tcpidle.probe.loader import _dispose, _env, _module_class
 
     tree = kheaders.find_headers(cache_dir=cache_dir)
     offsets = btf_offsets()

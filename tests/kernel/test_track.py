@@ -469,7 +469,7 @@ def test_pinned_maps_are_reused_across_attaches(pin_dir, caplog):
         assert pin_dir_holder(pin_dir) == os.getpid()
         with pytest.raises(PinError, match="in use by another tcpidle tracker"):
             Probe.attach(map_size=8192, hook="tracepoint", pin_dir=pin_dir)
-        assert update(p.activity_fd, ctypes.byref(key), val, 0) == 0
+        assert update(p.reader.activity_fd, ctypes.byref(key), val, 0) == 0
     finally:
         p.close(keep_pins=True)
     assert sorted(os.listdir(pin_dir)) == ["activity", "counters"]
@@ -505,16 +505,12 @@ def test_failed_attach_leaves_no_new_pins(pin_dir):
 
 
 def test_foreign_pinned_map_is_refused(pin_dir, bpffs):
-    p = Probe.attach(map_size=64, hook="tracepoint")
-    try:
-        p.pin(pin_dir)
-        # a per-CPU array where the activity map should be
-        os.rename(os.path.join(pin_dir, "counters"), os.path.join(pin_dir, "activity"))
-        with pytest.raises(PinError, match="is not a tcpidle activity map .*--cleanup"):
-            Probe.attach(map_size=64, hook="tracepoint", pin_dir=pin_dir)
-        assert os.listdir(pin_dir) == ["activity"]  # left alone
-    finally:
-        p.close()
+    Probe.attach(map_size=64, hook="tracepoint", pin_dir=pin_dir).close(keep_pins=True)
+    # a per-CPU array where the activity map should be
+    os.rename(os.path.join(pin_dir, "counters"), os.path.join(pin_dir, "activity"))
+    with pytest.raises(PinError, match="is not a tcpidle activity map .*--cleanup"):
+        Probe.attach(map_size=64, hook="tracepoint", pin_dir=pin_dir)
+    assert os.listdir(pin_dir) == ["activity"]  # left alone
     assert pin_dir_holder(pin_dir) is None
 
 

@@ -15,8 +15,8 @@ import struct
 
 import pytest
 
-from tcpidle import kheaders
-from tcpidle.btf import BTF, BTFError, VMLINUX
+from tcpidle.probe import kheaders
+from tcpidle.probe.btf import BTF, BTFError, VMLINUX
 from tcpidle.errors import UsageError
 from tcpidle.model import Activity
 from tcpidle.probe import (
@@ -432,7 +432,7 @@ def test_installed_header_packages_are_found():
 def test_btf_offsets_are_cached_per_boot(tmp_path, monkeypatch):
     import json
 
-    from tcpidle import probe
+    from tcpidle.probe import btf as probe
 
     first = probe.cached_btf_offsets(str(tmp_path))
     path = tmp_path / "btf-offsets.json"

@@ -8,6 +8,10 @@ running kernel's own type information, instead of from a header tree that may
 belong to another kernel, is what keeps the probe free of header struct
 layouts.  The offsets reach the BPF C code as -D compiler flags.
 
+The offsets the probe needs (OFFSET_MACROS) are read once per boot and kept
+in the cache directory (`cached_btf_offsets`): parsing vmlinux BTF in Python
+costs ~0.2 s.
+
 Format (include/uapi/linux/btf.h): a header, then a type section of
 variable-length records (type ids count from 1, id 0 is void), then a string
 section.  Only what member lookup needs is decoded.
@@ -15,8 +19,12 @@ section.  Only what member lookup needs is decoded.
 
 from __future__ import annotations
 
+import json
+import os
 import struct
 from typing import Dict, List, Optional, Tuple
+
+from .kheaders import default_cache_dir
 
 VMLINUX = "/sys/kernel/btf/vmlinux"
 BTF_MAGIC = 0xEB9F
@@ -179,3 +187,76 @@ class BTF:
             esize = self._type_size(elem, depth + 1)
             return None if esize is None else esize * nelems
         return None
+
+
+# -D macro -> (struct, member path, member sizes allowed) read from kernel BTF.
+OFFSET_MACROS = {
+    "TCPIDLE_SKB_CB_OFF": ("sk_buff", "cb", (48,)),
+    "TCPIDLE_CB_SEQ_OFF": ("tcp_skb_cb", "seq", (4,)),
+    "TCPIDLE_CB_END_SEQ_OFF": ("tcp_skb_cb", "end_seq", (4,)),
+    # u8 until Linux 6.18 widened it to u16 for AccECN's AE bit
+    "TCPIDLE_CB_FLAGS_OFF": ("tcp_skb_cb", "tcp_flags", (1, 2)),
+    "TCPIDLE_SK_COOKIE_OFF": ("sock", "__sk_common.skc_cookie", (8,)),
+}
+# Members whose size varies by kernel: their size goes to the C code too.
+SIZE_MACROS = {"TCPIDLE_CB_FLAGS_SIZE": "TCPIDLE_CB_FLAGS_OFF"}
+
+
+def btf_offsets(path: str = VMLINUX) -> Dict[str, int]:
+    """-D values for the fentry/raw tracepoint/kprobe readers, from the running kernel's BTF.
+
+    Raises BTFError when BTF is missing or a member is not found or has an
+    unexpected size.
+    """
+    btf = BTF.load(path)
+    out = {}
+    sizes = {}
+    for macro, (st, member, allowed) in OFFSET_MACROS.items():
+        got = btf.member_size(st, member)
+        if got not in allowed:
+            raise BTFError("%s.%s is %d bytes, expected %s"
+                           % (st, member, got, " or ".join(map(str, allowed))))
+        out[macro] = btf.offsetof(st, member)
+        sizes[macro] = got
+    for macro, of in SIZE_MACROS.items():
+        out[macro] = sizes[of]
+    return out
+
+
+def _boot_identity() -> str:
+    """Release and boot id: vmlinux BTF cannot change without a reboot."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = "?"
+    return "%s %s" % (os.uname().release, boot)
+
+
+def cached_btf_offsets(cache_dir: Optional[str]) -> Dict[str, int]:
+    """btf_offsets(), remembered in cache_dir for the current boot.
+
+    Parsing all of vmlinux BTF in Python takes ~0.2 s, a third of start-up;
+    the answer only changes with the kernel, so it is kept per boot.
+    """
+    path = os.path.join(cache_dir or default_cache_dir(), "btf-offsets.json")
+    ident = _boot_identity()
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+        wanted = set(OFFSET_MACROS) | set(SIZE_MACROS)
+        if saved.get("boot") == ident and set(saved.get("offsets", {})) == wanted:
+            return {k: int(v) for k, v in saved["offsets"].items()}
+    except (OSError, ValueError, AttributeError, TypeError):
+        pass
+    offsets = btf_offsets()
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = "%s.%d" % (path, os.getpid())
+        with open(tmp, "w") as f:
+            json.dump({"boot": ident, "offsets": offsets}, f)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only cache only costs time
+    return offsets
+

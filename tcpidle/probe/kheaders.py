@@ -36,7 +36,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
-from .errors import RuntimeFailure
+from ..errors import RuntimeFailure
 
 KCONFIG_H = "include/linux/kconfig.h"
 AUTOCONF_H = "include/generated/autoconf.h"

@@ -1,0 +1,212 @@
+"""What the running kernel offers the probe, and the plan of hooks to try.
+
+Owns the question "which receive hook, and configured how?":
+
+- detection: tracefs and the tracepoints' format files, kprobe support, the
+  struct offsets from BTF (tcpidle.probe.btf) -- `detect_features`;
+- the choice, pure: fentry on tcp_rcv_established where it loads, then the
+  tcp_probe raw tracepoint, a kprobe where the kernel has kprobes, the
+  classic tcp:tcp_probe tracepoint; every hook left out or failing is
+  reported with its reason (`plan_hooks`, `attach_first`);
+- the -D flags that configure the C source for that plan (`build_cflags`).
+
+Nothing here loads BPF: loader.py does, following this plan.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+from ..errors import UsageError
+from . import ProbeUnavailable, one_line
+from .btf import cached_btf_offsets
+
+# Best first: fentry (a BTF trampoline, the cookie generated on demand);
+# the tcp_probe tracepoint with its raw arguments (no perf record built);
+# a kprobe; the classic tracepoint (its record costs, but always carries
+# the cookie).  See the header comment of bpf/tcpidle.bpf.c.
+HOOKS = ("fentry", "raw_tracepoint", "kprobe", "tracepoint")
+# Hooks that read the cookie from the socket, where it is 0 until an
+# INET_DIAG dump (or SO_COOKIE...) asked for it: prime_cookies() after attaching.
+LAZY_COOKIE_HOOKS = frozenset(("raw_tracepoint", "kprobe"))
+RCV_FUNC = "tcp_rcv_established"
+
+_log = logging.getLogger("tcpidle.probe")
+
+
+@dataclass(frozen=True)
+class KernelFeatures:
+    """What hook selection needs to know about the running kernel.
+
+    `btf_offsets` holds the -D values for the socket/skb readers, or
+    `btf_error` says why there are none.  `*_fields` are the field names of
+    the tracepoints' format files (None: no such tracepoint).
+    """
+
+    btf_offsets: Optional[Dict[str, int]]
+    btf_error: Optional[str]
+    kprobes: bool
+    tcp_probe_fields: Optional[frozenset]
+    destroy_fields: Optional[frozenset]
+
+
+def unavailable_reasons(f: KernelFeatures) -> Dict[str, Optional[str]]:
+    """For each hook, None if worth trying, else why it cannot work here."""
+    out: Dict[str, Optional[str]] = {}
+    no_btf = None if f.btf_offsets else "no struct offsets from kernel BTF (%s)" % (
+        f.btf_error or "unknown")
+    out["fentry"] = no_btf
+    if f.tcp_probe_fields is None:
+        out["raw_tracepoint"] = "no tcp:tcp_probe tracepoint"
+    else:
+        out["raw_tracepoint"] = no_btf
+    if not f.kprobes:
+        out["kprobe"] = "kernel has no kprobes"
+    else:
+        out["kprobe"] = no_btf
+    if f.tcp_probe_fields is None:
+        out["tracepoint"] = "no tcp:tcp_probe tracepoint"
+    elif not {"sock_cookie", "data_len"} <= f.tcp_probe_fields:
+        out["tracepoint"] = "tcp:tcp_probe lacks sock_cookie/data_len (kernel too old)"
+    else:
+        out["tracepoint"] = None
+    return out
+
+
+def plan_hooks(requested: str, reasons: Dict[str, Optional[str]]) -> Tuple[List[str], List[str]]:
+    """The hooks to try in order, and notes on those left out.
+
+    "auto" tries every available hook in the order of HOOKS; a named hook is
+    the only candidate and must be available.
+    """
+    if requested != "auto" and requested not in HOOKS:
+        raise UsageError("unknown BPF hook %r (want auto, %s)" % (requested, ", ".join(HOOKS)))
+    if requested != "auto":
+        if reasons.get(requested):
+            raise ProbeUnavailable("BPF hook %s unavailable: %s" % (requested, reasons[requested]))
+        return [requested], []
+    candidates = [h for h in HOOKS if not reasons.get(h)]
+    notes = ["%s: %s" % (h, reasons[h]) for h in HOOKS if reasons.get(h)]
+    if not candidates:
+        raise ProbeUnavailable("no BPF hook available (%s)" % "; ".join(notes))
+    return candidates, notes
+
+
+def attach_first(candidates: Sequence[str], try_attach: Callable[[str], None],
+                 notes: Sequence[str] = (), log=None) -> Tuple[str, List[str]]:
+    """Attach the first candidate that works; return (hook, notes).
+
+    try_attach(hook) raises on failure; its message becomes the hook's note,
+    is logged, and the next candidate is tried.
+    """
+    log = log or _log
+    notes = list(notes)
+    for i, hook in enumerate(candidates):
+        try:
+            try_attach(hook)
+        except Exception as e:  # bcc raises bare Exception
+            why = one_line(e)
+            notes.append("%s: %s" % (hook, why))
+            nxt = candidates[i + 1] if i + 1 < len(candidates) else None
+            log.info("BPF hook %s failed: %s%s", hook, why, "; trying %s" % nxt if nxt else "")
+            continue
+        return hook, _hook_order(notes)
+    raise ProbeUnavailable("no BPF hook could attach (%s)" % "; ".join(_hook_order(notes)))
+
+
+def _hook_order(notes: Sequence[str]) -> List[str]:
+    """Notes about hooks in the order of HOOKS, other notes after them."""
+    def key(note: str) -> int:
+        name = note.split(":", 1)[0]
+        return HOOKS.index(name) if name in HOOKS else len(HOOKS)
+
+    return sorted(notes, key=key)
+
+
+def tracefs() -> str:
+    for d in ("/sys/kernel/tracing", "/sys/kernel/debug/tracing"):
+        if os.path.isdir(os.path.join(d, "events")):
+            return d
+    return "/sys/kernel/tracing"
+
+
+def ensure_tracefs(log=None) -> bool:
+    """Mount tracefs at /sys/kernel/tracing when no tracefs is visible; True if mounted now.
+
+    Tracepoints are found and attached through tracefs (bcc reads the
+    record layouts and the event ids there).  systemd mounts it at boot, but
+    `ip netns exec` gives its command a fresh /sys without it.
+    """
+    if any(os.path.isdir(os.path.join(d, "events"))
+           for d in ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")):
+        return False
+    target = "/sys/kernel/tracing"
+    if not os.path.isdir(target):
+        return False
+    import ctypes  # only here: detection alone needs no libc calls
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_void_p]
+    if libc.mount(b"tracefs", target.encode(), b"tracefs", 0, None) != 0:
+        (log or _log).info("no tracefs, and mounting one at %s failed: %s",
+                           target, os.strerror(ctypes.get_errno()))
+        return False
+    (log or _log).info("mounted tracefs at %s", target)
+    return True
+
+
+def tracepoint_fields(category: str, event: str, root: Optional[str] = None) -> Optional[frozenset]:
+    """Field names in a tracepoint's format file, None if it has none."""
+    path = os.path.join(root or tracefs(), "events", category, event, "format")
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError:
+        return None
+    names = set()
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("field:"):
+            decl = line[len("field:"):].split(";", 1)[0].strip()
+            names.add(decl.split()[-1].split("[", 1)[0])
+    return frozenset(names)
+
+
+def kprobes_available() -> bool:
+    """bcc attaches kprobes via the perf kprobe PMU or tracefs kprobe_events."""
+    return (os.path.exists("/sys/bus/event_source/devices/kprobe/type")
+            or os.path.exists(os.path.join(tracefs(), "kprobe_events")))
+
+
+def detect_features(need_btf: bool = True, cache_dir: Optional[str] = None) -> KernelFeatures:
+    offsets, err = None, None
+    if need_btf:
+        try:
+            offsets = cached_btf_offsets(cache_dir)
+        except Exception as e:  # BTFError, or OSError details
+            err = one_line(e)
+    else:
+        err = "not needed"
+    return KernelFeatures(
+        btf_offsets=offsets, btf_error=err, kprobes=kprobes_available(),
+        tcp_probe_fields=tracepoint_fields("tcp", "tcp_probe"),
+        destroy_fields=tracepoint_fields("tcp", "tcp_destroy_sock"))
+
+
+def build_cflags(map_size: int, hooks: Sequence[str], offsets: Optional[Dict[str, int]],
+                 destroy: bool, selftest: bool = False) -> List[str]:
+    """The -D flags that configure the C source (no text substitution)."""
+    flags = ["-DMAX_ENTRIES=%d" % map_size]
+    for h in hooks:
+        flags.append("-DTCPIDLE_HOOK_%s" % h.upper())
+    if offsets and (selftest or set(hooks) & {"fentry", "raw_tracepoint", "kprobe"}):
+        flags += ["-D%s=%d" % kv for kv in sorted(offsets.items())]
+    if destroy:
+        flags.append("-DTCPIDLE_DESTROY")
+    if selftest:
+        flags.append("-DTCPIDLE_SELFTEST")
+    return flags
+

@@ -1,0 +1,374 @@
+"""Compiling, loading and attaching the probe: the only module that imports bcc.
+
+Owns the life of one attached probe (`Probe`): bcc compiles
+bpf/tcpidle.bpf.c with the -D flags of the hook plan (features.py) against a
+header tree (kheaders.py); the receive hook is attached, the first of the
+plan that the kernel accepts; the maps are read through a maps.MapReader
+and, for the tracker, live in a pin directory (pins.py); `close()` detaches.
+bcc is imported only inside `Probe.attach`, so importing this module needs
+no bcc.
+
+`selftest=True` (for tests) compiles the tracepoint hook with a check of the
+BTF-offset readers the other hooks use, counted in the counters map.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import tempfile
+import time
+from contextlib import contextmanager
+from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple
+
+from ..errors import UsageError
+from . import ProbeUnavailable, kheaders, one_line
+from .features import (HOOKS, LAZY_COOKIE_HOOKS, RCV_FUNC, attach_first, build_cflags,
+                       detect_features, ensure_tracefs, plan_hooks, unavailable_reasons)
+from .maps import MAX_MAP_SIZE, MapReader
+from .pins import PinSession, check_pin_dir
+
+_log = logging.getLogger("tcpidle.probe")
+
+
+def bpf_source() -> str:
+    """Path of bpf/tcpidle.bpf.c (package data of tcpidle.bpf)."""
+    from .. import bpf as _pkg  # noqa: F401  (tcpidle.bpf maps to bpf/)
+
+    return os.path.join(os.path.dirname(_pkg.__file__), "tcpidle.bpf.c")
+
+
+@contextmanager
+def _captured_stderr(sink: List[str]) -> Iterator[None]:
+    """Send C-level stderr (bcc, libbpf, clang) to sink instead of the terminal.
+
+    bcc prints compiler diagnostics and whole verifier logs on fd 2; when an
+    expected failure (fentry refused) falls through to the next hook, that is
+    noise for the user but useful in the debug log.
+    """
+    import sys
+
+    try:
+        sys.stderr.flush()
+    except Exception:
+        pass
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            text = tmp.read().decode(errors="replace").strip()
+            if text:
+                sink.append(text)
+
+
+@contextmanager
+def _env(name: str, value: Optional[str]) -> Iterator[None]:
+    """Set an environment variable (seen by bcc's getenv) for a block."""
+    if value is None:
+        yield
+        return
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = old
+
+
+def _module_class():
+    """A bcc BPF subclass that compiles only: we attach programs one by one.
+
+    bcc's constructor attaches every function named kfunc__*, kprobe__*,
+    tracepoint__* itself, and if one fails the half-made object (maps,
+    attached programs) cannot be cleaned up.  We need the kfunc__ name (bcc
+    derives the BTF attach target from it), so auto-attach is turned off.
+    """
+    from bcc import BPF
+
+    class _Module(BPF):
+        def _trace_autoload(self):
+            pass
+
+    return _Module
+
+
+def _dispose(module) -> None:
+    try:
+        module.cleanup()
+    finally:
+        atexit.unregister(module.cleanup)
+        atexit.unregister(module.donothing)
+
+
+class _Loaded(NamedTuple):
+    """What _load() built: the bcc module, its maps' reader, the hook attached."""
+
+    module: object
+    reader: MapReader
+    hook: str
+    hook_notes: List[str]
+    header_source: str
+
+
+class Probe:
+    """The attached probe: a bcc module, a reader of its maps, maybe a pin directory.
+
+    Read it with activity()/lookup()/stats(); close() detaches.  Built by
+    attach() only.
+    """
+
+    def __init__(self, loaded: _Loaded, pins: Optional[PinSession], startup_ms: float):
+        self._module = loaded.module  # None once closed
+        self.reader = loaded.reader
+        self.hook = loaded.hook
+        self.hook_notes = loaded.hook_notes
+        self.header_source = loaded.header_source
+        self._pins = pins
+        self.pin_dir = pins.directory if pins else None
+        self.pins_reused = tuple(pins.reused) if pins else ()
+        self.pin_notes = list(pins.notes) if pins else []
+        self.startup_ms = startup_ms
+        self._suspended = False
+
+    @classmethod
+    def attach(cls, map_size: int = 65536, hook: str = "auto", log=None,
+               cache_dir: Optional[str] = None, selftest: bool = False,
+               pin_dir: Optional[str] = None) -> "Probe":
+        """Compile and attach the probe; ProbeUnavailable(reason) if impossible.
+
+        map_size bounds the activity map; hook is "auto" or one of HOOKS;
+        cache_dir is where adapted header trees are kept (default:
+        kheaders.default_cache_dir()); selftest (for tests) makes the
+        tracepoint hook check the BTF-offset readers of the other hooks.
+
+        pin_dir (a directory on bpffs, mounted at /sys/fs/bpf if needed) makes
+        the maps persistent: they are pinned as pin_dir/activity and
+        pin_dir/counters, or, if pinned there already, the existing maps are
+        reused with their contents (a pinned activity map of another size is
+        reused at its own size, with a warning).  The directory is locked
+        (flock) while attached, so two trackers never feed the same maps.
+        close(keep_pins=True) leaves the pins for the next attach.
+        """
+        log = log or _log
+        t0 = time.monotonic()
+        if not isinstance(map_size, int) or not 1 <= map_size <= MAX_MAP_SIZE:
+            raise UsageError("BPF map size must be 1..%d, not %r" % (MAX_MAP_SIZE, map_size))
+        if hook != "auto" and hook not in HOOKS:
+            plan_hooks(hook, {})  # raises the UsageError
+        if pin_dir is not None:
+            pin_dir = check_pin_dir(pin_dir)
+        if os.geteuid() != 0:
+            raise ProbeUnavailable("loading BPF needs root")
+        pins = PinSession.open(pin_dir, map_size, log) if pin_dir is not None else None
+        try:
+            loaded = _load(map_size if pins is None else pins.map_size, hook, log,
+                           cache_dir, selftest, pins)
+        except BaseException:
+            if pins is not None:
+                pins.abort()
+            raise
+        probe = cls(loaded, pins, (time.monotonic() - t0) * 1000.0)
+        log.info("BPF probe on %s (%s); headers: %s; %.0f ms",
+                 probe.hook, "; ".join(probe.hook_notes) or "first choice",
+                 probe.header_source, probe.startup_ms)
+        if pins is not None:
+            log.info("BPF maps pinned in %s (%s)", pins.directory, pins.describe())
+        return probe
+
+    # -- reading: the reader's
+
+    def activity(self):
+        """A snapshot of the activity map, keyed by socket cookie."""
+        return self.reader.activity()
+
+    def lookup(self, cookies: Sequence[int]):
+        """The entries of just these cookies, read now."""
+        return self.reader.lookup(cookies)
+
+    def stats(self):
+        return self.reader.stats()
+
+    def counters(self):
+        return self.reader.counters()
+
+    @property
+    def max_entries(self) -> int:
+        return self.reader.max_entries
+
+    # -- what is attached
+
+    def describe(self) -> str:
+        """One line for humans: the hook, and why others were not used."""
+        what = {"fentry": "fentry %s" % RCV_FUNC, "raw_tracepoint": "raw tracepoint tcp_probe",
+                "kprobe": "kprobe %s" % RCV_FUNC, "tracepoint": "tracepoint tcp:tcp_probe"}[self.hook]
+        return what + (" (%s)" % "; ".join(self.hook_notes) if self.hook_notes else "")
+
+    def describe_pins(self) -> Optional[str]:
+        """"DIR (reused activity and counters)" / "DIR (new maps)"; None if not pinned."""
+        pins = self._pins
+        return None if pins is None else "%s (%s)" % (pins.directory, pins.describe())
+
+    @property
+    def needs_cookie_priming(self) -> bool:
+        """True if the hook only sees sockets whose cookie was asked for already."""
+        return self.hook in LAZY_COOKIE_HOOKS
+
+    def suspend(self) -> None:
+        """Detach the receive hook (maps and the destroy hook stay); resume() re-attaches it.
+
+        For measuring the probe's cost with and without it in one process
+        (bench/bench_probe_tools.py), without compiling again.
+        """
+        if self._module is None:
+            raise ValueError("probe is closed")
+        if not self._suspended:
+            _detach_hook(self._module, self.hook)
+            self._suspended = True
+
+    def resume(self) -> None:
+        if self._module is None:
+            raise ValueError("probe is closed")
+        if self._suspended:
+            _attach_hook(self._module, self.hook)
+            self._suspended = False
+
+    def selftest_counts(self) -> Tuple[int, int]:
+        """(agreeing, disagreeing) BTF-offset reads, when attached with selftest."""
+        c = self.counters()
+        return c["selftest_ok"], c["selftest_bad"]
+
+    def close(self, keep_pins: bool = False) -> None:
+        """Detach the programs; unpin (unless keep_pins) and free the maps.
+
+        With keep_pins the maps outlive this process in bpffs, holding what
+        was recorded until now: the next attach(pin_dir=...) carries on with
+        them, and PinnedMap can still read them.  Closing twice is harmless.
+        """
+        module, self._module = self._module, None
+        if module is not None:
+            _dispose(module)
+        self.reader.close()
+        pins, self._pins = self._pins, None
+        if pins is not None:
+            pins.release(remove=not keep_pins)
+
+    def __enter__(self) -> "Probe":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _load(map_size: int, hook: str, log, cache_dir: Optional[str], selftest: bool,
+          pins: Optional[PinSession]) -> _Loaded:
+    """Compile, load and attach: the body of attach() once inputs are checked."""
+    try:
+        Module = _module_class()
+    except ImportError:
+        raise ProbeUnavailable("bcc Python module not found (install python3-bpfcc)") from None
+
+    ensure_tracefs(log)
+    need_btf = selftest or hook in ("auto", "fentry", "raw_tracepoint", "kprobe")
+    feats = detect_features(need_btf, cache_dir)
+    candidates, notes = plan_hooks(hook, unavailable_reasons(feats))
+    destroy = bool(feats.destroy_fields and "sock_cookie" in feats.destroy_fields)
+    if not destroy:
+        notes.append("no tcp:tcp_destroy_sock with sock_cookie: entries of closed "
+                     "sockets stay until evicted")
+    if selftest and not ({"skbaddr", "skaddr"} <= (feats.tcp_probe_fields or set())
+                         and feats.btf_offsets):
+        raise ProbeUnavailable("selftest needs tcp_probe skbaddr/skaddr and kernel BTF")
+    try:
+        tree = kheaders.find_headers(cache_dir=cache_dir)
+    except (kheaders.HeadersNotFound, OSError) as e:
+        raise ProbeUnavailable(one_line(e)) from None
+
+    cflags = build_cflags(map_size, candidates, feats.btf_offsets, destroy, selftest)
+    if pins is not None:
+        cflags += pins.cflags()
+    diag: List[str] = []
+    try:
+        with _env("BCC_KERNEL_SOURCE", tree.env), _captured_stderr(diag):
+            module = Module(src_file=bpf_source().encode(), cflags=cflags)
+    except Exception as e:
+        for d in diag:
+            log.debug("bcc: %s", d)
+        detail = _first_error(diag) or one_line(e)
+        raise ProbeUnavailable("BPF compile failed with headers %s: %s"
+                               % (tree.source, detail)) from None
+    for d in diag:
+        log.debug("bcc compile: %s", d)
+
+    try:
+        if destroy:
+            module.attach_tracepoint(tp=b"tcp:tcp_destroy_sock", fn_name=b"on_destroy")
+
+        def try_attach(h: str) -> None:
+            out: List[str] = []
+            try:
+                with _captured_stderr(out):
+                    _attach_hook(module, h)
+            finally:
+                for d in out:
+                    log.debug("bcc %s: %s", h, d)
+
+        chosen, notes = attach_first(candidates, try_attach, notes, log)
+        reader = MapReader(module[b"activity"].get_fd(), module[b"counters"].get_fd())
+    except ProbeUnavailable:
+        _dispose(module)
+        raise
+    except Exception as e:  # bcc's bare Exception, OSError from map info
+        _dispose(module)
+        raise ProbeUnavailable("attaching BPF failed: %s" % one_line(e)) from None
+    except BaseException:
+        _dispose(module)
+        raise
+    return _Loaded(module, reader, chosen, notes, tree.source)
+
+
+def _attach_hook(module, hook: str) -> None:
+    if hook == "fentry":
+        # load (BPF_PROG_TYPE_TRACING, target found by name in vmlinux BTF)
+        # and attach through a BPF trampoline
+        module.attach_kfunc(fn_name=("kfunc__" + RCV_FUNC).encode())
+    elif hook == "raw_tracepoint":
+        # BPF_PROG_TYPE_RAW_TRACEPOINT via BPF_RAW_TRACEPOINT_OPEN: called
+        # with the tracepoint's arguments, before any perf record is built
+        module.attach_raw_tracepoint(tp=b"tcp_probe", fn_name=b"on_tcp_probe_raw")
+    elif hook == "kprobe":
+        module.attach_kprobe(event=RCV_FUNC.encode(), fn_name=b"on_rcv_kprobe")
+    elif hook == "tracepoint":
+        module.attach_tracepoint(tp=b"tcp:tcp_probe", fn_name=b"on_tcp_probe")
+    else:
+        raise ValueError(hook)
+
+
+def _detach_hook(module, hook: str) -> None:
+    if hook == "fentry":
+        module.detach_kfunc(fn_name=("kfunc__" + RCV_FUNC).encode())
+    elif hook == "raw_tracepoint":
+        module.detach_raw_tracepoint(b"tcp_probe")
+    elif hook == "kprobe":
+        module.detach_kprobe(event=RCV_FUNC.encode())
+    elif hook == "tracepoint":
+        module.detach_tracepoint(b"tcp:tcp_probe")
+    else:
+        raise ValueError(hook)
+
+
+def _first_error(diag: Sequence[str]) -> Optional[str]:
+    """The first clang "file:line:col: error: ..." line of bcc's output."""
+    for text in diag:
+        for line in text.splitlines():
+            if " error: " in line or line.startswith("error: "):
+                return " ".join(line.split())
+    return None

@@ -1,0 +1,64 @@
+"""tcpidle(8) is in step with the click commands and README.md.
+
+doc/tcpidle.8 is generated (python -m tcpidle.manpage); a change to an option,
+a command's help, the output contract or the exit statuses without
+regenerating it fails here.
+"""
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import click
+import pytest
+
+from tcpidle import manpage
+from tcpidle.cli import cli
+
+ROOT = Path(__file__).resolve().parents[2]
+PAGE = ROOT / "doc" / "tcpidle.8"
+README = (ROOT / "README.md").read_text()
+
+
+def test_committed_page_is_the_generated_one():
+    assert PAGE.read_text() == manpage.render(README), \
+        "doc/tcpidle.8 is stale: run  .venv/bin/python -m tcpidle.manpage > doc/tcpidle.8"
+
+
+def test_every_option_of_every_command_is_on_the_page():
+    page = manpage.render(README)
+    root = click.Context(cli, info_name="tcpidle")
+    for name in cli.list_commands(root):
+        command = cli.get_command(root, name)
+        assert ".SS tcpidle %s" % name in page
+        for param in command.params:
+            if isinstance(param, click.Option) and not param.hidden:
+                for opt in param.opts + param.secondary_opts:
+                    assert manpage.escape(opt) in page, "%s %s not on the page" % (name, opt)
+
+
+def test_output_contract_and_exit_status_come_from_readme():
+    page = manpage.render(README)
+    output = re.search(r"^### Output\n(.*?)^## ", README, re.M | re.S).group(1)
+    keys = re.findall(r"^\| `([a-z_]+)`", output, re.M)
+    assert "cookie" in keys and "idle_ms" in keys
+    for key in keys:
+        assert "\\fB%s\\fR" % manpage.escape(key) in page
+    exit_para = re.search(r"\*\*Exit status\*\*: (.*?)\n\n", README, re.S).group(1)
+    first_words = " ".join(exit_para.split()[:6])
+    assert manpage.escape(first_words) in page
+    with pytest.raises(ValueError):
+        manpage.render(README.replace("### Output", "### Outputs"))
+
+
+def test_escape_keeps_roff_controls_out_of_text():
+    assert manpage.escape(".hidden\n'quote\n-x") == "\\&.hidden\n\\&'quote\n\\-x"
+    assert manpage.inline_md("use `--json` **now**") == "use \\fB\\-\\-json\\fR \\fBnow\\fR"
+
+
+@pytest.mark.skipif(shutil.which("groff") is None, reason="groff (man-db's formatter) not installed")
+def test_page_formats_without_warnings():
+    r = subprocess.run(["groff", "-man", "-Tutf8", "-ww", "-z", str(PAGE)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and r.stderr == "", r.stderr

@@ -33,6 +33,8 @@ def test_every_option_of_every_command_is_on_the_page():
                     assert manpage.escape(opt) in page, "%s %s not on the page" % (name, opt)
                 if isinstance(param, click.Option) and param.help:
                     assert manpage.escape(param.help.split(".")[0]) in page.replace("\n", " ")
+        if command.epilog:
+            assert manpage.escape(command.epilog.split("\n")[1]) in page
         # the command's examples (its \b block of its docstring)
         for line in (command.help or "").splitlines():
             if line.strip().startswith("tcpidle "):

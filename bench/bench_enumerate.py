@@ -14,7 +14,10 @@ measures the command itself.  The connection farm is bench/common.py's.
 2. Enumerate: time DiagSocket.dump_sockets() (AF_INET + AF_INET6, decoded to
    Socket records) in this process against `ss -tni` started inside the
    namespace (output to /dev/null), alternately, --runs times; print the
-   medians and the ratio.  ss is timed from spawn to exit.
+   medians and the ratio.  ss is timed from spawn to exit.  Then the
+   decoder alone: one answer recorded once (DiagSocket.dump_raw, both
+   families) decoded by diag.decode_dump() --runs x 3 times, no kernel in
+   the figure (the steadiest number on a shared machine).
 3. Destroy: each run opens --kill fresh connections to a dedicated port, then
    either dumps them (kernel bytecode dport == port, compiled by
    tcpidle.selectors) and destroys them with DiagSocket.destroy(), or runs
@@ -101,6 +104,17 @@ def enumerate_bench(ds, farm, args) -> None:
           % (n_ours, mo * 1e3, mt * 1e3, mo / mt, args.runs, fmt(ours), fmt(theirs)))
     if n_ours != 2 * args.connections:
         print("  WARNING: expected %d sockets" % (2 * args.connections))
+    raw = ds.dump_raw(diag.AF_UNSPEC, SS_CONN)
+    diag.decode_dump(raw)  # warm-up
+    dec = []
+    for _ in range(3 * args.runs):
+        t0 = time.perf_counter()
+        n_dec = len(diag.decode_dump(raw))
+        dec.append(time.perf_counter() - t0)
+    md = statistics.median(dec)
+    print("decode %d sockets from one recorded answer (%d bytes): %.1f ms, %.2f us a socket "
+          "(median of %d; %s)" % (n_dec, len(raw), md * 1e3, md / max(1, n_dec) * 1e6,
+                                  len(dec), fmt(dec)))
 
 
 def destroy_bench(ds, farm, args) -> None:

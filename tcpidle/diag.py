@@ -47,7 +47,7 @@ import sys
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 from tcpidle import errors, netns
-from tcpidle.model import AF_INET, AF_INET6, Socket
+from tcpidle.model import AF_INET, AF_INET6, Socket, Vitals
 
 log = logging.getLogger("tcpidle")
 
@@ -82,24 +82,42 @@ AF_UNSPEC = 0  # dump(): every family, in one walk
 # 4-tuple + interface, then the cookie is compared); ss sends all bits, so do we.
 DESTROY_STATES = 0xFFFFFFFF
 
-# struct tcp_info offsets of the three timestamps we read (ms since the event):
-#   44 tcpi_last_data_sent, 48 tcpi_last_ack_sent (never filled), 52
-#   tcpi_last_data_recv, 56 tcpi_last_ack_recv.  Eight u8 fields and nine u32
-#   fields (rto .. fackets) precede them; unchanged since Linux 2.6.
+# struct tcp_info fields we read (include/uapi/linux/tcp.h; offsets checked
+# with offsetof() against the uapi header):
+#    2 u8  tcpi_retransmits    icsk_retransmits: RTO timeouts since new data was acked
+#    3 u8  tcpi_probes         icsk_probes_out: keep-alive / zero-window probes unanswered
+#    4 u8  tcpi_backoff        icsk_backoff
+#   24 u32 tcpi_unacked        packets_out
+#   44 u32 tcpi_last_data_sent (48 tcpi_last_ack_sent is never filled)
+#   52 u32 tcpi_last_data_recv
+#   56 u32 tcpi_last_ack_recv
+#  100 u32 tcpi_total_retrans
+#  228 u32 tcpi_snd_wnd        Linux >= 5.4 (commit 8f7baad7f035); a kernel sends
+#                              the tcp_info it knows, so its length says which.
+# Everything up to total_retrans is unchanged since Linux 2.6.
 _TI_LAST_DATA_SENT = 44
 _TI_LAST_ACK_RECV = 56
+_TI_CORE_LEN = 104  # through tcpi_total_retrans
+_TI_SND_WND_LEN = 232  # through tcpi_snd_wnd
 
 # --- wire formats ---------------------------------------------------------------
 
 _NLMSGHDR = struct.Struct("=IHHII")
-# inet_diag_msg header bytes plus the whole sockid as one 48-byte string
-# (kept verbatim as Socket.raw_id), then expires, rqueue, wqueue, uid, inode.
-_DIAG_MSG = struct.Struct("=BB2x48s12xII")
+# inet_diag_msg: family, state, timer, retrans, the whole sockid as one
+# 48-byte string (kept verbatim as Socket.raw_id), then expires, rqueue,
+# wqueue, uid, inode.
+_DIAG_MSG = struct.Struct("=BBBB48sIIIII")
 # The sockid itself: ports stay raw (network order, swapped via _NTOHS),
 # addresses as 16-byte strings, ifindex, then both cookie halves.
 _SOCKID = struct.Struct("=HH16s16s4xII")
 _RTATTR = struct.Struct("=HH")
 _I32 = struct.Struct("=i")
+# One unpack per socket: retransmits, probes, backoff @2-4, unacked @24,
+# last_data_sent @44, last_data_recv @52, last_ack_recv @56, total_retrans
+# @100 and (the long form) snd_wnd @228.  Pad bytes cost nothing to skip.
+_TI_FULL = struct.Struct("=2xBBB19xI16xI4xII40xI124xI")
+_TI_CORE = struct.Struct("=2xBBB19xI16xI4xII40xI")
+# Kernels older than 2.6 stopped short of tcpi_total_retrans: times only.
 _TI_TIMES = struct.Struct("=IxxxxII")  # sent @44, (ack_sent @48), recv @52, ack @56
 _TI_SENT_ONLY = struct.Struct("=I")
 _TI_SENT_RECV = struct.Struct("=IxxxxI")
@@ -156,7 +174,7 @@ class MalformedDump(errors.RuntimeFailure, ValueError):
 
 _FILLED_FIELDS = frozenset((
     "cookie", "family", "state", "src", "sport", "dst", "dport", "inode", "uid",
-    "raw_id", "last_data_recv_ms", "last_ack_recv_ms", "last_data_sent_ms", "netns",
+    "raw_id", "last_data_recv_ms", "last_ack_recv_ms", "last_data_sent_ms", "netns", "vitals",
 ))
 
 
@@ -197,7 +215,9 @@ def _decode_messages(
     msg_unpack = _DIAG_MSG.unpack_from
     id_unpack = _SOCKID.unpack
     rta_unpack = _RTATTR.unpack_from
-    times_unpack = _TI_TIMES.unpack_from
+    full_unpack = _TI_FULL.unpack_from
+    core_unpack = _TI_CORE.unpack_from
+    tuple_new = tuple.__new__
     ntohs = _NTOHS
     ntop = socket.inet_ntop
     append = out.append
@@ -226,7 +246,8 @@ def _decode_messages(
                 raise MalformedDump(
                     "inet_diag_msg at offset %d is %d bytes, need %d" % (off, nlen, _MSG_MIN)
                 )
-            family, state, raw_id, uid, inode = msg_unpack(buf, off + NLMSGHDR_LEN)
+            (family, state, timer, tretrans, raw_id, expires, rqueue, wqueue, uid,
+             inode) = msg_unpack(buf, off + NLMSGHDR_LEN)
             sport, dport, src, dst, c0, c1 = id_unpack(raw_id)
             if family == AF_INET:
                 ksrc = src[:4]
@@ -243,6 +264,7 @@ def _decode_messages(
             if d is None:
                 d = cache[kdst] = ntop(family, kdst)
             sent = recv = ack = None
+            rtx = probes = backoff = unacked = total = wnd = None
             a = off + _MSG_MIN
             mend = off + nlen
             while a + 4 <= mend:
@@ -254,15 +276,18 @@ def _decode_messages(
                     )
                 if atype == INET_DIAG_INFO:
                     plen = alen - 4
-                    p = a + 4 + _TI_LAST_DATA_SENT
-                    if plen >= _TI_LAST_ACK_RECV + 4:
-                        sent, recv, ack = times_unpack(buf, p)
-                    elif plen >= _TI_LAST_DATA_SENT + 12:  # old kernel: no last_ack_recv
-                        sent, recv = _TI_SENT_RECV.unpack_from(buf, p)
-                    elif plen >= _TI_LAST_DATA_SENT + 4:
-                        (sent,) = _TI_SENT_ONLY.unpack_from(buf, p)
+                    if plen >= _TI_SND_WND_LEN:
+                        (rtx, probes, backoff, unacked, sent, recv, ack, total,
+                         wnd) = full_unpack(buf, a + 4)
+                    elif plen >= _TI_CORE_LEN:  # Linux < 5.4: no snd_wnd
+                        rtx, probes, backoff, unacked, sent, recv, ack, total = core_unpack(buf, a + 4)
+                    else:
+                        sent, recv, ack = _decode_short_info(buf, a + 4, plen)
                     break
                 a += (alen + 3) & ~3
+            # tuple.__new__ skips the NamedTuple's Python-level __new__ (0.1 us, not 0.3).
+            vitals = tuple_new(Vitals, (timer, tretrans, expires, rqueue, wqueue, unacked, rtx,
+                                        total, backoff, probes, wnd))
             if fast:
                 # Socket is a frozen dataclass; filling its __dict__ directly
                 # skips the per-field object.__setattr__ of the generated
@@ -287,6 +312,7 @@ def _decode_messages(
                         "last_ack_recv_ms": ack,
                         "last_data_sent_ms": sent,
                         "netns": netns,
+                        "vitals": vitals,
                     },
                 )
             else:
@@ -294,7 +320,7 @@ def _decode_messages(
                     cookie=c0 | (c1 << 32), family=family, state=state, src=s,
                     sport=ntohs[sport], dst=d, dport=ntohs[dport], inode=inode, uid=uid,
                     raw_id=raw_id, last_data_recv_ms=recv, last_ack_recv_ms=ack,
-                    last_data_sent_ms=sent, netns=netns,
+                    last_data_sent_ms=sent, netns=netns, vitals=vitals,
                 )
             append(sk)
         elif ntype == NLMSG_DONE:
@@ -318,6 +344,19 @@ def _decode_messages(
     if off != end:
         raise MalformedDump("netlink padding runs past the end of the buffer")
     return -1
+
+
+def _decode_short_info(buf, p: int, plen: int):
+    """(last_data_sent, last_data_recv, last_ack_recv) of a tcp_info shorter
+    than tcpi_total_retrans (ancient kernels); what it lacks is None."""
+    p += _TI_LAST_DATA_SENT
+    if plen >= _TI_LAST_ACK_RECV + 4:
+        return _TI_TIMES.unpack_from(buf, p)
+    if plen >= _TI_LAST_DATA_SENT + 12:  # no last_ack_recv
+        return _TI_SENT_RECV.unpack_from(buf, p) + (None,)
+    if plen >= _TI_LAST_DATA_SENT + 4:
+        return _TI_SENT_ONLY.unpack_from(buf, p) + (None, None)
+    return None, None, None
 
 
 def decode_dump(buf, netns: Optional[str] = None) -> List[Socket]:

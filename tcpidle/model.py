@@ -67,11 +67,14 @@ class Socket:
     # tcp_info fields, in milliseconds; None when the kernel sent no tcp_info
     # (TIME_WAIT and NEW_SYN_RECV sockets have none).
     last_data_recv_ms: Optional[int] = None
-    last_ack_recv_ms: Optional[int] = None
-    last_data_sent_ms: Optional[int] = None
+    last_ack_recv_ms: Optional[int] = None  # any ACK the peer sent (keep-alive replies too)
+    last_data_sent_ms: Optional[int] = None  # data sent, retransmissions included
     # The namespace's name under /run/netns, else its inode; None for the
     # caller's own namespace.
     netns: Union[str, int, None] = None
+    # What INET_DIAG says of the connection's health (timers, queues,
+    # retransmissions); None only in hand-made records.
+    vitals: Optional["Vitals"] = None
 
     @property
     def state_name(self) -> str:
@@ -79,6 +82,37 @@ class Socket:
             return TcpState(self.state).name
         except ValueError:
             return "UNKNOWN(%d)" % self.state
+
+
+class Vitals(NamedTuple):
+    """The evidence of health INET_DIAG gives about one socket (tcpidle/health.py reads it).
+
+    The first five come from `struct inet_diag_msg` and are in every dumped
+    record; the rest from tcp_info, None without it (TIME_WAIT, or a dump
+    made without INET_DIAG_INFO).  A NamedTuple in one Socket field rather
+    than eleven fields of their own: the decoder fills each Socket's
+    __dict__, and eleven more entries would cost it a third more time.
+    """
+
+    timer: int  # idiag_timer: 0 none, 1 retransmit, 2 keep-alive, 3 TIME_WAIT, 4 zero-window probe
+    timer_retrans: int  # idiag_retrans: RTO timeouts (timer 1) or probes out (2, 4)
+    timer_expires_ms: int  # idiag_expires: ms until the timer fires
+    recv_q: int  # idiag_rqueue: bytes received, not yet read (listener: accept queue)
+    send_q: int  # idiag_wqueue: bytes written, not yet acknowledged (listener: backlog)
+    unacked: Optional[int] = None  # tcpi_unacked: segments in flight, not acknowledged
+    retransmits: Optional[int] = None  # tcpi_retransmits: RTO timeouts since new data was acked
+    total_retrans: Optional[int] = None  # tcpi_total_retrans: segments retransmitted, ever
+    backoff: Optional[int] = None  # tcpi_backoff: exponential backoff of the RTO / probe timer
+    probes: Optional[int] = None  # tcpi_probes: keep-alive / zero-window probes unanswered
+    snd_wnd: Optional[int] = None  # tcpi_snd_wnd: the peer's advertised window, bytes (Linux >= 5.4)
+
+
+# idiag_timer values (net/ipv4/inet_diag.c, what `ss -o` prints as on/keepalive/timewait/persist).
+TIMER_NONE = 0
+TIMER_RETRANSMIT = 1
+TIMER_KEEPALIVE = 2
+TIMER_TIME_WAIT = 3
+TIMER_ZERO_WINDOW = 4
 
 
 @dataclass(frozen=True)

@@ -253,6 +253,79 @@ def test_tcp_info_times_follow_traffic(ns):
     assert ra.last_data_recv_ms >= 350 and ra.last_data_sent_ms < 200
 
 
+# The fields of struct tcp_info the decoder reads, at the uapi header's offsets
+# (written out here, not taken from diag, so that a wrong offset shows).
+_TCP_INFO = struct.Struct("=2xBBB19xI72xI124xI")  # retransmits probes backoff unacked total_retrans snd_wnd
+SIOCINQ, SIOCOUTQ = 0x541B, 0x5411
+TCP_KEEPIDLE = 4
+
+
+def tcp_info_of(s: socket.socket):
+    rtx, probes, backoff, unacked, total, wnd = _TCP_INFO.unpack(
+        s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO.size))
+    return {"retransmits": rtx, "probes": probes, "backoff": backoff, "unacked": unacked,
+            "total_retrans": total, "snd_wnd": wnd}
+
+
+def queued(s: socket.socket, request: int) -> int:
+    import fcntl
+
+    return struct.unpack("=i", fcntl.ioctl(s.fileno(), request, b"\0" * 4))[0]
+
+
+def test_vitals_match_what_the_sockets_say_of_themselves(ns):
+    """A keep-alive connection, and one stalled on a zero window (the reader
+    stops reading): the dump's timers, queues and tcp_info fields agree with
+    getsockopt(TCP_INFO) and SIOCINQ/SIOCOUTQ of the same sockets."""
+    lst = ns.listener(AF_INET, "127.0.0.1", 4100)
+    ka, ka_peer = ns.pair(lst, AF_INET, "127.0.0.1", 4100)
+    ka.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    ka.setsockopt(socket.IPPROTO_TCP, TCP_KEEPIDLE, 30)
+    # Small buffers so the window closes after a few KiB.
+    lst.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    zw, reader = ns.pair(lst, AF_INET, "127.0.0.1", 4100)
+    zw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    zw.setblocking(False)
+    sent = 0
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            sent += zw.send(b"x" * 4096)
+        except BlockingIOError:
+            time.sleep(0.3)  # let the last segments be acked with the closing window
+            try:
+                sent += zw.send(b"x" * 4096)
+                continue
+            except BlockingIOError:
+                break
+    assert sent > 0
+    # The zero-window probe timer runs once nothing is in flight.
+    for _ in range(50):
+        if tcp_info_of(zw)["snd_wnd"] == 0 and tcp_info_of(zw)["unacked"] == 0:
+            break
+        time.sleep(0.1)
+    before = {"ka": tcp_info_of(ka), "zw": tcp_info_of(zw)}
+    with ns.diag() as ds:
+        got = by_cookie(ds.dump_sockets(FAMS, EST))
+    after = {"ka": tcp_info_of(ka), "zw": tcp_info_of(zw)}
+    v_ka, v_zw = got[cookie_of(ka)].vitals, got[cookie_of(zw)].vitals
+    v_reader, v_plain = got[cookie_of(reader)].vitals, got[cookie_of(ka_peer)].vitals
+
+    assert v_ka.timer == 2 and 0 < v_ka.timer_expires_ms <= 30000, v_ka  # keep-alive armed
+    assert v_plain.timer == 0 and v_plain.timer_expires_ms == 0, v_plain  # nothing armed
+    assert v_zw.timer == 4, v_zw  # probing a zero window
+    assert v_zw.snd_wnd == 0 and before["zw"]["snd_wnd"] == 0
+    assert v_ka.snd_wnd == before["ka"]["snd_wnd"] > 0
+    for name, v in (("ka", v_ka), ("zw", v_zw)):
+        for field in ("retransmits", "probes", "backoff", "unacked", "total_retrans"):
+            lo, hi = sorted((before[name][field], after[name][field]))
+            assert lo <= getattr(v, field) <= hi, (name, field, v)
+    assert v_zw.backoff >= 1 or after["zw"]["backoff"] == 0  # the probe timer backs off
+    assert v_zw.send_q == queued(zw, SIOCOUTQ) > 0
+    assert v_reader.recv_q == queued(reader, SIOCINQ) > 0
+    assert v_ka.send_q == v_ka.recv_q == 0
+
+
 def test_dump_sees_only_its_namespace_and_restores_the_thread(ns, ns2):
     a = ns.listener(AF_INET, "127.0.0.1", 4000)
     b = ns2.listener(AF_INET, "127.0.0.1", 4000)

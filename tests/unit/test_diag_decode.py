@@ -347,3 +347,88 @@ def test_fast_fill_builds_the_same_socket_as_init(monkeypatch):
     assert [repr(s) for s in fast] == [repr(s) for s in slow]
     with pytest.raises(Exception):
         fast[0].cookie = 1  # still frozen
+
+
+# -- the evidence of health (model.Vitals) ---------------------------------------
+# Offsets from include/uapi/linux/inet_diag.h and tcp.h, written out here on
+# purpose (not taken from diag): a wrong offset in the decoder must show.
+MSG_TIMER, MSG_RETRANS, MSG_EXPIRES, MSG_RQUEUE, MSG_WQUEUE = 2, 3, 52, 56, 60
+TI = {"retransmits": (2, "=B"), "probes": (3, "=B"), "backoff": (4, "=B"),
+      "unacked": (24, "=I"), "total_retrans": (100, "=I"), "snd_wnd": (228, "=I")}
+
+
+def info_offset(buf: bytes, o: int, n: int) -> int:
+    """Offset in buf of the tcp_info payload of the message at o."""
+    return o + next(a for a, _l, t in attrs(buf[o : o + n]) if t == diag.INET_DIAG_INFO) + 4
+
+
+def established_msg(buf: bytes):
+    """(offset, length) of the first ESTABLISHED record with tcp_info."""
+    for o, n, t in messages(buf):
+        if t == diag.SOCK_DIAG_BY_FAMILY and buf[o + 17] == TcpState.ESTABLISHED:
+            return o, n
+    raise AssertionError("no established record")
+
+
+@pytest.mark.parametrize("name", DUMPS)
+def test_vitals_decode_each_field_from_its_offset(name):
+    buf = load(name)
+    o, n = established_msg(buf)
+    b = bytearray(buf)
+    # Distinct values, so that two swapped fields cannot pass.
+    struct.pack_into("=BB", b, o + 16 + MSG_TIMER, 4, 7)
+    struct.pack_into("=III", b, o + 16 + MSG_EXPIRES, 1234, 56789, 98765)
+    p = info_offset(buf, o, n)
+    want = {"retransmits": 3, "probes": 5, "backoff": 6, "unacked": 11, "total_retrans": 4242,
+            "snd_wnd": 0}
+    for field, value in want.items():
+        off, fmt = TI[field]
+        struct.pack_into(fmt, b, p + off, value)
+    struct.pack_into("=III", b, p + 44, 111, 0, 222)  # last_data_sent, (ack_sent), last_data_recv
+    struct.pack_into("=I", b, p + 56, 333)  # last_ack_recv
+    s = next(s for s in diag.decode_dump(bytes(b)) if s.raw_id == bytes(b[o + 20 : o + 68]))
+    v = s.vitals
+    assert (v.timer, v.timer_retrans, v.timer_expires_ms, v.recv_q, v.send_q) == (4, 7, 1234, 56789, 98765)
+    assert {f: getattr(v, f) for f in want} == want
+    assert (s.last_data_sent_ms, s.last_data_recv_ms, s.last_ack_recv_ms) == (111, 222, 333)
+
+
+@pytest.mark.parametrize("name", DUMPS)
+def test_vitals_of_every_record_agree_with_the_raw_bytes(name):
+    buf = load(name)
+    socks = diag.decode_dump(buf)
+    recs = [(o, n) for o, n, t in messages(buf) if t == diag.SOCK_DIAG_BY_FAMILY]
+    assert len(recs) == len(socks)
+    for (o, n), s in zip(recs, socks):
+        v = s.vitals
+        assert (v.timer, v.timer_retrans) == struct.unpack_from("=BB", buf, o + 16 + MSG_TIMER)
+        assert (v.timer_expires_ms, v.recv_q, v.send_q) == struct.unpack_from(
+            "=III", buf, o + 16 + MSG_EXPIRES)
+        if s.state == TcpState.TIME_WAIT:  # no tcp_info: its evidence is unknown, not 0
+            assert v.timer == 3
+            assert (v.unacked, v.retransmits, v.backoff, v.probes, v.snd_wnd) == (None,) * 5
+            continue
+        p = info_offset(buf, o, n)
+        for field, (off, fmt) in TI.items():
+            assert getattr(v, field) == struct.unpack_from(fmt, buf, p + off)[0], field
+
+
+@pytest.mark.parametrize("info_len, has_core, has_wnd", [
+    (232, True, True), (231, True, False), (224, True, False), (104, True, False),
+    (103, False, False), (60, False, False), (8, False, False)])
+def test_vitals_from_a_shorter_tcp_info(info_len, has_core, has_wnd):
+    """Linux < 5.4 sends no tcpi_snd_wnd; far older kernels stop before
+    tcpi_total_retrans: what is absent is None, never a neighbour's bytes."""
+    buf = load("dump_v4.bin")
+    full = {s.cookie: s for s in diag.decode_dump(buf)}
+    checked = 0
+    for s in diag.decode_dump(with_short_tcp_info(buf, info_len)):
+        ref = full[s.cookie].vitals
+        assert s.vitals[:5] == ref[:5]  # inet_diag_msg's part does not depend on tcp_info
+        if full[s.cookie].last_data_recv_ms is None:
+            continue
+        checked += 1
+        for field in ("unacked", "retransmits", "total_retrans", "backoff", "probes"):
+            assert getattr(s.vitals, field) == (getattr(ref, field) if has_core else None), field
+        assert s.vitals.snd_wnd == (ref.snd_wnd if has_wnd else None)
+    assert checked

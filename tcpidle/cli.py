@@ -9,6 +9,7 @@ on stderr, `tcpidle: error: ...`.
 from __future__ import annotations
 
 import gc
+import signal
 import sys
 import time
 from dataclasses import replace
@@ -19,6 +20,7 @@ import click
 from . import activity, netns, procfs, report, selectors
 from .engine import Engine, require_privilege, run_pass
 from .errors import TcpidleError, UsageError
+from .signals import StopOnSignal
 from .model import AF_INET, AF_INET6, Policy, Selector
 
 EPILOG_SELECTORS = """\b
@@ -132,20 +134,14 @@ def build_selector(opts) -> Selector:
     )
 
 
-def build_namespaces(opts) -> Optional[List[netns.Netns]]:
-    """The namespaces to visit: None for our own only."""
+def build_namespaces(opts) -> Optional[netns.Watch]:
+    """The namespaces to visit, listed again at every scan: None for our own only."""
     if opts["all_netns"] and opts["netns_specs"]:
         raise UsageError("--netns and --all-netns exclude each other")
     if opts["all_netns"]:
-        return netns.all_namespaces()
+        return netns.Watch(None, log=report.log)
     if opts["netns_specs"]:
-        found, seen = [], set()
-        for spec in opts["netns_specs"]:
-            ns = netns.resolve(spec)
-            if ns.inode not in seen:
-                seen.add(ns.inode)
-                found.append(ns)
-        return found
+        return netns.Watch(opts["netns_specs"], log=report.log)
     return None
 
 
@@ -274,11 +270,25 @@ def kill(idle_time, dry_run, use_proc, proc_action, logfile, disable_syslog, all
         engine = Engine(selector, policy, activity=source.read, want_owners=opts["processes"],
                         namespaces=namespaces, recheck=source.lookup)
         if interval is None:
-            _scan, outcomes, _elapsed, _spared = run_pass(engine, opts["as_json"], "kill")
-            sys.exit(1 if any(o.action == "failed" for o in outcomes) else 0)
+            sys.exit(_kill_once(engine, opts["as_json"]))
         _poll(engine, interval, opts["as_json"])
     finally:
         source.close()
+
+
+def _kill_once(engine: Engine, as_json: bool) -> int:
+    """One pass; its exit status.  SIGTERM/SIGINT during it stop it between two
+    destroy batches: what was done is reported, and the status is 128 + the
+    signal's number.  A namespace named with --netns that is gone fails the run."""
+    with StopOnSignal() as stopped:
+        scan, outcomes, _elapsed, _spared = run_pass(engine, as_json, "kill", stop=stopped)
+    if stopped.signum:
+        report.error("interrupted by %s: %d connections acted on, %d not"
+                     % (signal.Signals(stopped.signum).name, len(outcomes), engine.interrupted))
+        return 128 + stopped.signum
+    for text in scan.missing:
+        report.error(text)
+    return 1 if scan.missing or any(o.action == "failed" for o in outcomes) else 0
 
 
 def _poll(engine: Engine, interval: float, as_json: bool) -> None:

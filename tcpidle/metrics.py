@@ -18,6 +18,11 @@ tcpidle_kills_total{outcome} (counter)
     victims acted on, by outcome: destroyed, would-destroy (--dry-run),
     shutdown, process-killed (the /proc fallback), gone (closed before the
     kill), failed.  Every outcome is exported from the start, at 0.
+tcpidle_spared_total{reason} (counter)
+    victims left alone by the re-check right before their destroy:
+    received-data (since the scan), left-selection (its state, typically:
+    an owner exited and it went FIN-WAIT-1), not-rechecked (the lookup
+    failed: a verdict that cannot be confirmed is not acted on).
 tcpidle_poll_duration_seconds (histogram)
     wall time of one poll: dump, merge, decide, act.
 tcpidle_poll_errors_total (counter)
@@ -54,6 +59,8 @@ from .model import Action, Outcome, Verdict
 IDLE_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 43200, 86400, math.inf)
 POLL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
                 30.0, math.inf)
+# engine.Spare.kind values
+SPARED_REASONS = ("received-data", "left-selection", "not-rechecked")
 OUTCOMES = (Action.DESTROYED, Action.WOULD_DESTROY, Action.SHUTDOWN, Action.PROCESS_KILLED,
             Action.GONE, Action.FAILED)
 
@@ -89,8 +96,10 @@ class Metrics:
                                        buckets=POLL_BUCKETS, registry=r)
         self.poll_errors = Counter("tcpidle_poll_errors", "Polls that failed (retried).",
                                    registry=r)
-        self.spared = Counter("tcpidle_spared", "Victims left alone: asked again right before "
-                              "the destroy, they had received data after the scan.", registry=r)
+        self.spared = Counter("tcpidle_spared", "Victims left alone by the re-check right "
+                              "before the destroy, by reason.", ["reason"], registry=r)
+        for reason in SPARED_REASONS:
+            self.spared.labels(reason)
         self.last_poll = Gauge("tcpidle_last_poll_timestamp_seconds",
                                "Unix time of the last successful poll.", registry=r)
         self.probe_attached = Gauge("tcpidle_probe_attached",
@@ -106,16 +115,23 @@ class Metrics:
 
     # -- feeding -----------------------------------------------------------------
 
+    def observe_batch(self, outcomes: Sequence[Outcome], spared_kinds: Sequence[str] = ()) -> None:
+        """One destroy batch, counted as soon as it is done: outcomes, and the
+        Spare.kind of each victim spared."""
+        for o in outcomes:
+            self.kills.labels(o.action).inc()
+        for kind in spared_kinds:
+            self.spared.labels(kind).inc()
+
     def observe_poll(self, verdicts: Sequence[Verdict], outcomes: Sequence[Outcome],
                      seconds: float, wall_time: float, spared: int = 0) -> None:
+        """The end of a poll; `outcomes` and `spared` (received data) are counted
+        here only if no observe_batch counted them."""
         self.sockets_seen.set(len(verdicts))
-        if spared:
-            self.spared.inc(spared)
         for v in verdicts:
             if v.idle_ms is not None:
                 self.idle_seconds.observe(v.idle_ms / 1000.0)
-        for o in outcomes:
-            self.kills.labels(o.action).inc()
+        self.observe_batch(outcomes, ["received-data"] * spared)
         self.poll_duration.observe(seconds)
         self.last_poll.set(wall_time)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Union
+from typing import Iterator, List, NamedTuple, Optional, Sequence, Union
 
 from .errors import RuntimeFailure, UsageError
 
@@ -126,6 +126,75 @@ def all_namespaces() -> List[Netns]:
             seen.add(inode)
             found.append(Netns(path, inode, inode))
     return found
+
+
+class Listing(NamedTuple):
+    """The namespaces of one scan.
+
+    `missing`: a text for each namespace the user named (--netns) that is
+    not there now; `named`: the namespaces were asked for by name, path or
+    pid (one that vanishes is an error), not found by --all-netns (one that
+    vanishes has ended, which is news to nobody).
+    """
+
+    found: List[Netns]
+    missing: Sequence[str] = ()
+    named: bool = True
+
+
+class Watch:
+    """The namespaces a run visits, listed again at every scan (called by the engine).
+
+    `--all-netns` (specs None): every namespace alive now, so a tracker
+    sees containers started after it, and stops visiting ended ones (both
+    said once in the log).  `--netns SPEC...`: names and paths are resolved
+    again each time, so a name deleted and made again is picked up; a pid
+    keeps the namespace it named at start (the pid may be reused by a
+    process of another namespace: `open_fd` refuses that).
+    """
+
+    def __init__(self, specs: Optional[Sequence[str]] = None, log=None):
+        self.specs = None if specs is None else list(specs)
+        self._log = log
+        self._fixed = {}
+        self._known: Optional[dict] = None
+        if self.specs is not None:
+            for spec in self.specs:  # bad specs are usage errors now, not at the first scan
+                ns = resolve(spec)
+                if _is_pid(spec):
+                    self._fixed[spec] = ns
+
+    def __call__(self) -> Listing:
+        if self.specs is None:
+            found = all_namespaces()
+            self._note_changes(found)
+            return Listing(found, [], False)
+        found, missing, seen = [], [], set()
+        for spec in self.specs:
+            ns = self._fixed.get(spec)
+            if ns is None:
+                try:
+                    ns = resolve(spec)
+                except UsageError:
+                    missing.append("network namespace %s is gone" % spec)
+                    continue
+            if ns.inode not in seen:
+                seen.add(ns.inode)
+                found.append(ns)
+        return Listing(found, missing, True)
+
+    def _note_changes(self, found: List[Netns]) -> None:
+        now = {ns.inode: ns.label for ns in found}
+        if self._known is not None and self._log is not None:
+            for inode in now.keys() - self._known.keys():
+                self._log.info("network namespace %s appeared", now[inode])
+            for inode in self._known.keys() - now.keys():
+                self._log.info("network namespace %s ended", self._known[inode])
+        self._known = now
+
+
+def _is_pid(spec: str) -> bool:
+    return str(spec).strip().isdigit()
 
 
 def open_fd(ns: Netns) -> int:

@@ -32,7 +32,9 @@ from .model import Action, Socket
 __all__ = [
     "Owner",
     "ProcActionError",
+    "ProcWalkError",
     "SocketGone",
+    "Owners",
     "owners_by_inode",
     "shutdown_socket",
     "kill_owner",
@@ -55,19 +57,34 @@ NO_OWNER = "no process holds this socket"
 
 _SOCKET_PREFIX = "socket:["
 
-# What a vanishing process or fd looks like from /proc: the directory entry
-# disappears (ENOENT), the task is gone between lookup and read (ESRCH),
-# ptrace access is refused (EACCES: another user's process when we are not
-# root, or a process that changed credentials), or /proc/PID is now something
-# else.  Any other OSError on one entry is also skipped (for instance EINVAL
-# from readlink on something that is not a link), so one odd entry never
-# stops the walk.
-_VANISHED = (
-    FileNotFoundError,
-    ProcessLookupError,
-    PermissionError,
-    NotADirectoryError,
-)
+# What /proc says while the walk goes on, by errno.  A process or fd that
+# vanishes mid-walk is normal: its entry disappears (ENOENT), or the task is
+# gone between lookup and read (ESRCH).  A process we may not look into
+# (EACCES/EPERM: another user's, without CAP_SYS_PTRACE or
+# CAP_DAC_READ_SEARCH) is not gone: it is counted as unreadable, so that a
+# socket with no readable holder is not called ownerless.  Every other errno
+# (EMFILE, ENFILE, ENOMEM, EIO, ...) is a failure of the walk itself: it
+# would make every process look ownerless, so it ends the walk, plainly.
+_GONE_ERRNOS = frozenset({errno.ENOENT, errno.ESRCH})
+_DENIED_ERRNOS = frozenset({errno.EACCES, errno.EPERM})
+# kill_owner's readlink of one fd: the fd is closed or the process exited.
+_VANISHED = (FileNotFoundError, ProcessLookupError)
+
+
+class ProcWalkError(RuntimeFailure):
+    """The /proc walk failed for a reason other than a process or fd going away."""
+
+
+def _walk_error(path: str, e: OSError) -> ProcWalkError:
+    return ProcWalkError("walking /proc for socket owners: %s: %s" % (
+        path, os.strerror(e.errno) if e.errno else e))
+
+
+class Owners(dict):
+    """inode -> [Owner] (what owners_by_inode returns), and the pids of the
+    processes whose descriptors could not be read (`unreadable`)."""
+
+    unreadable: Tuple[int, ...] = ()
 
 
 class ProcActionError(RuntimeFailure):
@@ -112,8 +129,10 @@ def _read_first_line(path: str) -> Optional[str]:
     try:
         with open(path, "rb") as f:
             data = f.read(4096)
-    except OSError:
-        return None
+    except OSError as e:
+        if e.errno in _GONE_ERRNOS or e.errno in _DENIED_ERRNOS:
+            return None
+        raise _walk_error(path, e) from None
     return data.decode("utf-8", "replace").split("\n", 1)[0]
 
 
@@ -141,41 +160,59 @@ def _read_cgroup(pid_dir: str) -> Optional[str]:
     try:
         with open(pid_dir + "/cgroup", "rb") as f:
             text = f.read(65536).decode("utf-8", "replace")
-    except OSError:
-        return None
+    except OSError as e:
+        if e.errno in _GONE_ERRNOS or e.errno in _DENIED_ERRNOS:
+            return None
+        raise _walk_error(pid_dir + "/cgroup", e) from None
     return _pick_cgroup(text)
 
 
 def _netns_inode(pid_dir: str) -> Optional[int]:
     try:
         return os.stat(pid_dir + "/ns/net").st_ino
-    except OSError:
-        return None
+    except OSError as e:
+        if e.errno in _GONE_ERRNOS or e.errno in _DENIED_ERRNOS:
+            return None
+        raise _walk_error(pid_dir + "/ns/net", e) from None
 
 
-def _fd_sockets(pid_dir: str) -> List[Tuple[int, int]]:
-    """(fd, socket inode) for each socket fd of one process; [] if it vanished.
+def _fd_sockets(pid_dir: str) -> Optional[List[Tuple[int, int]]]:
+    """(fd, socket inode) for each socket fd of one process; [] if it vanished,
+    None if its descriptors may not be read (EACCES).
 
     The fd directory is opened once and links are read relative to it, so a
     process with 20,000 fds costs one path lookup plus one readlinkat each.
+    Raises ProcWalkError for errors that are not a process or fd going away.
     """
     try:
         dfd = os.open(pid_dir + "/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
-        # ENOENT: exited; EACCES: not ours; ENOTDIR: not a process dir.
-        return []
+    except OSError as e:
+        if e.errno in _GONE_ERRNOS or e.errno == errno.ENOTDIR:  # exited; not a process
+            return []
+        if e.errno in _DENIED_ERRNOS:
+            return None
+        raise _walk_error(pid_dir + "/fd", e) from None
     out = []
     try:
         try:
             names = os.listdir(dfd)
-        except OSError:
-            return []
+        except OSError as e:
+            if e.errno in _GONE_ERRNOS:
+                return []
+            if e.errno in _DENIED_ERRNOS:
+                return None
+            raise _walk_error(pid_dir + "/fd", e) from None
         for name in names:
             try:
                 link = os.readlink(name, dir_fd=dfd)
-            except OSError:
-                # The fd was closed after listdir, or the process exited.
-                continue
+            except OSError as e:
+                if e.errno in _GONE_ERRNOS:  # closed after listdir, or the process exited
+                    continue
+                if e.errno == errno.EINVAL:  # not a link: one odd entry, no socket
+                    continue
+                if e.errno in _DENIED_ERRNOS:  # it changed credentials (execve of setuid)
+                    return None
+                raise _walk_error("%s/fd/%s" % (pid_dir, name), e) from None
             ino = _socket_inode(link)
             if ino is None:
                 continue
@@ -192,7 +229,7 @@ def owners_by_inode(
     inodes: Optional[Iterable[int]] = None,
     proc_root: str = "/proc",
     with_netns: bool = True,
-) -> Dict[int, List[Owner]]:
+) -> "Owners":
     """Map socket inode -> holders, in one pass over PROC_ROOT/*/fd/*.
 
     With `inodes`, only those sockets are kept (the walk is still one pass);
@@ -201,18 +238,29 @@ def owners_by_inode(
     processes holding a wanted socket.  Holders of one inode are ordered by
     pid, then fd.
 
-    Raises OSError only if PROC_ROOT itself cannot be listed.
+    The result's `unreadable` lists the processes whose descriptors could
+    not be read (EACCES: another user's, without CAP_SYS_PTRACE).
+
+    Raises ProcWalkError if PROC_ROOT cannot be listed or a read fails for
+    another reason than a process or fd going away (EMFILE...).
     """
     wanted: Optional[Set[int]] = None if inodes is None else set(inodes)
-    result: Dict[int, List[Owner]] = {}
+    result = Owners()
     if wanted is not None and not wanted:
         return result
-    with os.scandir(proc_root) as it:
-        pids = [int(e.name) for e in it if e.name.isdigit()]
+    try:
+        with os.scandir(proc_root) as it:
+            pids = [int(e.name) for e in it if e.name.isdigit()]
+    except OSError as e:
+        raise _walk_error(proc_root, e) from None
     pids.sort()
+    unreadable = []
     for pid in pids:
         pid_dir = "%s/%d" % (proc_root, pid)
         pairs = _fd_sockets(pid_dir)
+        if pairs is None:
+            unreadable.append(pid)
+            continue
         if wanted is not None:
             pairs = [(fd, ino) for fd, ino in pairs if ino in wanted]
         if not pairs:
@@ -224,6 +272,7 @@ def owners_by_inode(
             result.setdefault(ino, []).append(
                 Owner(pid=pid, fd=fd, comm=comm, cgroup=cgroup, netns_inode=netns)
             )
+    result.unreadable = tuple(unreadable)
     return result
 
 
@@ -260,6 +309,27 @@ def _pidfd_getfd(pidfd: int, targetfd: int) -> int:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e))
     return fd
+
+
+YAMA_PTRACE_SCOPE = "/proc/sys/kernel/yama/ptrace_scope"
+
+
+def ptrace_refusal(yama_path: str = YAMA_PTRACE_SCOPE) -> str:
+    """Why the kernel refuses pidfd_getfd, in words: it needs ptrace's attach
+    access to the owner (PTRACE_MODE_ATTACH_REALCREDS), which Yama restricts
+    (ptrace_scope 1: descendants only, 2: CAP_SYS_PTRACE only, 3: nobody)
+    and which otherwise takes the owner's uid or CAP_SYS_PTRACE."""
+    try:
+        with open(yama_path) as f:
+            scope = int(f.read().strip() or 0)
+    except (OSError, ValueError):
+        scope = None
+    if scope == 3:
+        return ("Yama forbids attaching to any process (%s = 3; only a reboot lifts it): "
+                "use SOCK_DESTROY instead of --use-proc" % yama_path)
+    if scope in (1, 2):
+        return ("attaching to the owner needs CAP_SYS_PTRACE (%s = %d)" % (yama_path, scope))
+    return "attaching to the owner needs CAP_SYS_PTRACE (or running as the owner's user)"
 
 
 def _open_pidfd(owner: Owner) -> int:
@@ -303,6 +373,9 @@ def shutdown_socket(owner: Owner, inode: int, cookie: Optional[int]) -> None:
                 raise SocketGone(
                     "%s: %s" % (_describe(owner, inode), os.strerror(e.errno))
                 ) from None
+            if e.errno == errno.EPERM:
+                raise ProcActionError("pidfd_getfd(%s) refused (EPERM): %s" % (
+                    _describe(owner, inode), ptrace_refusal())) from None
             raise ProcActionError(
                 "pidfd_getfd(%s): %s" % (_describe(owner, inode), os.strerror(e.errno))
             ) from None
@@ -427,6 +500,17 @@ def _fallback_one(
     return Action.GONE, "; ".join(gone)
 
 
+def _no_holder(owners) -> str:
+    """Why no holder was found: none exists, or the ones that may exist could not be read."""
+    unreadable = getattr(owners, "unreadable", ())
+    if not unreadable:
+        return NO_OWNER
+    return ("no readable process holds this socket: the descriptors of %d processes could not "
+            "be read (pid %s%s; another user's need CAP_SYS_PTRACE)" % (
+                len(unreadable), ", ".join(str(p) for p in unreadable[:5]),
+                ", ..." if len(unreadable) > 5 else ""))
+
+
 def apply_fallback(
     sockets: Sequence[Socket],
     action: str,
@@ -448,7 +532,9 @@ def apply_fallback(
         holders = owners.get(s.inode, []) if s.inode else []
         pids, comms = _unique_pids(holders)
         if not holders:
-            out.append((s, Action.FAILED, NO_OWNER, pids, comms))
+            # Inode 0: no file holds it (TIME_WAIT, an orphan after close).
+            out.append((s, Action.FAILED, _no_holder(owners) if s.inode else NO_OWNER,
+                        pids, comms))
             continue
         act, err = _fallback_one(s, action, holders)
         out.append((s, act, err, pids, comms))

@@ -93,6 +93,25 @@ def reopen_logs() -> None:
             handler.reopen()
 
 
+def log_batch(outcomes: Sequence[Outcome], spared: Sequence = ()) -> None:
+    """The log lines of one destroy batch: one per victim acted on, one per victim spared."""
+    for outcome in outcomes:
+        log_outcome(outcome)
+    for spare in spared:
+        log_spared(spare.verdict, spare.reason)
+
+
+def log_spared(verdict: Verdict, reason: str) -> None:
+    """One log line per victim the re-check left alone, with why."""
+    if not log.isEnabledFor(logging.INFO):
+        return
+    s = verdict.socket
+    log.info("spared cookie=%d %s %s -> %s state=%s idle_ms=%s source=%s: %s",
+             s.cookie, FAMILY_NAMES.get(s.family, "?"), endpoint(s.src, s.sport),
+             endpoint(s.dst, s.dport), s.state_name, _ms(verdict.idle_ms),
+             verdict.idle_source or "-", reason)
+
+
 def log_outcome(outcome: Outcome) -> None:
     """One log line per act: the key facts of the kill, cookie first."""
     v = outcome.verdict
@@ -257,15 +276,31 @@ def summary_audit(verdicts: Sequence[Verdict], shown: int, seen: int, elapsed_ms
     _err(text)
 
 
+# How the summary names the re-check's reasons (engine.Spare.kind).
+SPARED_TEXT = {"received-data": "data received after the scan",
+               "left-selection": "left the selection", "not-rechecked": "not asked about again"}
+
+
 def summary_kill(outcomes: Sequence[Outcome], matched: int, victims: int, elapsed_ms: float,
-                 dry_run: bool, prefix: str = "kill", spared: int = 0) -> None:
+                 dry_run: bool, prefix: str = "kill", spared=0, cut: Optional[str] = None,
+                 left: int = 0) -> None:
+    """The one-line summary of a pass.  `spared`: a count (of victims that received
+    data) or one Spare.kind per victim spared; `cut`: why the pass ended early,
+    with `left` victims not acted on."""
     counts = Counter(o.action for o in outcomes)
     parts = ", ".join("%d %s" % (n, a) for a, n in sorted(counts.items()))
-    if spared:
-        parts += "%s%d spared (data received after the scan)" % (", " if parts else "", spared)
+    kinds = Counter({"received-data": spared} if isinstance(spared, int) else spared)
+    kinds = +kinds  # drop zero counts
+    if kinds:
+        parts += "%s%d spared (%s)" % (", " if parts else "", sum(kinds.values()), ", ".join(
+            SPARED_TEXT.get(k, k) if len(kinds) == 1 else "%d %s" % (n, SPARED_TEXT.get(k, k))
+            for k, n in sorted(kinds.items())))
     parts = parts or "nothing to do"
-    _err("%s%s: %s; %d idle of %d matched; %.0f ms" % (
-        prefix, " (dry run)" if dry_run else "", parts, victims, matched, elapsed_ms))
+    text = "%s%s: %s; %d idle of %d matched; %.0f ms" % (
+        prefix, " (dry run)" if dry_run else "", parts, victims, matched, elapsed_ms)
+    if cut:
+        text += "; %s, %d not acted on" % (cut, left)
+    _err(text)
 
 
 def probe_stats(stats: Dict) -> None:

@@ -61,7 +61,7 @@ class TrackOptions:
     event_log: Optional[str] = None
     metrics_port: Optional[int] = None
     metrics_addr: str = "127.0.0.1"
-    namespaces: Optional[Sequence] = None  # tcpidle.netns.Netns list; None: our own
+    namespaces: Optional[object] = None  # a netns.Watch (or a Netns list); None: our own
     cache_dir: Optional[str] = None  # kernel header cache of the probe
     require_bpf: bool = False  # no probe: fail rather than track with tcp_info
     processes: bool = False  # -p: owners of every victim, from /proc
@@ -149,6 +149,7 @@ class Tracker:
         self.acted = 0
         self._stop = False
         self._reopen = False
+        self._ts = ""  # wall-clock time of the current poll, for its event log lines
         self._rfd, self._wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     # -- control (signal-handler safe) ---------------------------------------------
@@ -189,26 +190,43 @@ class Tracker:
     # -- one poll ------------------------------------------------------------------
 
     def poll(self) -> List[Outcome]:
-        """One scan and act; raises whatever they raise."""
-        scan, outcomes, elapsed, spared = run_pass(self.engine, self.as_json, self.name,
-                                                   quiet_if_empty=True, clock=self.clock)
-        ts = now_iso()
+        """One scan and act; raises whatever they raise.
+
+        Each destroy batch goes to the event log and the metrics as soon as
+        it is done (`_batch_done`), so a failure later in the poll loses none
+        of it; a stop request (SIGTERM) ends the poll between two batches.
+        A namespace named with --netns that is gone makes the poll count as
+        failed, said each poll until it is back.
+        """
+        self._ts = now_iso()
+        scan, outcomes, elapsed, spared = run_pass(
+            self.engine, self.as_json, self.name, quiet_if_empty=True, clock=self.clock,
+            on_batch=self._batch_done, stop=lambda: self._stop)
         self.polls += 1
         self.acted += len(outcomes)
-        dry_run = self.engine.policy.dry_run
-        if self.events is not None:
-            try:
-                self.events.write(outcomes, dry_run, ts)
-            except OSError as e:
-                log.error("event log %s: %s", self.events.path, e.strerror or e)
         if self.metrics is not None:
             stats = self._probe_stats()  # first: the gauges then move together
-            self.metrics.observe_poll(scan.verdicts, outcomes, elapsed, time.time(), spared)
+            self.metrics.observe_poll(scan.verdicts, (), elapsed, time.time())
             self.metrics.observe_probe(stats)
         log.debug("poll %d: %d sockets dumped, %d matched, %d idle, %d acted on; %.1f ms",
                   self.polls, scan.seen, len(scan.verdicts), len(scan.victims), len(outcomes),
                   elapsed * 1000.0)
+        if scan.missing:
+            self.errors += 1
+            log.error("poll incomplete: %s (looked for again every poll)", "; ".join(scan.missing))
+            if self.metrics is not None:
+                self.metrics.observe_error()
         return outcomes
+
+    def _batch_done(self, batch) -> None:
+        """Event log lines and metrics of one destroy batch (engine.Batch)."""
+        if self.events is not None and batch.outcomes:
+            try:
+                self.events.write(batch.outcomes, self.engine.policy.dry_run, self._ts)
+            except OSError as e:
+                log.error("event log %s: %s", self.events.path, e.strerror or e)
+        if self.metrics is not None:
+            self.metrics.observe_batch(batch.outcomes, [s.kind for s in batch.spared])
 
     def _probe_stats(self) -> Optional[Dict[str, int]]:
         if self.probe is None:

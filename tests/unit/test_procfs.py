@@ -22,6 +22,7 @@ from tcpidle import procfs
 from tcpidle.model import Action, Socket, TcpState
 from tcpidle.procfs import (
     NO_OWNER,
+    ProcWalkError,
     Owner,
     ProcActionError,
     SocketGone,
@@ -192,7 +193,7 @@ def test_walk_can_skip_netns(fake_proc):
 
 
 def test_walk_missing_proc_root_is_an_error(tmp_path):
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ProcWalkError, match="nope: No such file or directory"):
         owners_by_inode(proc_root=str(tmp_path / "nope"))
 
 

@@ -167,7 +167,8 @@ def test_poll_feeds_gauges_histograms_and_counters():
     assert 'tcpidle_kills_total{outcome="destroyed"} 1.0' in text
     assert 'tcpidle_kills_total{outcome="failed"} 1.0' in text
     assert "tcpidle_poll_errors_total 1.0" in text
-    assert "tcpidle_spared_total 2.0" in text
+    assert 'tcpidle_spared_total{reason="received-data"} 2.0' in text
+    assert 'tcpidle_spared_total{reason="left-selection"} 0.0' in text
     assert "tcpidle_poll_duration_seconds_count 2.0" in text
     assert "tcpidle_last_poll_timestamp_seconds 1.7e+09" in text
     assert "tcpidle_probe_attached 1.0" in text
@@ -200,10 +201,18 @@ class Scripted:
             verdicts = [outcome(i).verdict for i in range(step)]
             victims = verdicts
             seen = step
+            missing = []
+
+            def close(self):
+                pass
         return S()
 
-    def act(self, scan):
-        return [Outcome(v, Action.DESTROYED) for v in scan.victims]
+    interrupted = 0
+
+    def act_batches(self, scan, stop=None):
+        from tcpidle.engine import Batch
+
+        yield Batch([Outcome(v, Action.DESTROYED) for v in scan.victims], [])
 
 
 def run_in_thread(tracker):

@@ -241,10 +241,12 @@ def kill(idle_time, dry_run, use_proc, proc_action, logfile, disable_syslog, all
     """Destroy matching connections idle for at least --idle-time.
 
     Needs a port, address or owner selector, or --all. Right before its
-    destroy each victim is asked about again (tcp_info, and the probe's map
-    where there is one): one that received data since the scan is spared.
-    Each kill is logged with the socket cookie, 4-tuple, idle time, idle
-    source and outcome.
+    destroy each victim is asked about again (state and tcp_info, and the
+    probe's map where there is one): one that left the selection, received
+    data since the scan, or could not be asked about is spared. Each kill is
+    logged with the socket cookie, 4-tuple, idle time, idle source and
+    outcome, batch by batch; SIGTERM/SIGINT stop between two batches (exit
+    128 + the signal).
 
     \b
     Examples:

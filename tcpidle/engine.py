@@ -15,10 +15,19 @@ Owns the order of operations, which is where correctness lives:
 4. Victims are destroyed in batches by cookie-checked SOCK_DESTROY, and
    right before each batch the kernel is asked again about its victims (an
    exact, cookie-checked lookup; and their probe entries, with a probe to
-   ask, `recheck`): one that received data since the scan is spared, its
-   verdict being older than the data.  The window that peer tools leave
-   open between dump and destroy shrinks to one batch.
-5. EOPNOTSUPP (a kernel without CONFIG_INET_DIAG_DESTROY) switches this and
+   ask, `recheck`): one that left the selection (its state, typically) or
+   received data since the scan is spared, and so is one that could not be
+   asked about -- a verdict that cannot be confirmed is not acted on.  The
+   window that peer tools leave open between dump and destroy shrinks to
+   one batch.  After the destroy, the destroyed are looked up once more (an
+   ack is not proof on kernels before 6.11).
+5. Each batch's outcomes are handed to the caller (`act_batches`) as soon
+   as the kernel answered, before the next batch is sent: `run_pass` reports
+   them at once, so nothing done is lost to a later error or a signal, and
+   a stop request ends the pass between two batches.  Nothing here prints.
+6. Namespaces are reached through the descriptors the scan opened (kept
+   in the Scan), so the destroy goes where the dump went.
+7. EOPNOTSUPP (a kernel without CONFIG_INET_DIAG_DESTROY) switches this and
    every later pass to the /proc fallback, said once in the log.
 """
 

@@ -5,10 +5,12 @@ Owns the life of the daemon around the one-pass engine:
 - the BPF probe attached with its maps pinned in bpffs (default
   /sys/fs/bpf/tcpidle), so that a restarted tracker carries on with the
   history of the last one (see Probe.attach(pin_dir=...));
-- a poll every interval: Engine.scan() + Engine.act() with the probe's
-  activity map, each victim logged (report.log_outcome), written to stdout
-  as a row, to the event log as a JSON line, and counted in the metrics;
-- signals.  SIGTERM and SIGINT stop the daemon within the current poll:
+- a poll every interval: one engine.run_pass with the probe's activity
+  map; each destroy batch, as soon as it is done, logged (report), written
+  to the event log as JSON lines and counted in the metrics, then to stdout
+  as rows;
+- signals.  SIGTERM and SIGINT stop the daemon within the current poll
+  (between two destroy batches):
   handlers only set a flag and write a byte to a self-pipe, and the sleep
   between polls is a select() on that pipe, so no lock is ever taken in a
   handler.  The probe is then detached and its pins kept; exit 0.  SIGHUP

@@ -240,6 +240,7 @@ def test_walk_skips_unreadable_fd_dirs(open_tree):
 
     got = run_unprivileged(lambda: owners_by_inode(proc_root=root, with_netns=False))
     assert got == {2020: [Owner(20, 4, "open", None, None)]}
+    assert got.unreadable == (10,)  # not gone: its sockets are not called ownerless
 
 
 def test_walk_of_real_proc_unprivileged_finds_own_socket():
@@ -412,3 +413,31 @@ def test_unprivileged_process_lacks_cap_net_admin():
         assert run_unprivileged(lambda: (has_cap_net_admin(), is_root())) == (False, False)
     else:
         assert not is_root()
+
+
+@pytest.mark.parametrize("scope, needle", [
+    (None, "needs CAP_SYS_PTRACE (or running as the owner's user)"),
+    ("1", "needs CAP_SYS_PTRACE (%s = 1)"),
+    ("3", "Yama forbids attaching to any process (%s = 3"),
+])
+def test_pidfd_getfd_refusal_names_the_cause(tmp_path, scope, needle):
+    from tcpidle.procfs import ptrace_refusal
+
+    path = tmp_path / "ptrace_scope"
+    if scope is not None:
+        path.write_text(scope + "\n")
+    assert (needle % path if "%s" in needle else needle) in ptrace_refusal(str(path))
+
+
+def test_fallback_without_a_readable_owner_says_so():
+    from tcpidle.model import Action
+    from tcpidle.procfs import Owners, apply_fallback
+
+    owners = Owners()
+    owners.unreadable = (1, 4242)
+    ((_s, act, err, _p, _c),) = apply_fallback([make_socket(777)], "shutdown", owners)
+    assert act == Action.FAILED
+    assert err.startswith("no readable process holds this socket: the descriptors of 2 "
+                          "processes could not be read (pid 1, 4242;")
+    ((_s, act, err, _p, _c),) = apply_fallback([make_socket(0)], "shutdown", owners)
+    assert (act, err) == (Action.FAILED, NO_OWNER)  # inode 0: no file holds it, certainly

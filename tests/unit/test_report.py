@@ -91,3 +91,29 @@ def test_kill_summary_counts_outcomes_and_spared_victims(capsys):
     assert "track: 1 spared (data received after the scan); 1 idle" in capsys.readouterr().err
     report.summary_kill([], 5, 0, 3.0, True)
     assert "kill (dry run): nothing to do; 0 idle of 5 matched" in capsys.readouterr().err
+
+
+def test_kill_summary_names_each_reason_and_a_cut_short_pass(capsys):
+    o = Outcome(verdict(), "destroyed")
+    report.summary_kill([o], 9, 6, 5.0, False, spared=["left-selection", "received-data",
+                                                       "left-selection"],
+                        cut="stopped by a signal", left=2)
+    assert capsys.readouterr().err == (
+        "tcpidle: kill: 1 destroyed, 3 spared (2 left the selection, 1 data received after the "
+        "scan); 6 idle of 9 matched; 5 ms; stopped by a signal, 2 not acted on\n")
+    report.summary_kill([], 1, 1, 1.0, False, spared=["not-rechecked"])
+    assert "1 spared (not asked about again)" in capsys.readouterr().err
+
+
+def test_spared_victims_are_logged_with_their_reason(caplog):
+    from tcpidle.engine import LEFT_SELECTION, NOT_RECHECKED, RECEIVED, Spare
+
+    v = verdict()
+    assert [Spare(v, r).kind for r in (RECEIVED, LEFT_SELECTION % "FIN_WAIT1",
+                                       NOT_RECHECKED + ": INET_DIAG lookup failed")] == [
+        "received-data", "left-selection", "not-rechecked"]
+    with caplog.at_level("INFO", logger="tcpidle"):
+        report.log_batch([], [Spare(v, LEFT_SELECTION % "FIN_WAIT1")])
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert line.startswith("spared cookie=%d " % v.socket.cookie)
+    assert line.endswith(": left the selection (now FIN_WAIT1)")

@@ -419,8 +419,12 @@ class Engine:
         SOCK_DESTROY is acked 0 whenever tcp_abort ran, but before Linux 6.11
         tcp_abort did nothing to an orphaned socket (SOCK_DEAD: its owner had
         closed it, e.g. FIN-WAIT-1 with unsent data), which stayed.  Only a
-        second look tells.
+        second look tells.  Only orphans can stay, and INET_DIAG reports an
+        orphan with inode 0 (no file holds it: sock_i_ino of a socket without
+        sk_socket), so only victims with inode 0 are looked at again: a kill
+        of owned connections pays nothing for it.
         """
+        destroyed = [v for v in destroyed if not v.socket.inode]
         if not destroyed:
             return {}
         try:

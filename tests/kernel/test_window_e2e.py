@@ -155,27 +155,45 @@ def test_a_failed_re_check_spares_instead_of_killing(ns, pairs, capsys, tmp_path
 
 def test_a_destroy_the_kernel_acks_while_the_socket_stays_is_a_failure(ns, pairs, monkeypatch):
     """Before Linux 6.11 SOCK_DESTROY acked an orphaned socket and left it.
-    The kernel here destroys orphans, so the lab plays that kernel for one
-    victim (its request is not sent, its answer is 0); the look again after
-    the destroy finds it and reports it failed, not destroyed."""
-    conns = pairs.many(3)
-    time.sleep(0.4)
-    spared_one = conns[0][1]
+    Two orphans (owners closed them with data unsent to a slow peer:
+    FIN-WAIT-1, inode 0), selected by state.  The kernel here destroys
+    orphans, so the lab plays the old kernel for one of them (its request is
+    not sent, its answer is 0); the look again after the destroy finds it
+    and reports it failed, not destroyed.  The other is destroyed."""
+    from tcpidle.model import Policy, PortSet, Selector, TcpState
+    from tcpidle import netns
+    from tcpidle.engine import Engine
+
+    slow = []
+    orphans = []
+    for _ in range(2):
+        client, server = pairs.pair(rcvbuf=4096)
+        fill_send_queue(server)
+        orphans.append((cookie(server), server.getsockname(), server.getpeername()))
+        server.close()
+        slow.append(client)
+    stays = orphans[0][0]
     window = Window(monkeypatch)
 
     def old_kernel(real, _nl, socks):
-        keep = [s for s in socks if s.cookie != cookie(spared_one)]
-        answers = iter(real(keep))
-        return [0 if s.cookie == cookie(spared_one) else next(answers) for s in socks]
+        answers = iter(real([s for s in socks if s.cookie != stays]))
+        return [0 if s.cookie == stays else next(answers) for s in socks]
 
     window.instead("destroy", 1, old_kernel)
-    engine = engine_for(ns.name, pairs.server_port)
+    port = pairs.server_port
+    engine = Engine(Selector(sports=PortSet(((port, port),)),
+                             states=frozenset({TcpState.FIN_WAIT1})),
+                    Policy(idle_time_ms=0), namespaces=netns.Watch([ns.name]))
     outcomes = {o.verdict.socket.cookie: o for o in engine.act(engine.scan())}
-    bad = outcomes[cookie(spared_one)]
-    assert bad.action == "failed"
-    assert "the kernel acked SOCK_DESTROY but the socket remains" in bad.error
-    assert {outcomes[cookie(a)].action for _, a in conns[1:]} == {"destroyed"}
-    assert not aborted(spared_one) and all(aborted(a) for _, a in conns[1:])
+    assert set(outcomes) == {c for c, _, _ in orphans}
+    assert {o.verdict.socket.inode for o in outcomes.values()} == {0}
+    assert outcomes[stays].action == "failed"
+    assert outcomes[stays].error.startswith(
+        "the kernel acked SOCK_DESTROY but the socket remains (FIN_WAIT1;")
+    assert outcomes[orphans[1][0]].action == "destroyed"
+    # Ground truth: the peer of the destroyed one is reset, the other one's gets its data.
+    assert read_to_end(slow[1])[1] == errno.ECONNRESET
+    assert read_to_end(slow[0])[1] is None
 
 
 # -- 2: every batch is reported as soon as it is done ----------------------------------

@@ -17,7 +17,7 @@ from typing import List, Optional
 
 import click
 
-from . import activity, netns, procfs, report, selectors
+from . import activity, netns, options, procfs, report, selectors, sinks
 from .engine import Engine, require_privilege, run_pass
 from .errors import TcpidleError, UsageError
 from .signals import StopOnSignal
@@ -35,15 +35,6 @@ and groups (all, connected, synchronized). Default: established."""
 # option sets (reusable decorators)
 
 
-def _non_negative(name):
-    def check(ctx, param, value):
-        if value is not None and value < 0:
-            raise click.BadParameter("%s must not be negative (got %s)" % (name, value), param=param)
-        return value
-
-    return check
-
-
 def _options(*options):
     def decorate(f):
         for option in reversed(options):
@@ -56,23 +47,25 @@ def _options(*options):
 selector_options = _options(
     click.option("-4", "--ipv4", "ipv4", is_flag=True, help="IPv4 sockets only."),
     click.option("-6", "--ipv6", "ipv6", is_flag=True, help="IPv6 sockets only."),
-    click.option("-s", "--sport", "sports", multiple=True, metavar="PORTS",
+    click.option("-s", "--sport", "sports", multiple=True, type=options.Ports(), metavar="PORTS",
                  help="Local port(s): list and ranges, e.g. 22,8000-8100. Repeatable."),
-    click.option("-d", "--dport", "dports", multiple=True, metavar="PORTS",
+    click.option("-d", "--dport", "dports", multiple=True, type=options.Ports(), metavar="PORTS",
                  help="Remote port(s): list and ranges. Repeatable."),
-    click.option("--src", "srcs", multiple=True, metavar="CIDR", help="Local address or network. Repeatable."),
-    click.option("--dst", "dsts", multiple=True, metavar="CIDR", help="Remote address or network. Repeatable."),
-    click.option("--state", "states", multiple=True, metavar="NAME",
+    click.option("--src", "srcs", multiple=True, type=options.Cidrs(), metavar="CIDR",
+                 help="Local address or network. Repeatable."),
+    click.option("--dst", "dsts", multiple=True, type=options.Cidrs(), metavar="CIDR",
+                 help="Remote address or network. Repeatable."),
+    click.option("--state", "states", multiple=True, type=options.States(), metavar="NAME",
                  help="TCP state or group (default established). Repeatable."),
-    click.option("--pid", "pids", multiple=True, type=click.IntRange(min=1), metavar="PID",
+    click.option("--pid", "pids", multiple=True, type=options.integer(1, options.PID_MAX), metavar="PID",
                  help="Only sockets held by this process. Repeatable."),
-    click.option("--comm", "comms", multiple=True, metavar="NAME",
+    click.option("--comm", "comms", multiple=True, type=options.Comm(), metavar="NAME",
                  help="Only sockets held by a process of this name (as in /proc/PID/comm). Repeatable."),
-    click.option("--cgroup", "cgroups", multiple=True, metavar="PREFIX",
+    click.option("--cgroup", "cgroups", multiple=True, type=options.CgroupPrefix(), metavar="PREFIX",
                  help="Only sockets held by a process whose cgroup path starts with PREFIX. Repeatable."),
-    click.option("--uid", "uids", multiple=True, type=click.IntRange(min=0), metavar="UID",
+    click.option("--uid", "uids", multiple=True, type=options.integer(0, options.UID_MAX), metavar="UID",
                  help="Only sockets of this user id. Repeatable."),
-    click.option("--netns", "netns_specs", multiple=True, metavar="NAME|PATH|PID",
+    click.option("--netns", "netns_specs", multiple=True, type=options.NetnsSpec(), metavar="NAME|PATH|PID",
                  help="Work in this network namespace: a name under /run/netns, an ns file, or a PID. Repeatable."),
     click.option("--all-netns", is_flag=True,
                  help="Work in every network namespace of the host (/run/netns and /proc/*/ns/net), each once."),
@@ -81,10 +74,11 @@ selector_options = _options(
 evidence_options = _options(
     click.option("--idle-metric", type=click.Choice(["data", "any"]), default="data", show_default=True,
                  help="data: time since payload was received; any: since any segment (ACKs, keep-alives)."),
-    click.option("--last-recv-limit", "--last_recv_limit", "last_recv_limit", type=float, default=None,
-                 callback=_non_negative("--last-recv-limit"), metavar="MS",
+    click.option("--last-recv-limit", "--last_recv_limit", "last_recv_limit", type=options.milliseconds(),
+                 default=None, metavar="MS",
                  help="Treat tcp_info idle times above MS as unknown (tcp_closer's option)."),
-    click.option("--pin-dir", default=activity.DEFAULT_PIN_DIR, show_default=True, metavar="DIR",
+    click.option("--pin-dir", default=activity.DEFAULT_PIN_DIR, type=options.PinDir(), show_default=True,
+                 metavar="DIR",
                  help="Where a running `tcpidle track` pins its BPF map; read when present."),
     click.option("--require-bpf", is_flag=True,
                  help="Fail (exit 1) rather than fall back to tcp_info when no BPF evidence is available."),
@@ -95,8 +89,8 @@ evidence_options = _options(
 )
 
 kill_options = _options(
-    click.option("-t", "--idle-time", "--idle_time", "idle_time", type=float, default=0.0,
-                 callback=_non_negative("--idle-time"), metavar="MS", show_default=True,
+    click.option("-t", "--idle-time", "--idle_time", "idle_time", type=options.milliseconds(), default=0.0,
+                 metavar="MS", show_default=True,
                  help="Kill connections idle at least MS milliseconds; 0 = every matching connection."),
     click.option("--dry-run", is_flag=True, help="Report what would be destroyed; touch nothing."),
     click.option("--use-proc", "--use_proc", "use_proc", is_flag=True,
@@ -104,7 +98,7 @@ kill_options = _options(
     click.option("--proc-action", type=click.Choice(["shutdown", "kill"]), default="shutdown",
                  show_default=True,
                  help="Fallback action: shut the socket down in its owner (owner lives) or SIGKILL the owner."),
-    click.option("-f", "--logfile", type=click.Path(dir_okay=False, writable=True), default=None,
+    click.option("-f", "--logfile", type=options.LogPath(), default=None, metavar="PATH",
                  help="Append a log line per kill to this file."),
     click.option("--disable-syslog", "--disable_syslog", "disable_syslog", is_flag=True,
                  help="Do not log kills to syslog."),
@@ -187,11 +181,11 @@ def cli():
 @cli.command(epilog=EPILOG_SELECTORS)
 @selector_options
 @evidence_options
-@click.option("--min-idle", type=float, default=0.0, callback=_non_negative("--min-idle"), metavar="MS",
+@click.option("--min-idle", type=options.milliseconds(), default=0.0, metavar="MS",
               show_default=True, help="Show only connections idle at least MS milliseconds.")
-@click.option("--watch", type=float, default=None, callback=_non_negative("--watch"), metavar="S",
+@click.option("--watch", type=options.seconds(), default=None, metavar="S",
               help="Attach the BPF probe and observe S seconds before reporting (ns precision).")
-@click.option("--map-size", type=click.IntRange(min=1, max=1 << 24), default=65536, show_default=True,
+@click.option("--map-size", type=options.integer(1, 1 << 24, "N"), default=65536, show_default=True,
               help="Entries of the probe's map with --watch.")
 def audit(min_idle, watch, map_size, **opts):
     """Report matching connections and their idle time. Never kills.
@@ -207,8 +201,6 @@ def audit(min_idle, watch, map_size, **opts):
     """
     selector = build_selector(opts)
     namespaces = build_namespaces(opts)
-    if watch == 0:
-        raise UsageError("--watch must be positive (got 0)")
     policy = build_policy(opts, min_idle)
     report.setup_logging(opts["verbose"], None, syslog=False)
     if opts["processes"] and not procfs.is_root():
@@ -235,8 +227,7 @@ def audit(min_idle, watch, map_size, **opts):
 @selector_options
 @evidence_options
 @kill_options
-@click.option("-i", "--interval", type=float, default=None, callback=_non_negative("--interval"),
-              metavar="S", help="Poll every S seconds until SIGINT/SIGTERM instead of once.")
+@click.option("-i", "--interval", type=options.seconds(), default=None, metavar="S", help="Poll every S seconds until SIGINT/SIGTERM instead of once.")
 def kill(idle_time, dry_run, use_proc, proc_action, logfile, disable_syslog, all_, interval, **opts):
     """Destroy matching connections idle for at least --idle-time.
 
@@ -258,8 +249,6 @@ def kill(idle_time, dry_run, use_proc, proc_action, logfile, disable_syslog, all
     """
     selector = build_selector(opts)
     namespaces = build_namespaces(opts)
-    if interval is not None and interval == 0:
-        raise UsageError("--interval must be positive (got 0)")
     if not narrows(selector) and not all_:
         raise UsageError("kill needs a port, address or owner selector (-s, -d, --src, --dst, --pid, "
                          "--comm, --cgroup, --uid) or --all")
@@ -318,24 +307,26 @@ def _poll(engine: Engine, interval: float, as_json: bool) -> None:
 @selector_options
 @evidence_options
 @kill_options
-@click.option("-i", "--interval", type=float, default=10.0, show_default=True, metavar="S",
+@click.option("-i", "--interval", type=options.seconds(), default=10.0, show_default=True, metavar="S",
               help="Poll every S seconds.")
-@click.option("--map-size", type=click.IntRange(min=1, max=1 << 24), default=65536, show_default=True,
+@click.option("--map-size", type=options.integer(1, 1 << 24, "N"), default=65536, show_default=True,
               help="Entries of the BPF activity map (a map already pinned keeps its own size).")
 @click.option("--bpf-hook", type=click.Choice(["auto", "fentry", "raw_tracepoint", "kprobe", "tracepoint"]),
               default="auto", show_default=True,
               help="Where the probe hooks the receive path (auto: the best that works).")
-@click.option("--max-kills-per-interval", type=click.IntRange(min=0), default=100, show_default=True,
+@click.option("--max-kills-per-interval", type=options.integer(0, options.MAX_KILLS), default=100,
+              show_default=True,
               metavar="N", help="Act on at most N connections per poll, the idlest first; 0 = no limit.")
-@click.option("--exclude-port", "exclude_ports", multiple=True, metavar="PORTS",
+@click.option("--exclude-port", "exclude_ports", multiple=True, type=options.Ports(), metavar="PORTS",
               help="Protected: never touch a connection with such a port at either end. Repeatable.")
-@click.option("--exclude-cidr", "exclude_cidrs", multiple=True, metavar="CIDR",
+@click.option("--exclude-cidr", "exclude_cidrs", multiple=True, type=options.Cidrs(), metavar="CIDR",
               help="Protected: never touch a connection with an address in CIDR at either end. Repeatable.")
-@click.option("--event-log", type=click.Path(dir_okay=False), default=None, metavar="PATH",
+@click.option("--event-log", type=options.LogPath(), default=None, metavar="PATH",
               help="Append one JSON line per connection acted on (reopened on SIGHUP).")
-@click.option("--metrics-port", type=click.IntRange(min=1, max=65535), default=None, metavar="N",
+@click.option("--metrics-port", type=options.integer(1, 65535), default=None, metavar="N",
               help="Serve Prometheus metrics on this port (/metrics).")
-@click.option("--metrics-addr", default="127.0.0.1", show_default=True, metavar="ADDR",
+@click.option("--metrics-addr", type=options.Address(), default="127.0.0.1", show_default=True,
+              metavar="ADDR",
               help="Address the metrics endpoint listens on.")
 @click.option("--cleanup", is_flag=True, help="Remove the BPF maps pinned in --pin-dir, then exit.")
 def track(idle_time, dry_run, use_proc, proc_action, logfile, disable_syslog, all_, interval, map_size,
@@ -365,8 +356,6 @@ def track(idle_time, dry_run, use_proc, proc_action, logfile, disable_syslog, al
         if not removed:
             report.note("nothing pinned in %s" % opts["pin_dir"])
         sys.exit(0)
-    if not interval > 0:
-        raise UsageError("--interval must be positive (got %g)" % interval)
     selector = replace(
         build_selector(opts),
         exclude_ports=selectors.parse_ports(exclude_ports, "--exclude-port"),
@@ -400,7 +389,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     # collect once after each poll instead.
     gc.disable()
     try:
-        cli.main(args=argv, prog_name="tcpidle", standalone_mode=False)
+        status = cli.main(args=argv, prog_name="tcpidle", standalone_mode=False)
+    except SystemExit as exc:
+        status = exc.code
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.exceptions.Abort:
@@ -420,6 +411,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)
+    # A status of 0 becomes 1 when an output (stdout, log file, event log) lost lines.
+    sys.exit(sinks.exit_status(status if isinstance(status, int) else 0 if status is None else 1))
 
 
 def _one_line(text: str) -> str:

@@ -28,6 +28,10 @@ tcpidle_poll_duration_seconds (histogram)
 tcpidle_poll_errors_total (counter)
     polls that failed and were retried at the next interval (netlink
     errors such as ENOBUFS, a malformed dump...).
+tcpidle_output_errors_total{output} (counter)
+    lines that could not be written, by output: logfile (-f), event-log
+    (--event-log), stdout (rows after the reader went away); each output
+    that loses lines in a poll is also said once in the log.
 tcpidle_last_poll_timestamp_seconds (gauge)
     Unix time of the last successful poll (alert when it stops moving).
 tcpidle_probe_attached (gauge)
@@ -55,6 +59,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client import PlatformCollector, ProcessCollector, generate_latest
 
 from .model import Action, Outcome, Verdict
+from .sinks import OUTPUTS
 
 IDLE_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 43200, 86400, math.inf)
 POLL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -68,6 +73,7 @@ OUTCOMES = (Action.DESTROYED, Action.WOULD_DESTROY, Action.SHUTDOWN, Action.PROC
 SERIES = (
     "tcpidle_sockets_seen", "tcpidle_idle_seconds", "tcpidle_kills_total",
     "tcpidle_poll_duration_seconds", "tcpidle_poll_errors_total", "tcpidle_spared_total",
+    "tcpidle_output_errors_total",
     "tcpidle_last_poll_timestamp_seconds", "tcpidle_probe_attached",
     "tcpidle_probe_map_entries", "tcpidle_probe_map_capacity", "tcpidle_probe_evictions",
 )
@@ -96,6 +102,10 @@ class Metrics:
                                        buckets=POLL_BUCKETS, registry=r)
         self.poll_errors = Counter("tcpidle_poll_errors", "Polls that failed (retried).",
                                    registry=r)
+        self.output_errors = Counter("tcpidle_output_errors", "Lines that could not be "
+                                     "written, by output.", ["output"], registry=r)
+        for output in OUTPUTS:
+            self.output_errors.labels(output)
         self.spared = Counter("tcpidle_spared", "Victims left alone by the re-check right "
                               "before the destroy, by reason.", ["reason"], registry=r)
         for reason in SPARED_REASONS:
@@ -139,6 +149,11 @@ class Metrics:
         self.poll_errors.inc()
         if seconds is not None:
             self.poll_duration.observe(seconds)
+
+    def observe_output_errors(self, lost: Dict[str, int]) -> None:
+        """Lines lost per output since the last call (sinks.say_new_failures)."""
+        for output, lines in lost.items():
+            self.output_errors.labels(output).inc(lines)
 
     def observe_probe(self, stats: Optional[Dict[str, int]]) -> None:
         """The probe's stats() (None: no probe attached)."""

@@ -81,23 +81,69 @@ def _names() -> dict:
 
 
 def resolve(spec: str) -> Netns:
-    """NAME (under /run/netns), PATH (an ns file) or PID -> Netns; UsageError if none."""
-    spec = str(spec).strip()
-    if spec.isdigit():
+    """NAME (under /run/netns), PATH (an ns file) or PID -> Netns; UsageError if none.
+
+    The file is checked to be a network namespace before anything is done
+    (see `_check_netns_file`): setns(2) would refuse anything else only
+    later, with a bare EINVAL.
+    """
+    spec = str(spec)
+    if not spec.strip():
+        raise UsageError("--netns %r: empty (give a name under %s, an ns file or a PID)"
+                         % (spec, RUN_NETNS))
+    spec = spec.strip()
+    if spec.isascii() and spec.isdigit():
         path = "/proc/%s/ns/net" % spec
         what = "process %s" % spec
     elif "/" in spec:
         path, what = spec, spec
+    elif spec in (".", ".."):
+        raise UsageError("--netns %r: not a namespace name" % spec)
     else:
         path, what = os.path.join(RUN_NETNS, spec), "name %r" % spec
     try:
         st = os.stat(path)
     except OSError as exc:
         raise UsageError("--netns %s: no network namespace for %s (%s)" % (spec, what, exc.strerror)) from None
+    _check_netns_file(spec, path, st)
     if st.st_ino == _own_inode():
         return own()
     label = _names().get(st.st_ino, st.st_ino)
     return Netns(path, st.st_ino, label)
+
+
+NS_GET_NSTYPE = 0xB703  # _IO(0xb7, 0x3), include/uapi/linux/nsfs.h (Linux >= 4.11)
+_NS_TYPES = {0x00020000: "mount", 0x00008000: "cgroup", 0x04000000: "UTS", 0x08000000: "IPC",
+             0x10000000: "user", 0x20000000: "PID", 0x00000080: "time"}
+
+
+def _check_netns_file(spec: str, path: str, st: os.stat_result) -> None:
+    """UsageError unless `path` is a network namespace file.
+
+    Namespace files (/proc/PID/ns/net, the bind mounts under /run/netns)
+    are regular nsfs inodes; the mode test comes first so that a FIFO or a
+    device is never opened.  The nsfs ioctl NS_GET_NSTYPE then says which
+    kind of namespace it is; any other file answers ENOTTY.
+    """
+    import fcntl
+    import stat
+
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+        raise UsageError("--netns %s: %s is not a network namespace (%s)" % (spec, path, kind))
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+    except OSError as exc:
+        raise UsageError("--netns %s: %s: %s" % (spec, path, exc.strerror or exc)) from None
+    try:
+        nstype = fcntl.ioctl(fd, NS_GET_NSTYPE)
+    except OSError:
+        nstype = None
+    finally:
+        os.close(fd)
+    if nstype != CLONE_NEWNET:
+        kind = ("a %s namespace" % _NS_TYPES.get(nstype, "%#x" % nstype)) if nstype else "no namespace file"
+        raise UsageError("--netns %s: %s is not a network namespace (%s)" % (spec, path, kind))
 
 
 def all_namespaces() -> List[Netns]:

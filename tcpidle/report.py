@@ -16,7 +16,10 @@ import sys
 from collections import Counter
 from typing import Dict, Optional, Sequence, TextIO
 
+from . import sinks
+from .errors import RuntimeFailure
 from .model import FAMILY_NAMES, Outcome, TcpState, Verdict
+from .safetext import printable
 
 log = logging.getLogger("tcpidle")
 
@@ -45,41 +48,37 @@ class _Syslog(logging.Handler):
             self.handleError(record)
 
 
-class _ReopenableFile(logging.FileHandler):
-    """A log file that `reopen()` closes and opens again (SIGHUP, logrotate)."""
-
-    def reopen(self):
-        self.acquire()
-        try:
-            if self.stream:
-                self.stream.close()
-            self.stream = self._open()
-        finally:
-            self.release()
-
-
 def setup_logging(verbose: int = 0, logfile: Optional[str] = None, syslog: bool = True) -> None:
     """Configure the "tcpidle" logger once per process.
 
     stderr gets warnings, plus info with -v and debug with -vv; the log file
-    and syslog get every kill (info) and above.
+    and syslog get every kill (info) and above.  Messages are made printable
+    (sinks.PrintableFormatter); a log that cannot be written is recorded in
+    sinks.FAILURES, never a traceback.
     """
+    sinks.quiet_logging_errors()
+    for old in log.handlers:
+        old.close()
     log.handlers.clear()
     log.setLevel(logging.DEBUG)
     log.propagate = False
-    err = logging.StreamHandler(sys.stderr)
+    err = sinks.StderrHandler()
     err.setLevel(logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG)
-    err.setFormatter(logging.Formatter("tcpidle: %(message)s"))
+    err.setFormatter(sinks.PrintableFormatter("tcpidle: %(message)s"))
     log.addHandler(err)
     if logfile:
-        fh = _ReopenableFile(logfile)
+        try:
+            fh = sinks.LogFileHandler(logfile)
+        except OSError as exc:
+            raise RuntimeFailure("log file %s: %s" % (logfile, exc.strerror or exc)) from None
         fh.setLevel(logging.DEBUG if verbose > 1 else logging.INFO)
-        fh.setFormatter(logging.Formatter("%(asctime)s tcpidle[%(process)d] %(levelname)s %(message)s"))
+        fh.setFormatter(sinks.PrintableFormatter(
+            "%(asctime)s tcpidle[%(process)d] %(levelname)s %(message)s"))
         log.addHandler(fh)
     if syslog:
         sh = _Syslog()
         sh.setLevel(logging.INFO)
-        sh.setFormatter(logging.Formatter("%(message)s"))
+        sh.setFormatter(sinks.PrintableFormatter("%(message)s"))
         log.addHandler(sh)
     # The logger's own level is the lowest any handler takes, so a record no
     # handler wants (a kill line with only stderr at WARNING) is never built.
@@ -89,7 +88,7 @@ def setup_logging(verbose: int = 0, logfile: Optional[str] = None, syslog: bool 
 def reopen_logs() -> None:
     """Reopen the log file (on SIGHUP)."""
     for handler in log.handlers:
-        if isinstance(handler, _ReopenableFile):
+        if isinstance(handler, sinks.LogFileHandler):
             handler.reopen()
 
 
@@ -145,7 +144,13 @@ _ACTED = ',"action":%s,"error":%s}'
 _FAMILY_JSON = {f: '"%s"' % name for f, name in FAMILY_NAMES.items()}
 _STATE_JSON = {int(st): '"%s"' % st.name for st in TcpState}
 _SOURCE_JSON = {None: "null", "bpf": '"bpf"', "tcp_info": '"tcp_info"'}
-_dumps = json.dumps
+
+
+def _dumps(value, _encode=json.dumps) -> str:
+    """json.dumps, with DEL escaped too: the encoder escapes C0 controls and (ASCII
+    output) everything above 0x7e, but leaves DEL raw; rows reach terminals."""
+    text = _encode(value)
+    return text if "\x7f" not in text else text.replace("\x7f", "\\u007f")
 
 
 class _Quoted(dict):
@@ -215,7 +220,7 @@ def endpoint(addr: str, port: int) -> str:
 
 def show(items: Sequence, as_json: bool, owners: Optional[Dict] = None, out: TextIO = None) -> None:
     """Write connections -- Verdicts (audit) or Outcomes (kill) -- as JSON Lines or a table."""
-    out = out or sys.stdout
+    out = out or sinks.stdout()  # a broken stdout drops rows, never the rest (sinks)
     if as_json:
         acted = bool(items) and isinstance(items[0], Outcome)
         lines = [json_line(i.verdict, i) if acted else json_line(i, None, owners) for i in items]
@@ -245,7 +250,7 @@ def write_table(rows: Sequence[Dict], out: TextIO) -> None:
         ]
         if with_action:
             line.append(r["action"] + (" (%s)" % r["error"] if r["error"] else ""))
-        table.append(line)
+        table.append([printable(cell) for cell in line])  # owners' text (safetext)
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]
     numeric = {header.index("IDLE_MS"), header.index("COOKIE")}
     for line in table:
@@ -334,8 +339,7 @@ def error(text: str) -> None:
 def _err(text: str) -> None:
     if sys.stderr.isatty():
         sys.stderr.write("\r\x1b[K")  # clear a progress line
-    sys.stderr.write("tcpidle: %s\n" % text)
-    sys.stderr.flush()
+    sinks.write_stderr("tcpidle: %s\n" % printable(text))
 
 
 def set_stdout_line_buffered() -> None:

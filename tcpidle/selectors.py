@@ -60,7 +60,7 @@ def _parse_port_item(item: str, whole: str, option: str) -> Tuple[int, int]:
 
 def _parse_port(text: str, whole: str, option: str) -> int:
     text = text.strip()
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):  # "²".isdigit(), and int("٨٠") == 80
         raise UsageError("%s %r: %r is not a port number" % (option, whole, text))
     port = int(text)
     if not 1 <= port <= 65535:
@@ -86,16 +86,28 @@ def _merge(ranges: Sequence[Tuple[int, int]]) -> Tuple[Tuple[int, int], ...]:
 def parse_networks(values: Iterable[str], option: str) -> Tuple[Network, ...]:
     """Parse CIDRs (or bare addresses, taken as /32 or /128).
 
-    Host bits are allowed ("10.1.2.3/8" means 10.0.0.0/8), as in ss.
+    Refused, because they cannot mean one thing: host bits ("10.1.2.3/8":
+    the host or the network 10.0.0.0/8? ss takes the network; a tool that
+    destroys connections does not guess, and the error gives both
+    spellings), and IPv6 scope ids ("fe80::1%eth0": INET_DIAG reports
+    addresses without a scope, so it would match on every interface).
     """
     nets = []
     for value in values:
         for item in str(value).split(","):
             item = item.strip()
+            if "%" in item:
+                raise UsageError("%s %r: an IPv6 scope id cannot be matched (INET_DIAG reports "
+                                 "addresses without one)" % (option, item))
             try:
-                nets.append(ipaddress.ip_network(item, strict=False))
+                net = ipaddress.ip_network(item, strict=False)
             except ValueError:
                 raise UsageError("%s %r: not an IPv4/IPv6 address or CIDR" % (option, item)) from None
+            host = item.partition("/")[0]
+            if ipaddress.ip_address(host) != net.network_address:
+                raise UsageError("%s %r: host bits set: write %s for the network, or %s for the "
+                                 "host" % (option, item, net, host))
+            nets.append(net)
     return tuple(nets)
 
 

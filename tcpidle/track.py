@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Callable, Dict, List, Optional, Sequence
 
-from . import report
+from . import report, sinks
 from .engine import Engine, require_privilege, run_pass
 from .errors import PrivilegeError, RuntimeFailure, TcpidleError
 from .model import Outcome, Policy, Selector
@@ -82,13 +82,10 @@ class EventLog:
 
     def __init__(self, path: str):
         self.path = path
-        self._file = self._open()
-
-    def _open(self):
         try:
-            return open(self.path, "a", encoding="utf-8")
+            self._file: Optional[sinks.AppendFile] = sinks.AppendFile(path, sinks.EVENT_LOG)
         except OSError as e:
-            raise RuntimeFailure("event log %s: %s" % (self.path, e.strerror or e)) from None
+            raise RuntimeFailure("event log %s: %s" % (path, e.strerror or e)) from None
 
     def write(self, outcomes: Sequence[Outcome], dry_run: bool, ts: Optional[str] = None) -> None:
         if not outcomes:
@@ -100,16 +97,12 @@ class EventLog:
             obj.update(report.row(outcome.verdict, outcome))
             obj["dry_run"] = dry_run
             lines.append(json.dumps(obj, separators=(",", ":")) + "\n")
-        self._file.write("".join(lines))
-        self._file.flush()
+        # A failed write is recorded in sinks.FAILURES (said once per poll), never raised.
+        self._file.write("".join(lines), len(lines))
 
     def reopen(self) -> None:
         """After logrotate moved the file away (SIGHUP)."""
-        old, self._file = self._file, None
-        try:
-            old.close()
-        finally:
-            self._file = self._open()
+        self._file.reopen()
 
     def close(self) -> None:
         if self._file is not None:
@@ -271,8 +264,15 @@ class Tracker:
             self._reopen_if_asked()
             started = self.clock()
             self.poll_safely()
+            self._say_output_failures()
             gc.collect()  # the CLI disables automatic collection (see cli.main)
             self._sleep_until(started + self.interval)
+
+    def _say_output_failures(self) -> None:
+        """Outputs that lost lines this interval: said once, counted in the metrics."""
+        lost = sinks.say_new_failures()
+        if lost and self.metrics is not None:
+            self.metrics.observe_output_errors(lost)
 
     def _sleep_until(self, deadline: float) -> None:
         while not self._stop:

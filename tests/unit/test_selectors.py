@@ -53,8 +53,20 @@ def test_parse_ports_errors_name_the_value(value, needle):
 
 
 def test_parse_networks():
-    nets = sel.parse_networks(["10.1.2.3/8", "fd00::/64", "192.0.2.7"], "--dst")
+    nets = sel.parse_networks(["10.0.0.0/8", "fd00::/64", "192.0.2.7"], "--dst")
     assert nets == (ip_network("10.0.0.0/8"), ip_network("fd00::/64"), ip_network("192.0.2.7/32"))
+
+
+@pytest.mark.parametrize("value, needle", [
+    ("10.1.2.3/8", "write 10.0.0.0/8 for the network, or 10.1.2.3 for the host"),
+    ("fd00::1/64", "write fd00::/64 for the network, or fd00::1 for the host"),
+    ("fe80::1%lo", "scope id"),
+    ("fe80::1%2/128", "scope id"),
+])
+def test_parse_networks_refuses_what_cannot_mean_one_thing(value, needle):
+    with pytest.raises(UsageError) as err:
+        sel.parse_networks([value], "--dst")
+    assert needle in str(err.value) and "--dst" in str(err.value)
 
 
 @pytest.mark.parametrize("value", ["10.0.0.0/33", "nonsense", "::1/129", "1.2.3"])

@@ -7,6 +7,7 @@ ignored the bad value and went on would destroy the farm's connections; the
 farm is checked (alive, no error, still round-trips data) after each case.
 """
 
+import os
 import subprocess
 import sys
 
@@ -38,6 +39,42 @@ BAD_INPUTS = [
      ["selector", "--all"]),
     ("unknown-proc-action", ["-d", PORT, "--use-proc", "--proc-action", "bogus"],
      ["--proc-action", "bogus"]),
+    # numbers: finite, in range, ASCII digits (issue 15 item 6)
+    ("interval-inf", ["-d", PORT, "-i", "inf"], ["--interval", "finite"]),
+    ("interval-nan", ["-d", PORT, "-i", "nan"], ["--interval", "finite"]),
+    ("interval-huge", ["-d", PORT, "-i", "1e300"], ["--interval", "at most"]),
+    ("interval-tiny", ["-d", PORT, "-i", "1e-300"], ["--interval", "at least"]),
+    ("idle-time-inf", ["-d", PORT, "-t", "inf"], ["--idle-time", "finite"]),
+    ("idle-time-nan", ["-d", PORT, "-t", "nan"], ["--idle-time", "finite"]),
+    ("idle-time-arabic-digits", ["-d", PORT, "-t", "\u0663"], ["--idle-time", "ASCII"]),
+    ("idle-time-underscore", ["-d", PORT, "-t", "1_0"], ["--idle-time", "ASCII"]),
+    ("port-superscript", ["-d", PORT, "-d", "\u00b2"], ["--dport", "not a port number"]),
+    ("port-arabic-digits", ["-d", "\u0667\u0660\u0660\u0661"], ["--dport", "not a port number"]),
+    ("pid-arabic-digits", ["-d", PORT, "--pid", "\u0661"], ["--pid", "ASCII"]),
+    ("last-recv-limit-nan", ["-d", PORT, "--last-recv-limit", "nan"], ["--last-recv-limit"]),
+    # an empty owner selector is no selector: these alone would select everything
+    ("empty-cgroup", ["--cgroup", ""], ["--cgroup", "empty"]),
+    ("empty-comm", ["--comm", ""], ["--comm", "empty"]),
+    ("empty-pid", ["--pid", ""], ["--pid", "empty"]),
+    ("empty-uid", ["--uid", ""], ["--uid", "empty"]),
+    ("empty-dport", ["--dport", ""], ["--dport"]),
+    ("comm-too-long", ["--comm", "a-process-name-longer-than-15"], ["--comm", "15 bytes"]),
+    ("cgroup-not-a-path", ["--cgroup", "system.slice"], ["--cgroup", "starts with /"]),
+    # selectors that cannot mean one thing
+    ("ipv6-scope-id", ["-d", PORT, "--dst", "::1%lo"], ["--dst", "scope id"]),
+    ("cidr-host-bits", ["--dst", "127.0.0.1/8"], ["--dst", "host bits", "127.0.0.0/8"]),
+    # paths
+    ("netns-empty", ["-d", PORT, "--netns", ""], ["--netns", "empty"]),
+    ("netns-regular-file", ["-d", PORT, "--netns", "/etc/hostname"],
+     ["--netns", "not a network namespace"]),
+    ("netns-directory", ["-d", PORT, "--netns", "/tmp"], ["--netns", "a directory"]),
+    ("netns-mount-ns", ["-d", PORT, "--netns", "/proc/self/ns/mnt"], ["--netns", "mount namespace"]),
+    ("logfile-empty", ["-d", PORT, "-f", ""], ["--logfile", "empty"]),
+    ("logfile-directory", ["-d", PORT, "-f", "/tmp"], ["--logfile", "directory"]),
+    ("logfile-no-such-dir", ["-d", PORT, "-f", "/nonexistent-tcpidle/x.log"],
+     ["--logfile", "no such directory"]),
+    ("pin-dir-empty", ["-d", PORT, "--pin-dir", ""], ["--pin-dir", "empty"]),
+    ("pin-dir-file", ["-d", PORT, "--pin-dir", "/etc/hostname"], ["--pin-dir", "not a directory"]),
 ]
 
 NOBODY = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups"]
@@ -85,6 +122,53 @@ def test_bad_input_is_a_usage_error_and_harms_nothing(lab, run_tcpidle, args, ne
     res = run_tcpidle(ns, "kill", *args)
     assert_one_error_line(res, 2, needles)
     assert_farm_unharmed(farm)
+
+
+def test_fifo_paths_are_refused_at_once(lab, run_tcpidle, tmp_path):
+    """A FIFO nobody reads would block open(2) forever: refused before anything is done."""
+    ns, farm = lab
+    fifo = str(tmp_path / "fifo")
+    os.mkfifo(fifo)
+    for args, needles in [
+        (["kill", "-d", PORT, "-f", fifo], ["--logfile", "FIFO"]),
+        (["kill", "-d", PORT, "--pin-dir", fifo], ["--pin-dir", "a FIFO"]),
+        (["kill", "-d", PORT, "--netns", fifo], ["--netns", "not a network namespace"]),
+        (["track", "-d", PORT, "--event-log", fifo, "--pin-dir", str(tmp_path / "pins")],
+         ["--event-log", "FIFO"]),
+    ]:
+        res = run_tcpidle(ns, *args, timeout=20)
+        assert_one_error_line(res, 2, needles)
+    assert not os.path.exists(str(tmp_path / "pins"))
+    assert_farm_unharmed(farm)
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["--interval", "nan"], ["--interval", "finite"]),
+    (["--interval", "inf"], ["--interval", "finite"]),
+    (["--max-kills-per-interval", "\u0661"], ["--max-kills-per-interval", "ASCII"]),
+    (["--metrics-port", "0"], ["--metrics-port", "at least 1"]),
+    (["--metrics-addr", ""], ["--metrics-addr", "empty"]),
+    (["--map-size", "1e300"], ["--map-size"]),
+    (["--event-log", ""], ["--event-log", "empty"]),
+    (["--exclude-cidr", "::1%lo"], ["--exclude-cidr", "scope id"]),
+], ids=["interval-nan", "interval-inf", "max-kills-digits", "metrics-port-0", "metrics-addr-empty",
+        "map-size-huge", "event-log-empty", "exclude-scope-id"])
+def test_track_bad_input_touches_nothing(lab, run_tcpidle, tmp_path, args, needles):
+    """The tracker refuses before attaching, pinning or killing (-t 0 would kill the farm)."""
+    ns, farm = lab
+    pins = str(tmp_path / "pins")
+    res = run_tcpidle(ns, "track", "--disable-syslog", "-d", PORT, "--pin-dir", pins, *args,
+                      timeout=30)
+    assert_one_error_line(res, 2, needles)
+    assert not os.path.exists(pins)
+    assert_farm_unharmed(farm)
+
+
+def test_audit_watch_nan_returns_at_once(lab, run_tcpidle):
+    """--watch nan used to observe forever with the probe attached."""
+    ns, _farm = lab
+    res = run_tcpidle(ns, "audit", "--watch", "nan", timeout=20)
+    assert_one_error_line(res, 2, ["--watch", "finite"])
 
 
 def _nobody_can_run_tcpidle(ns):

@@ -144,13 +144,7 @@ _ACTED = ',"action":%s,"error":%s}'
 _FAMILY_JSON = {f: '"%s"' % name for f, name in FAMILY_NAMES.items()}
 _STATE_JSON = {int(st): '"%s"' % st.name for st in TcpState}
 _SOURCE_JSON = {None: "null", "bpf": '"bpf"', "tcp_info": '"tcp_info"'}
-
-
-def _dumps(value, _encode=json.dumps) -> str:
-    """json.dumps, with DEL escaped too: the encoder escapes C0 controls and (ASCII
-    output) everything above 0x7e, but leaves DEL raw; rows reach terminals."""
-    text = _encode(value)
-    return text if "\x7f" not in text else text.replace("\x7f", "\\u007f")
+_dumps = json.dumps  # ASCII output: everything outside ' '..'~' escaped, DEL and C1 included
 
 
 class _Quoted(dict):

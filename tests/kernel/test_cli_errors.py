@@ -142,6 +142,21 @@ def test_fifo_paths_are_refused_at_once(lab, run_tcpidle, tmp_path):
     assert_farm_unharmed(farm)
 
 
+def test_log_on_a_read_only_fs_is_refused(lab, run_tcpidle, tmp_path):
+    """A new log file in a directory nobody can write to (here a read-only mount, which
+    stops root too) is refused at parse time, not after the kills."""
+    ns, farm = lab
+    ro = str(tmp_path / "ro")
+    os.mkdir(ro)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=4k", "tiro", ro], check=True)
+    try:
+        res = run_tcpidle(ns, "kill", "-d", PORT, "-f", os.path.join(ro, "kill.log"))
+    finally:
+        subprocess.run(["umount", ro], check=False)
+    assert_one_error_line(res, 2, ["--logfile", "not writable"])
+    assert_farm_unharmed(farm)
+
+
 @pytest.mark.parametrize("args, needles", [
     (["--interval", "nan"], ["--interval", "finite"]),
     (["--interval", "inf"], ["--interval", "finite"]),

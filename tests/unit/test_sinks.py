@@ -108,6 +108,8 @@ for i in range(200):
     sinks.stdout().write("row %d\n" % i)
     sinks.stdout().flush()
     report.log.info("destroyed %d", i)
+print("late")  # a direct write after the break (any code, not only report's) fails no more
+sys.stdout.flush()
 sys.exit(sinks.exit_status(0))
 """
 

@@ -447,7 +447,7 @@ def test_track_needs_a_selector_or_all(netns, run_tcpidle):
     assert res.returncode == 2
     assert "track needs a port, address or owner selector" in res.stderr
     res = run_tcpidle(netns, "track", "--all", "--interval", 0, "--disable-syslog")
-    assert res.returncode == 2 and "--interval must be positive" in res.stderr
+    assert res.returncode == 2 and "--interval '0': must be positive" in res.stderr
 
 
 # -- the probe's pinned maps, in this process --------------------------------------------

@@ -111,6 +111,18 @@ def _value(text, series):
     return None
 
 
+def metrics_once_destroyed(ns, port, n, tracker):
+    """The metrics text once they count `n` destroyed (the tracker's stderr if they never do)."""
+
+    def counted():
+        text = _scrape(ns, port)
+        return text if _value(text, 'tcpidle_kills_total{outcome="destroyed"}') == n else None
+
+    text = wait_for(counted, timeout=10)
+    assert text, tracker.stderr()
+    return text
+
+
 class Tracker:
     def __init__(self, ns, tmp_path, *args, stdout=None):
         self.err_path = str(tmp_path / "track.err")
@@ -159,13 +171,7 @@ def test_tracker_with_a_full_log_fs_counts_and_says_it_once_per_poll(netns, make
     t = tracker(netns, "-d", PORT, "-t", 200, "--interval", 0.3, "--max-kills-per-interval", 10,
                 "-f", log_path, "--event-log", events, "--metrics-port", port)
     assert all_aborted(farm, clients, timeout=60), t.stderr()
-
-    def counted():
-        text = _scrape(netns, port)
-        return text if _value(text, 'tcpidle_kills_total{outcome="destroyed"}') == 30.0 else None
-
-    text = wait_for(counted, timeout=10)
-    assert text, t.stderr()
+    text = metrics_once_destroyed(netns, port, 30, t)
     time.sleep(0.5)  # the poll that made the count has said what it lost
     said = t.stderr().count("not written since the last poll")
     assert _value(text, 'tcpidle_output_errors_total{output="event-log"}') == 30.0
@@ -235,13 +241,7 @@ def test_tracker_json_into_a_closed_pipe_keeps_events_and_metrics(netns, make_fa
                 "--json", "-f", log_path, "--event-log", events, "--metrics-port", port, stdout=w)
     os.close(w)
     assert all_aborted(farm, clients, timeout=60), t.stderr()
-
-    def counted():
-        text = _scrape(netns, port)
-        return text if _value(text, 'tcpidle_kills_total{outcome="destroyed"}') == 200.0 else None
-
-    text = wait_for(counted, timeout=10)
-    assert text, t.stderr()
+    text = metrics_once_destroyed(netns, port, 200, t)
     assert _value(text, 'tcpidle_output_errors_total{output="stdout"}') >= 1.0
     rc = t.stop()
     err = t.stderr()

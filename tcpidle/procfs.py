@@ -125,7 +125,7 @@ def _socket_inode(link: str) -> Optional[int]:
         return None
 
 
-def _read_first_line(path: str) -> Optional[str]:
+def _read_comm(path: str) -> Optional[str]:
     try:
         with open(path, "rb") as f:
             data = f.read(4096)
@@ -133,7 +133,10 @@ def _read_first_line(path: str) -> Optional[str]:
         if e.errno in _GONE_ERRNOS or e.errno in _DENIED_ERRNOS:
             return None
         raise _walk_error(path, e) from None
-    return data.decode("utf-8", "replace").split("\n", 1)[0]
+    # The kernel ends the name with one newline; a name may hold more (any process can
+    # name itself so), which belong to it: only the last is dropped.
+    return data.decode("utf-8", "replace")[:-1] if data.endswith(b"\n") else data.decode(
+        "utf-8", "replace")
 
 
 def _pick_cgroup(text: str) -> Optional[str]:
@@ -265,7 +268,7 @@ def owners_by_inode(
             pairs = [(fd, ino) for fd, ino in pairs if ino in wanted]
         if not pairs:
             continue
-        comm = _read_first_line(pid_dir + "/comm") or ""
+        comm = _read_comm(pid_dir + "/comm") or ""
         cgroup = _read_cgroup(pid_dir)
         netns = _netns_inode(pid_dir) if with_netns else None
         for fd, ino in sorted(pairs):

@@ -20,7 +20,7 @@ from lab.netns import wait_for
 pytestmark = pytest.mark.kernel
 
 PORT = 7401
-EVIL = "\x1b[2J\x1b[31mX\x07\r"  # clear screen, red, bell, carriage return: 12 bytes
+EVIL = "\x1b[2J\n\x1b[31mX\x07\r"  # clear screen, newline, red, bell, carriage return: 13 bytes
 CGROUP_NAME = "tilab-%d-\x1b[41m\x9b1m" % os.getpid()
 CGROUP2 = "/sys/fs/cgroup/unified" if os.path.isdir("/sys/fs/cgroup/unified") else "/sys/fs/cgroup"
 
@@ -40,7 +40,7 @@ print("ready", flush=True)
 sys.stdin.read()  # until the test closes stdin (bounded by its timeout)
 """
 
-RAW = ("\x1b", "\x07", "\x9b", "\r")
+RAW = ("\x1b", "\x07", "\x9b", "\r")  # and no line holds a newline of the owner's
 
 
 @pytest.fixture
@@ -86,7 +86,7 @@ def _try_rmdir(path):
 def assert_clean(text, where):
     for ch in RAW:
         assert ch not in text, (where, repr(ch), text)
-    assert "\\x1b[2J\\x1b[31mX\\x07\\r" in text, (where, text)
+    assert "\\x1b[2J\\n\\x1b[31mX\\x07\\r" in text, (where, text)
 
 
 def test_table_json_log_and_stderr_escape_the_owners_text(netns, run_tcpidle, tmp_path,
@@ -116,7 +116,7 @@ def test_table_json_log_and_stderr_escape_the_owners_text(netns, run_tcpidle, tm
     assert_clean(logged, "log file")
     kills = [ln for ln in logged.splitlines() if " destroyed cookie=" in ln]
     assert len(kills) == 3
-    assert all("owners=\\x1b[2J\\x1b[31mX\\x07\\r[%d]" % proc.pid in ln for ln in kills), kills
+    assert all("owners=\\x1b[2J\\n\\x1b[31mX\\x07\\r[%d]" % proc.pid in ln for ln in kills), kills
 
 
 def test_error_texts_with_paths_are_escaped(netns, run_tcpidle):

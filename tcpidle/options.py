@@ -283,7 +283,7 @@ class LogPath(_Delegated):
         if not (stat.S_ISREG(mode) or stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)):
             raise UsageError("%s %r: not a regular file (%s)" % (option, text, _kind(mode)))
         try:
-            fd = sinks.open_append(text)
+            fd = sinks.open_append(text, create=False)  # a check creates nothing
         except OSError as exc:
             reason = exc.strerror or str(exc)
             if exc.errno == errno.ENXIO and stat.S_ISFIFO(mode):  # a FIFO without reader

@@ -101,15 +101,15 @@ def write_stderr(text: str) -> None:
 # files appended to: the log file and the event log
 
 
-def open_append(path: str) -> int:
+def open_append(path: str, create: bool = True) -> int:
     """An O_APPEND descriptor for a log (created 0640 if missing), never blocking in open().
 
     O_NONBLOCK makes open(2) of a FIFO with no reader fail with ENXIO
     instead of waiting for one; it is cleared after, so writes wait as a
     log's should.
     """
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOCTTY
-                 | os.O_NONBLOCK, 0o640)
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
+    fd = os.open(path, flags | (os.O_CREAT if create else 0), 0o640)
     try:
         os.set_blocking(fd, True)
     except OSError:

@@ -1,0 +1,147 @@
+"""scripts/lab [KERNEL...] [options] [-- PYTEST ARGS]: the kernel tier on Debian kernels.
+
+Each KERNEL (5.10, 6.1, 6.12; default all three) is fetched (cached), booted
+under QEMU with this machine's root file system, and runs PLANS[KERNEL] (or
+the given pytest arguments) from this checkout.  One line per kernel says
+what happened; the exit status is 0 only if every kernel booted and passed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+from typing import Dict, List, Optional, Sequence
+
+from . import kernels, results, vm
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# What each kernel runs by default (CI runs these; README says why and how long).
+# 6.1 runs the whole kernel tier; 5.10 and 6.12 the probe (every hook, the
+# selftest, ground-truth precision, header-less compile), destroy and the
+# end-to-end tests that combine them.
+SUBSET = ["tests/kernel/test_probe_kernel.py", "tests/kernel/test_kill_e2e.py",
+          "tests/kernel/test_watch_e2e.py", "tests/kernel/test_diag_kernel.py"]
+PLANS: Dict[str, List[str]] = {
+    "5.10": SUBSET,
+    "6.1": ["tests/kernel"],
+    "6.12": SUBSET,
+}
+ORDER = ("5.10", "6.1", "6.12")
+
+
+def say(msg: str) -> None:
+    print("lab: %s" % msg, flush=True)
+
+
+def preflight() -> Optional[str]:
+    """Why no VM can boot here, or None."""
+    if os.geteuid() != 0:
+        return "run me as root (the guest runs the kernel tier as root)"
+    if shutil.which("qemu-system-x86_64") is None:
+        return "qemu-system-x86_64 not found (Debian package qemu-system-x86; scripts/setup lab installs it)"
+    if shutil.which("vng") is None:
+        return "vng (virtme-ng) not found on PATH (scripts/setup lab installs it into .venv)"
+    if shutil.which("busybox") is None:
+        return "busybox not found (Debian package busybox-static)"
+    if not os.path.exists(os.path.join(REPO, ".venv", "bin", "python")):
+        return "no .venv in %s (run scripts/setup env)" % REPO
+    return None
+
+
+def parse_args(argv: Sequence[str]):
+    argv = list(argv)
+    pytest_args: Optional[List[str]] = None
+    if "--" in argv:
+        i = argv.index("--")
+        argv, pytest_args = argv[:i], argv[i + 1:]
+    p = argparse.ArgumentParser(prog="scripts/lab", description=__doc__.split("\n\n")[1])
+    p.add_argument("kernels", nargs="*", metavar="KERNEL",
+                   help="kernel series: %s (default: all)" % ", ".join(ORDER))
+    p.add_argument("--refresh", action="store_true",
+                   help="ask apt for the newest release of each series (default: the cached one)")
+    p.add_argument("--no-headers", action="store_true",
+                   help="hide the kernel's own headers in the guest (the header-less path)")
+    p.add_argument("--timeout", type=float, default=2400.0, metavar="S",
+                   help="give up on a kernel after S seconds (default 2400)")
+    p.add_argument("--kvm", action="store_true", help="use KVM (default: TCG; KVM fails here)")
+    p.add_argument("--cache", default=os.environ.get("TCPIDLE_LAB_CACHE", kernels.DEFAULT_CACHE),
+                   help="cache directory (default %(default)s)")
+    a = p.parse_args(argv)
+    for k in a.kernels:
+        if k not in kernels.SERIES:
+            p.error("unknown KERNEL %r (want %s)" % (k, ", ".join(ORDER)))
+    if a.timeout <= 0:
+        p.error("--timeout must be positive")
+    a.pytest_args = pytest_args
+    return a
+
+
+def run_one(series: str, a) -> bool:
+    t0 = time.monotonic()
+    try:
+        tree = kernels.fetch(series, a.cache, a.refresh, say=lambda m: say("%s: %s" % (series, m)))
+    except kernels.LabError as e:
+        say("%s: FAILED, no kernel: %s" % (series, e))
+        return False
+    out = os.path.join(a.cache, "runs", tree.release)
+    args = a.pytest_args if a.pytest_args is not None else PLANS[series]
+    say("%s: booting %s (Debian %s) under QEMU, pytest %s; console: %s"
+        % (series, tree.release, tree.version, " ".join(args), os.path.join(out, "console.log")))
+    env = dict(os.environ)
+    env["PATH"] = os.path.join(REPO, ".venv", "bin") + os.pathsep + env.get("PATH", "")
+    boot = vm.run(tree, REPO, out, args, headers=not a.no_headers, timeout=a.timeout,
+                  kvm=a.kvm, env=env)
+    took = results.duration(time.monotonic() - t0)
+    if not boot.started:
+        say("%s: FAILED, %s did not boot (%s; %d tries, %s): %s"
+            % (series, tree.release, boot.why, boot.attempts, took, boot.log))
+        return False
+    try:
+        with open(os.path.join(out, "junit.xml")) as f:
+            res = results.parse_junit(f.read())
+    except (OSError, ValueError) as e:
+        res = None
+        why = "no test report (%s)" % e
+    try:
+        with open(os.path.join(out, "env")) as f:
+            genv = results.parse_env(f.read())
+    except OSError:
+        genv = {}
+    hdr = {"own": "own headers", "none": "no own headers"}.get(genv.get("headers", ""), "headers ?")
+    if res is None:
+        say("%s: FAILED, %s: %s%s; %s: %s" % (series, tree.release, why,
+            ", timed out" if boot.timed_out else "", took, boot.log))
+        return False
+    hook = res.facts.get("hook", "?")
+    ok = boot.rc == 0 and res.failed == 0 and not boot.timed_out
+    say("%s %s: %s, hook %s, %s: %s in %s%s" % (
+        "ok" if ok else "FAILED", tree.release, hdr, hook, "pytest " + " ".join(args),
+        res.counts(), took, "" if ok else " (pytest exit %s%s; console: %s)" % (
+            boot.rc, ", timed out" if boot.timed_out else "", boot.log)))
+    for name in res.failures:
+        say("    failed on %s: %s" % (tree.release, name))
+    if res.facts:
+        say("    facts on %s: %s" % (tree.release, ", ".join(
+            "%s=%s" % kv for kv in sorted(res.facts.items()))))
+    return ok
+
+
+def main(argv: Sequence[str]) -> int:
+    a = parse_args(argv)
+    why = preflight()
+    if why:
+        say("FAILED, no VM can boot: %s" % why)
+        return 1
+    t0 = time.monotonic()
+    series = a.kernels or list(ORDER)
+    ok = [run_one(s, a) for s in series]
+    say("%d of %d kernels passed in %s" % (sum(ok), len(ok), results.duration(time.monotonic() - t0)))
+    return 0 if all(ok) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,123 @@
+"""Boot one lab kernel with virtme-ng and run vmlab/guest.sh inside.
+
+Owns the virtme-ng command line and the VM's life: its output goes to a log
+file, it is killed (with its QEMU) after a deadline, and a boot that dies
+before the guest script starts is tried again once.
+
+Facts of QEMU under TCG on the development machine that shape this:
+- KVM is not used unless asked (`kvm=True`): /dev/kvm exists there but QEMU
+  aborts ("failed to set MSR 0x10a") or hangs with it.
+- Debian's 6.12 kernel sometimes dies early in boot with "Oops: int3" in
+  code the kernel is patching (a static key flipped while the other vCPU
+  runs it; multi-threaded TCG does not make the patch visible in time).  It
+  happens before init, so the retry is safe: a VM that got as far as the
+  guest script is never restarted, its failures are the tests'.
+- virtme-ng's script channel (virtio-serial) is absent in this set-up, so the
+  script's output arrives on the serial console mixed with kernel messages,
+  and vng's exit status is not the script's: guest.sh writes its status to
+  a file on the shared root file system instead.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+from .kernels import KernelTree
+
+STARTED = "tcpidle-lab: kernel "  # the guest script's first line
+GUEST_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "guest.sh")
+
+
+@dataclass
+class Boot:
+    """What one VM run left: did the guest script start, its exit status, time, log."""
+
+    started: bool
+    rc: Optional[int]
+    seconds: float
+    log: str
+    attempts: int
+    timed_out: bool = False
+    why: str = ""
+
+
+def vng_argv(tree: KernelTree, guest_cmd: str, cpus: int = 2, memory: str = "4G",
+             kvm: bool = False, vng: str = "vng") -> List[str]:
+    """The virtme-ng command line for one run (pure)."""
+    # --verbose: the script's output arrives on the boot console (see above);
+    # without it vng shows nothing when its output is not a terminal.
+    argv = [vng, "--verbose", "--run", tree.image, "--memory", memory, "--cpus", str(cpus),
+            "--rw"]
+    if not kvm:
+        argv.append("--disable-kvm")
+    return argv + ["--", guest_cmd]
+
+
+def guest_command(out_dir: str, pytest_args: Sequence[str], headers: bool = True) -> str:
+    """The shell command the guest runs (pure)."""
+    words = ["sh", GUEST_SCRIPT, out_dir] + ([] if headers else ["--no-headers"])
+    return " ".join(shlex.quote(w) for w in words + ["--"] + list(pytest_args))
+
+
+def _why_not_started(log_path: str) -> str:
+    try:
+        with open(log_path, errors="replace") as f:
+            text = f.read()
+    except OSError:
+        return "no log"
+    for marker in ("Kernel panic", "Oops:", "Unable to mount root", "not syncing",
+                   "No such file or directory", "not found"):
+        for line in text.splitlines():
+            if marker in line:
+                return " ".join(line.split())[-160:]
+    tail = [ln for ln in text.splitlines() if ln.strip()][-1:]
+    return " ".join(tail[0].split())[-160:] if tail else "no output"
+
+
+def run(tree: KernelTree, repo: str, out_dir: str, pytest_args: Sequence[str],
+        headers: bool = True, timeout: float = 3600.0, kvm: bool = False,
+        tries: int = 2, env: Optional[dict] = None) -> Boot:
+    """Boot `tree`, run pytest with `pytest_args` in `repo` inside; see Boot."""
+    os.makedirs(out_dir, exist_ok=True)
+    log_path = os.path.join(out_dir, "console.log")
+    rc_path = os.path.join(out_dir, "rc")
+    cmd = vng_argv(tree, guest_command(out_dir, pytest_args, headers), kvm=kvm)
+    t0 = time.monotonic()
+    attempt = 0
+    while True:
+        attempt += 1
+        for stale in (rc_path, os.path.join(out_dir, "junit.xml")):
+            if os.path.exists(stale):
+                os.unlink(stale)
+        with open(os.path.join(out_dir, "command"), "w") as f:
+            f.write(" ".join(shlex.quote(c) for c in cmd) + "\n")
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen(cmd, cwd=repo, stdin=subprocess.DEVNULL, stdout=log,
+                                    stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            timed_out = False
+            try:
+                proc.wait(timeout=max(1.0, timeout - (time.monotonic() - t0)))
+            except subprocess.TimeoutExpired:
+                timed_out = True
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        with open(log_path, errors="replace") as f:
+            started = STARTED in f.read()
+        rc = None
+        try:
+            with open(rc_path) as f:
+                rc = int(f.read().strip())
+        except (OSError, ValueError):
+            pass
+        if started or timed_out or attempt >= tries:
+            why = "" if started else _why_not_started(log_path)
+            if timed_out:
+                why = "no result after %.0f s" % timeout
+            return Boot(started, rc, time.monotonic() - t0, log_path, attempt, timed_out, why)
+        os.rename(log_path, os.path.join(out_dir, "console.attempt%d.log" % attempt))

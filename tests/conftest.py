@@ -8,6 +8,7 @@ farms inside them, and a way to run the tcpidle CLI inside a namespace.
 
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -27,6 +28,32 @@ NS_PREFIX = "tilab-"
 # How the tests invoke the tool: the interpreter running pytest (the venv's),
 # so the same tcpidle package is used inside and outside namespaces.
 TCPIDLE = [sys.executable, "-m", "tcpidle"]
+
+
+# The kernel tier holds thousands of sockets in one process (2,000
+# connections = 4,000 descriptors in test_diag_kernel): far above the soft
+# limit of 1024 that most systems start processes with.
+FDS_NEEDED = 8192
+
+
+def raise_fd_limit(needed=FDS_NEEDED):
+    """Raise RLIMIT_NOFILE's soft limit to the hard one; a note if that is too low."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    top = float("inf") if hard == resource.RLIM_INFINITY else hard
+    if top < needed:
+        return ("file descriptors: hard limit %d < %d, tests with thousands of sockets "
+                "will fail with EMFILE (raise it: ulimit -Hn %d)" % (hard, needed, needed))
+    return "file descriptors: soft limit raised from %s to %s" % (soft, hard) if soft != hard \
+        else None
+
+
+_FD_NOTE = raise_fd_limit()
+
+
+def pytest_report_header(config):
+    return [_FD_NOTE] if _FD_NOTE else []
 
 
 def _kernel_skip_reason():

@@ -103,7 +103,8 @@ def _depends(show_text: str) -> List[str]:
 
 def image_package(depends: Sequence[str], flavour: str = "amd64") -> Optional[str]:
     """linux-image-R-<flavour> among a metapackage's dependencies (pure)."""
-    pat = re.compile(r"^linux-image-(\d[^ ]*-%s)(-unsigned)?$" % re.escape(flavour))
+    # 6.1.0-57-amd64, 6.12.118+deb13-amd64; not 6.1.0-57-cloud-amd64
+    pat = re.compile(r"^linux-image-(\d[\w.+~]*(?:-\d+)?-%s)(-unsigned)?$" % re.escape(flavour))
     for name in depends:
         m = pat.match(name)
         if m:

@@ -450,7 +450,10 @@ class Farm:
     ``status()`` returns them keyed by connection id.
     """
 
-    def __init__(self, ns=None, max_seconds=120.0, python=None, start_timeout=15.0):
+    # Start-up is a Python interpreter importing the farm: ~0.1 s here, but
+    # several seconds on an emulated CPU (the kernel lab's QEMU under TCG,
+    # ten times slower) while other tests load the machine.
+    def __init__(self, ns=None, max_seconds=120.0, python=None, start_timeout=60.0):
         argv = [python or sys.executable, FARM_PATH, "--max-seconds", str(max_seconds)]
         if ns is not None:
             argv = ["ip", "netns", "exec", ns] + argv

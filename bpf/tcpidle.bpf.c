@@ -200,12 +200,22 @@ static __always_inline u64 sk_cookie(u64 sk)
 }
 #endif
 
+#if defined(TCPIDLE_HOOK_TRACEPOINT) || defined(TCPIDLE_DESTROY)
+/* bcc declares each tracepoint's record from the running kernel's format
+ * file, field declarations copied as written there: Linux 5.10's say
+ * "__u8 saddr[sizeof(struct sockaddr_in6)]" (later kernels print the number),
+ * so the struct must be known, whichever header tree compiles this. */
+#include <uapi/linux/in6.h>
+#endif
+
 #ifdef TCPIDLE_HOOK_TRACEPOINT
 int on_tcp_probe(struct tracepoint__tcp__tcp_probe *args)
 {
-#ifdef TCPIDLE_SELFTEST
+#if defined(TCPIDLE_SELFTEST) && defined(TCPIDLE_TP_HAS_SK)
 	/* Check the BTF-offset readers of the other hooks against what the
-	 * kernel itself put in this record (data_len is a __u16 there). */
+	 * kernel itself put in this record (data_len is a __u16 there).  The
+	 * record has the pointers only in newer kernels (TCPIDLE_TP_HAS_SK,
+	 * from the format file; not in Debian's 5.10 and 6.1). */
 	u64 skb = (u64)args->skbaddr, sk = (u64)args->skaddr;
 	if ((u16)payload_len(skb) == args->data_len && sk_cookie(sk) == args->sock_cookie)
 		count(C_SELFTEST_OK);
@@ -216,7 +226,8 @@ int on_tcp_probe(struct tracepoint__tcp__tcp_probe *args)
 }
 #endif
 
-#if defined(TCPIDLE_HOOK_RAW_TRACEPOINT) || defined(TCPIDLE_HOOK_KPROBE)
+#if defined(TCPIDLE_HOOK_RAW_TRACEPOINT) || defined(TCPIDLE_HOOK_KPROBE) || \
+	defined(TCPIDLE_FENTRY_READ_COOKIE)
 /* A segment seen by a hook that reads the cookie from the socket. */
 static __always_inline int record_if_numbered(u64 sk, u64 skb)
 {
@@ -245,10 +256,16 @@ struct sk_buff;
 /* The name tells bcc (libbpf.c) which BTF function to attach to. */
 KFUNC_PROBE(tcp_rcv_established, struct sock *sk, struct sk_buff *skb)
 {
+#ifdef TCPIDLE_FENTRY_READ_COOKIE
+	/* Before Linux 5.12 the verifier refuses bpf_get_socket_cookie in
+	 * tracing programs: read the cookie as the raw tracepoint does. */
+	return record_if_numbered((u64)sk, (u64)skb);
+#else
 	/* On a BTF socket pointer this helper generates the cookie if needed. */
 	u64 cookie = bpf_get_socket_cookie(sk);
 
 	return record(cookie, payload_len((u64)skb));
+#endif
 }
 #endif
 

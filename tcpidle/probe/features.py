@@ -51,6 +51,19 @@ class KernelFeatures:
     kprobes: bool
     tcp_probe_fields: Optional[frozenset]
     destroy_fields: Optional[frozenset]
+    # bpf_get_socket_cookie() callable from fentry (tracing) programs:
+    # Linux 5.12 on (commit c5dbb89fc2ac); before it the verifier refuses
+    # the helper there, and fentry reads the cookie from the socket instead.
+    tracing_cookie_helper: bool = True
+
+    @property
+    def tp_has_sk(self) -> bool:
+        """tcp:tcp_probe's record has the skaddr/skbaddr pointers (the selftest uses them).
+
+        Not in every kernel that has the tracepoint: Debian's 5.10 and 6.1
+        records lack them (the lab's format files).
+        """
+        return {"skaddr", "skbaddr"} <= (self.tcp_probe_fields or frozenset())
 
 
 def unavailable_reasons(f: KernelFeatures) -> Dict[str, Optional[str]]:
@@ -193,15 +206,42 @@ def detect_features(need_btf: bool = True, cache_dir: Optional[str] = None) -> K
     return KernelFeatures(
         btf_offsets=offsets, btf_error=err, kprobes=kprobes_available(),
         tcp_probe_fields=tracepoint_fields("tcp", "tcp_probe"),
-        destroy_fields=tracepoint_fields("tcp", "tcp_destroy_sock"))
+        destroy_fields=tracepoint_fields("tcp", "tcp_destroy_sock"),
+        tracing_cookie_helper=release_at_least(os.uname().release, (5, 12)))
+
+
+def release_at_least(release: str, version: Tuple[int, ...]) -> bool:
+    """True if a kernel release string ("5.10.0-46-amd64") is >= version (pure).
+
+    Used only where no probe can ask the kernel itself: whether the verifier
+    accepts a helper in a program type shows only by loading a program of
+    that type, and an fentry program needs its BTF target to load at all.
+    """
+    nums = []
+    for part in release.split("-", 1)[0].split("+", 1)[0].split(".")[:3]:
+        digits = "".join(ch for ch in part if ch.isdigit())
+        if not digits:
+            break
+        nums.append(int(digits))
+    return tuple(nums) >= tuple(version)
 
 
 def build_cflags(map_size: int, hooks: Sequence[str], offsets: Optional[Dict[str, int]],
-                 destroy: bool, selftest: bool = False) -> List[str]:
-    """The -D flags that configure the C source (no text substitution)."""
+                 destroy: bool, selftest: bool = False, tp_has_sk: bool = False,
+                 tracing_cookie_helper: bool = True) -> List[str]:
+    """The -D flags that configure the C source (no text substitution).
+
+    tp_has_sk: tcp:tcp_probe's record has skaddr/skbaddr (the selftest reads
+    them); tracing_cookie_helper: fentry may call bpf_get_socket_cookie
+    (KernelFeatures).
+    """
     flags = ["-DMAX_ENTRIES=%d" % map_size]
     for h in hooks:
         flags.append("-DTCPIDLE_HOOK_%s" % h.upper())
+    if tp_has_sk:
+        flags.append("-DTCPIDLE_TP_HAS_SK")
+    if "fentry" in hooks and not tracing_cookie_helper:
+        flags.append("-DTCPIDLE_FENTRY_READ_COOKIE")
     if offsets and (selftest or set(hooks) & {"fentry", "raw_tracepoint", "kprobe"}):
         flags += ["-D%s=%d" % kv for kv in sorted(offsets.items())]
     if destroy:

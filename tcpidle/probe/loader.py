@@ -117,6 +117,7 @@ class _Loaded(NamedTuple):
     hook: str
     hook_notes: List[str]
     header_source: str
+    lazy_cookie: bool  # the hook reads the cookie from the socket (see needs_cookie_priming)
 
 
 class Probe:
@@ -132,6 +133,7 @@ class Probe:
         self.hook = loaded.hook
         self.hook_notes = loaded.hook_notes
         self.header_source = loaded.header_source
+        self._lazy_cookie = loaded.lazy_cookie
         self._pins = pins
         self.pin_dir = pins.directory if pins else None
         self.pins_reused = tuple(pins.reused) if pins else ()
@@ -219,8 +221,12 @@ class Probe:
 
     @property
     def needs_cookie_priming(self) -> bool:
-        """True if the hook only sees sockets whose cookie was asked for already."""
-        return self.hook in LAZY_COOKIE_HOOKS
+        """True if the hook only sees sockets whose cookie was asked for already.
+
+        The raw tracepoint and the kprobe, and fentry on kernels before 5.12
+        (no bpf_get_socket_cookie for tracing programs there).
+        """
+        return self._lazy_cookie
 
     def suspend(self) -> None:
         """Detach the receive hook (maps and the destroy hook stay); resume() re-attaches it.
@@ -284,15 +290,16 @@ def _load(map_size: int, hook: str, log, cache_dir: Optional[str], selftest: boo
     if not destroy:
         notes.append("no tcp:tcp_destroy_sock with sock_cookie: entries of closed "
                      "sockets stay until evicted")
-    if selftest and not ({"skbaddr", "skaddr"} <= (feats.tcp_probe_fields or set())
-                         and feats.btf_offsets):
+    if selftest and not (feats.tp_has_sk and feats.btf_offsets):
         raise ProbeUnavailable("selftest needs tcp_probe skbaddr/skaddr and kernel BTF")
     try:
         tree = kheaders.find_headers(cache_dir=cache_dir)
     except (kheaders.HeadersNotFound, OSError) as e:
         raise ProbeUnavailable(one_line(e)) from None
 
-    cflags = build_cflags(map_size, candidates, feats.btf_offsets, destroy, selftest)
+    cflags = build_cflags(map_size, candidates, feats.btf_offsets, destroy, selftest,
+                          tp_has_sk=feats.tp_has_sk,
+                          tracing_cookie_helper=feats.tracing_cookie_helper)
     if pins is not None:
         cflags += pins.cflags()
     diag: List[str] = []
@@ -332,7 +339,11 @@ def _load(map_size: int, hook: str, log, cache_dir: Optional[str], selftest: boo
     except BaseException:
         _dispose(module)
         raise
-    return _Loaded(module, reader, chosen, notes, tree.source)
+    lazy = chosen in LAZY_COOKIE_HOOKS or (chosen == "fentry" and not feats.tracing_cookie_helper)
+    if chosen == "fentry" and lazy:
+        notes.append("fentry reads the cookie from the socket (bpf_get_socket_cookie is "
+                     "for tracing programs since Linux 5.12)")
+    return _Loaded(module, reader, chosen, notes, tree.source, lazy)
 
 
 def _attach_hook(module, hook: str) -> None:

@@ -164,11 +164,40 @@ def test_cflags_configure_the_source_without_text_substitution():
     assert "-DTCPIDLE_SELFTEST" in f and "-DTCPIDLE_SK_COOKIE_OFF=88" in f
 
 
+def test_cflags_follow_the_kernel_tracepoint_record_and_cookie_helper():
+    # the selftest reads skaddr/skbaddr only where the record has them
+    assert "-DTCPIDLE_TP_HAS_SK" not in build_cflags(8, ["tracepoint"], OFFS, True, True)
+    assert "-DTCPIDLE_TP_HAS_SK" in build_cflags(8, ["tracepoint"], OFFS, True, True,
+                                                 tp_has_sk=True)
+    # fentry before 5.12 reads the cookie from the socket
+    assert "-DTCPIDLE_FENTRY_READ_COOKIE" in build_cflags(
+        8, ["fentry"], OFFS, True, tracing_cookie_helper=False)
+    assert "-DTCPIDLE_FENTRY_READ_COOKIE" not in build_cflags(8, ["fentry"], OFFS, True)
+    assert "-DTCPIDLE_FENTRY_READ_COOKIE" not in build_cflags(
+        8, ["raw_tracepoint"], OFFS, True, tracing_cookie_helper=False)
+
+
+def test_record_pointers_and_kernel_release():
+    from tcpidle.probe.features import release_at_least
+
+    assert feats().tp_has_sk
+    # Debian 5.10's and 6.1's tcp_probe records
+    assert not feats(tp=frozenset({"sock_cookie", "data_len", "saddr"})).tp_has_sk
+    assert not feats(tp=None).tp_has_sk
+    assert release_at_least("5.12.0", (5, 12))
+    assert release_at_least("6.12.118+deb13-amd64", (5, 12))
+    assert release_at_least("6.18.44-fc-v657", (5, 12))
+    assert not release_at_least("5.10.0-46-amd64", (5, 12))
+    assert not release_at_least("5.11", (5, 12))
+    assert release_at_least("6.1.0-57-amd64", (6, 1))
+
+
 def test_source_has_every_macro_the_flags_set():
     with open(bpf_source()) as f:
         src = f.read()
     for macro in ("MAX_ENTRIES", "TCPIDLE_HOOK_TRACEPOINT", "TCPIDLE_HOOK_FENTRY",
-                  "TCPIDLE_HOOK_KPROBE", "TCPIDLE_DESTROY", "TCPIDLE_SELFTEST", *OFFS):
+                  "TCPIDLE_HOOK_KPROBE", "TCPIDLE_DESTROY", "TCPIDLE_SELFTEST",
+                  "TCPIDLE_TP_HAS_SK", "TCPIDLE_FENTRY_READ_COOKIE", *OFFS):
         assert macro in src
     # The documented value layout matches the reader's.
     assert VALUE.size == 40 and "40 bytes" in src

@@ -59,9 +59,11 @@ def vng_argv(tree: KernelTree, guest_cmd: str, cpus: int = 2, memory: str = "4G"
     return argv + ["--", guest_cmd]
 
 
-def guest_command(out_dir: str, pytest_args: Sequence[str], headers: bool = True) -> str:
-    """The shell command the guest runs (pure)."""
-    words = ["sh", GUEST_SCRIPT, out_dir] + ([] if headers else ["--no-headers"])
+def guest_command(out_dir: str, pytest_args: Sequence[str], headers: bool = True,
+                  guest_env: Optional[dict] = None) -> str:
+    """The shell command the guest runs (pure); guest_env: variables for the tests."""
+    words = ["env"] + ["%s=%s" % kv for kv in sorted((guest_env or {}).items())]
+    words += ["sh", GUEST_SCRIPT, out_dir] + ([] if headers else ["--no-headers"])
     return " ".join(shlex.quote(w) for w in words + ["--"] + list(pytest_args))
 
 
@@ -82,12 +84,12 @@ def _why_not_started(log_path: str) -> str:
 
 def run(tree: KernelTree, repo: str, out_dir: str, pytest_args: Sequence[str],
         headers: bool = True, timeout: float = 3600.0, kvm: bool = False,
-        tries: int = 2, env: Optional[dict] = None) -> Boot:
+        tries: int = 2, env: Optional[dict] = None, guest_env: Optional[dict] = None) -> Boot:
     """Boot `tree`, run pytest with `pytest_args` in `repo` inside; see Boot."""
     os.makedirs(out_dir, exist_ok=True)
     log_path = os.path.join(out_dir, "console.log")
     rc_path = os.path.join(out_dir, "rc")
-    cmd = vng_argv(tree, guest_command(out_dir, pytest_args, headers), kvm=kvm)
+    cmd = vng_argv(tree, guest_command(out_dir, pytest_args, headers, guest_env), kvm=kvm)
     t0 = time.monotonic()
     attempt = 0
     while True:

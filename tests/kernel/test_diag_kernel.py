@@ -190,7 +190,7 @@ def _identity(rec):
             rec.inode, rec.uid, rec.raw_id, rec.last_data_recv_ms is None)
 
 
-def test_both_families_come_from_one_walk_like_two_per_family_dumps(ns):
+def test_both_families_come_from_one_walk_like_two_per_family_dumps(ns, record_property):
     _mixed_sockets(ns)
     dport_6000 = struct.pack("=BBHBBH", 12, 8, 12, 0, 0, 6000)  # INET_DIAG_BC_D_EQ
     with ns.diag() as ds:
@@ -205,6 +205,7 @@ def test_both_families_come_from_one_walk_like_two_per_family_dumps(ns):
         assert len(ds.dump_sockets(FAMS, ALL)) == 3 + 2 * 9 + 1
         assert {r.dport for r in ds.dump_sockets(FAMS, ALL, dport_6000)} == {6000}
     assert diag.DiagSocket.single_walk
+    record_property("lab_one_walk_dump", "yes")
 
 
 def test_a_refused_one_walk_dump_falls_back_to_per_family_dumps(ns, monkeypatch, caplog):
@@ -397,7 +398,7 @@ KINDS = {
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
-def test_destroy_aborts_owner_and_resets_peer(ns, kind):
+def test_destroy_aborts_owner_and_resets_peer(ns, kind, record_property):
     lfam, lhost, cfam, chost, v6only = KINDS[kind]
     lst = ns.listener(lfam, lhost, 5000, v6only=v6only)
     c, a = ns.pair(lst, cfam, chost, 5000)
@@ -416,6 +417,7 @@ def test_destroy_aborts_owner_and_resets_peer(ns, kind):
         assert other.value.errno == errno.ECONNRESET
         assert ds.destroy([rec]) == [errno.ENOENT]
         assert ds.dump_sockets(FAMS, EST) == []
+    record_property("lab_sock_destroy", "yes")
 
 
 def test_stale_cookie_is_refused(ns):
@@ -543,7 +545,7 @@ def test_dropped_acks_are_never_reported_as_success(ns, monkeypatch):
         assert s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == errno.ECONNABORTED
 
 
-def test_destroy_time_wait(ns):
+def test_destroy_time_wait(ns, record_property):
     lst = ns.listener(AF_INET, "127.0.0.1", 5000)
     c, a = ns.pair(lst, AF_INET, "127.0.0.1", 5000)
     c.close()
@@ -555,6 +557,7 @@ def test_destroy_time_wait(ns):
         assert ds.destroy(tw) == [0]
         assert ds.dump(AF_INET, TW) == []
         assert ds.destroy(tw) == [errno.ENOENT]
+    record_property("lab_time_wait_destroy", "yes")
 
 
 def test_destroy_without_cap_net_admin_is_eperm(ns):

@@ -132,8 +132,9 @@ def test_vng_command_line():
 
 
 def test_guest_command_quotes_pytest_args():
-    cmd = vm.guest_command("/out dir", ["-k", "a and not b"], headers=False)
-    assert cmd.startswith("sh %s " % vm.GUEST_SCRIPT)
+    cmd = vm.guest_command("/out dir", ["-k", "a and not b"], headers=False,
+                           guest_env={"TCPIDLE_LAB_HOOKS": "fentry,kprobe"})
+    assert cmd.startswith("env TCPIDLE_LAB_HOOKS=fentry,kprobe sh %s " % vm.GUEST_SCRIPT)
     assert cmd.endswith("'/out dir' --no-headers -- -k 'a and not b'")
 
 

@@ -1,27 +1,22 @@
-"""The `tcpidle` command line: flags in, one library call, exit status out.
+"""The `tcpidle` command line: flags in, one call to `commands`, exit status out.
 
-Owns the translation of click flags into a `Selector` and a `Policy`, and of
-exceptions into exit statuses: 2 for bad input (found before anything is
-touched), 1 for failures at run time, 0 otherwise.  Every error is one line
-on stderr, `tcpidle: error: ...`.
+Owns the flags (click), their help, and the translation of exceptions into
+exit statuses: 2 for bad input (found before anything is touched), 1 for
+failures at run time, 0 otherwise.  Every error is one line on stderr,
+`tcpidle: error: ...`.  What each command does is in `tcpidle.commands`.
 """
 
 from __future__ import annotations
 
 import gc
-import signal
 import sys
-import time
-from dataclasses import replace
 from typing import List, Optional
 
 import click
 
-from . import activity, netns, options, procfs, report, selectors, sinks
-from .engine import Engine, require_privilege, run_pass
-from .errors import TcpidleError, UsageError
-from .signals import StopOnSignal
-from .model import AF_INET, AF_INET6, Policy, Selector
+from . import commands, options, report, sinks
+from .errors import TcpidleError
+from .model import DEFAULT_MAP_SIZE, DEFAULT_PIN_DIR, MAX_MAP_SIZE
 
 EPILOG_SELECTORS = """\b
 Ports: `-d 443`, `-d 22,8000-8100`, repeatable. `sport` is the socket's
@@ -77,7 +72,7 @@ evidence_options = _options(
     click.option("--last-recv-limit", "--last_recv_limit", "last_recv_limit", type=options.milliseconds(),
                  default=None, metavar="MS",
                  help="Treat tcp_info idle times above MS as unknown (tcp_closer's option)."),
-    click.option("--pin-dir", default=activity.DEFAULT_PIN_DIR, type=options.PinDir(), show_default=True,
+    click.option("--pin-dir", default=DEFAULT_PIN_DIR, type=options.PinDir(), show_default=True,
                  metavar="DIR",
                  help="Where a running `tcpidle track` pins its BPF map; read when present."),
     click.option("--require-bpf", is_flag=True,
@@ -107,57 +102,6 @@ kill_options = _options(
 )
 
 
-def build_selector(opts) -> Selector:
-    """The Selector of the parsed selector options; UsageError on bad values."""
-    families = set()
-    if opts["ipv4"]:
-        families.add(AF_INET)
-    if opts["ipv6"]:
-        families.add(AF_INET6)
-    return Selector(
-        families=frozenset(families or {AF_INET, AF_INET6}),
-        states=selectors.parse_states(opts["states"]),
-        sports=selectors.parse_ports(opts["sports"], "--sport"),
-        dports=selectors.parse_ports(opts["dports"], "--dport"),
-        src=selectors.parse_networks(opts["srcs"], "--src"),
-        dst=selectors.parse_networks(opts["dsts"], "--dst"),
-        pids=frozenset(opts["pids"]),
-        comms=frozenset(opts["comms"]),
-        cgroups=tuple(opts["cgroups"]),
-        uids=frozenset(opts["uids"]),
-    )
-
-
-def build_namespaces(opts) -> Optional[netns.Watch]:
-    """The namespaces to visit, listed again at every scan: None for our own only."""
-    if opts["all_netns"] and opts["netns_specs"]:
-        raise UsageError("--netns and --all-netns exclude each other")
-    if opts["all_netns"]:
-        return netns.Watch(None, log=report.log)
-    if opts["netns_specs"]:
-        return netns.Watch(opts["netns_specs"], log=report.log)
-    return None
-
-
-def build_policy(opts, idle_time: float, **extra) -> Policy:
-    return Policy(idle_time_ms=idle_time, idle_metric=opts["idle_metric"],
-                  last_recv_limit_ms=opts["last_recv_limit"], **extra)
-
-
-def narrows(selector: Selector) -> bool:
-    """Does the selector name what to kill (ports, addresses or owners)?"""
-    return selector.narrows_by_address or bool(selector.pids or selector.comms or selector.cgroups
-                                               or selector.uids)
-
-
-def open_evidence(opts, watch: Optional[float] = None, map_size: int = 65536, prime=None):
-    """The activity source for this run, its choice said with -v."""
-    source = activity.open_source(opts["pin_dir"], watch, map_size, opts["require_bpf"],
-                                  progress=report.progress if watch else None, prime=prime)
-    report.log.info("%s", source.description)
-    return source
-
-
 # ---------------------------------------------------------------------------
 # commands
 
@@ -185,7 +129,8 @@ def cli():
               show_default=True, help="Show only connections idle at least MS milliseconds.")
 @click.option("--watch", type=options.seconds(), default=None, metavar="S",
               help="Attach the BPF probe and observe S seconds before reporting (ns precision).")
-@click.option("--map-size", type=options.integer(1, 1 << 24, "N"), default=65536, show_default=True,
+@click.option("--map-size", type=options.integer(1, MAX_MAP_SIZE, "N"), default=DEFAULT_MAP_SIZE,
+              show_default=True,
               help="Entries of the probe's map with --watch.")
 def audit(min_idle, watch, map_size, **opts):
     """Report matching connections and their idle time. Never kills.
@@ -199,28 +144,7 @@ def audit(min_idle, watch, map_size, **opts):
       tcpidle audit --all-netns --comm nginx   nginx's connections in every container
       tcpidle audit --state all -6         every IPv6 TCP socket
     """
-    selector = build_selector(opts)
-    namespaces = build_namespaces(opts)
-    policy = build_policy(opts, min_idle)
-    report.setup_logging(opts["verbose"], None, syslog=False)
-    if opts["processes"] and not procfs.is_root():
-        report.note("not root: owners are shown only for your own processes")
-    engine = Engine(selector, policy, want_owners=opts["processes"], namespaces=namespaces)
-    source = open_evidence(opts, watch, map_size, prime=engine.prime_cookies)
-    try:
-        started = time.monotonic()
-        engine.activity = source.read
-        scan = engine.scan()
-        if source.stats:
-            report.probe_stats(source.stats())
-    finally:
-        source.close()
-    shown = scan.victims if min_idle > 0 else scan.verdicts
-    shown = sorted(shown, key=lambda v: (v.idle_ms is None, -(v.idle_ms or 0.0)))
-    engine.attribute(scan, shown)
-    report.show(shown, opts["as_json"], owners=scan.owners)
-    report.summary_audit(scan.verdicts, len(shown), scan.seen, (time.monotonic() - started) * 1000,
-                         min_idle, source.description)
+    sys.exit(commands.audit(min_idle, watch, map_size, **opts))
 
 
 @cli.command(epilog=EPILOG_SELECTORS)
@@ -247,60 +171,12 @@ def kill(idle_time, dry_run, use_proc, proc_action, logfile, disable_syslog, all
       tcpidle kill --all-netns -d 6379 -t 300000            in every container too
       tcpidle kill -d 22 --use-proc            without SOCK_DESTROY: shut down in the owner
     """
-    selector = build_selector(opts)
-    namespaces = build_namespaces(opts)
-    if not narrows(selector) and not all_:
-        raise UsageError("kill needs a port, address or owner selector (-s, -d, --src, --dst, --pid, "
-                         "--comm, --cgroup, --uid) or --all")
-    policy = build_policy(opts, idle_time, dry_run=dry_run, use_proc=use_proc, proc_action=proc_action)
-    if not dry_run:
-        require_privilege("kill")
-    report.setup_logging(opts["verbose"], logfile, syslog=not disable_syslog)
-    source = open_evidence(opts)
-    try:
-        engine = Engine(selector, policy, activity=source.read, want_owners=opts["processes"],
-                        namespaces=namespaces, recheck=source.lookup)
-        if interval is None:
-            sys.exit(_kill_once(engine, opts["as_json"]))
-        _poll(engine, interval, opts["as_json"])
-    finally:
-        source.close()
-
-
-def _kill_once(engine: Engine, as_json: bool) -> int:
-    """One pass; its exit status.  SIGTERM/SIGINT during it stop it between two
-    destroy batches: what was done is reported, and the status is 128 + the
-    signal's number.  A namespace named with --netns that is gone fails the run."""
-    with StopOnSignal() as stopped:
-        scan, outcomes, _elapsed, _spared = run_pass(engine, as_json, "kill", stop=stopped)
-    if stopped.signum:
-        report.error("interrupted by %s: %d connections acted on, %d not"
-                     % (signal.Signals(stopped.signum).name, len(outcomes), engine.interrupted))
-        return 128 + stopped.signum
-    for text in scan.missing:
-        report.error(text)
-    return 1 if scan.missing or any(o.action == "failed" for o in outcomes) else 0
-
-
-def _poll(engine: Engine, interval: float, as_json: bool) -> None:
-    """kill -i: the tracker's loop without a probe of its own; exit 0 on SIGINT/SIGTERM."""
-    from .track import Tracker  # the daemon's loop: signals, contained failures, SIGHUP
-
-    tracker = Tracker(engine, interval, as_json=as_json, name="kill")
-    restore = tracker.install_signals()
-    report.set_stdout_line_buffered()
-    report.note("polling every %g s; SIGINT or SIGTERM stops" % interval)
-    try:
-        tracker.run()
-    finally:
-        tracker.close()
-        restore()
-    report.note("stopped after %d polls" % tracker.polls)
-    sys.exit(0)
+    sys.exit(commands.kill(idle_time, dry_run, use_proc, proc_action, logfile, disable_syslog, all_,
+                           interval, **opts))
 
 
 # ---------------------------------------------------------------------------
-# track: the daemon (tcpidle.track owns the loop, signals, events, metrics)
+# track: the daemon
 
 
 @cli.command(epilog=EPILOG_SELECTORS)
@@ -309,7 +185,8 @@ def _poll(engine: Engine, interval: float, as_json: bool) -> None:
 @kill_options
 @click.option("-i", "--interval", type=options.seconds(), default=10.0, show_default=True, metavar="S",
               help="Poll every S seconds.")
-@click.option("--map-size", type=options.integer(1, 1 << 24, "N"), default=65536, show_default=True,
+@click.option("--map-size", type=options.integer(1, MAX_MAP_SIZE, "N"), default=DEFAULT_MAP_SIZE,
+              show_default=True,
               help="Entries of the BPF activity map (a map already pinned keeps its own size).")
 @click.option("--bpf-hook", type=click.Choice(["auto", "fentry", "raw_tracepoint", "kprobe", "tracepoint"]),
               default="auto", show_default=True,
@@ -347,34 +224,9 @@ def track(idle_time, dry_run, use_proc, proc_action, logfile, disable_syslog, al
       tcpidle track -d 6379 -t 300000 --metrics-port 9733
       tcpidle track --cleanup              remove the pinned maps
     """
-    from . import track as tracking  # prometheus_client only for the daemon
-
-    if cleanup:
-        removed = tracking.cleanup(opts["pin_dir"])
-        for path in removed:
-            report.note("removed %s" % path)
-        if not removed:
-            report.note("nothing pinned in %s" % opts["pin_dir"])
-        sys.exit(0)
-    selector = replace(
-        build_selector(opts),
-        exclude_ports=selectors.parse_ports(exclude_ports, "--exclude-port"),
-        exclude_nets=selectors.parse_networks(exclude_cidrs, "--exclude-cidr"),
-    )
-    namespaces = build_namespaces(opts)
-    if not narrows(selector) and not all_:
-        raise UsageError("track needs a port, address or owner selector (-s, -d, --src, --dst, --pid, "
-                         "--comm, --cgroup, --uid) or --all")
-    policy = build_policy(opts, idle_time, dry_run=dry_run, use_proc=use_proc, proc_action=proc_action,
-                          max_kills=max_kills_per_interval or None)
-    report.setup_logging(opts["verbose"], logfile, syslog=not disable_syslog)
-    options = tracking.TrackOptions(
-        interval=interval, pin_dir=opts["pin_dir"], map_size=map_size, hook=bpf_hook,
-        as_json=opts["as_json"], event_log=event_log, metrics_port=metrics_port,
-        metrics_addr=metrics_addr, namespaces=namespaces, require_bpf=opts["require_bpf"],
-        processes=opts["processes"],
-    )
-    sys.exit(tracking.run(selector, policy, options))
+    sys.exit(commands.track(idle_time, dry_run, use_proc, proc_action, logfile, disable_syslog, all_,
+                            interval, map_size, bpf_hook, max_kills_per_interval, exclude_ports,
+                            exclude_cidrs, event_log, metrics_port, metrics_addr, cleanup, **opts))
 
 
 # ---------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 Owns the vocabulary shared by every module: a `Socket` (one decoded INET_DIAG
 record, identified by its cookie), an `Activity` (what the BPF probe saw of
 that cookie), the user's `Selector` and `Policy`, the `Verdict` of the idle
-decision and the `Outcome` of acting on it.  Nothing past the decoder sees a
+decision, the `OwnerSummary` of the processes holding a socket and the
+`Outcome` of acting on it.  Nothing past the decoder sees a
 raw netlink message, and nothing here does I/O.
 """
 
@@ -42,6 +43,15 @@ FAMILY_NAMES = {AF_INET: "ipv4", AF_INET6: "ipv6"}
 
 # Where `tcpidle track` pins its BPF maps, and `audit`/`kill` look for them.
 DEFAULT_PIN_DIR = "/sys/fs/bpf/tcpidle"
+
+# Entries of the probe's map (--map-size) unless told otherwise, and at most.
+DEFAULT_MAP_SIZE = 65536
+MAX_MAP_SIZE = 1 << 24
+
+# getsockopt(SOL_SOCKET, SO_COOKIE) (include/uapi/asm-generic/socket.h): the
+# socket's cookie, the same 64-bit number INET_DIAG reports as idiag_cookie
+# and the probe keys its records by.  Python's socket module does not name it.
+SO_COOKIE = 57
 
 
 @dataclass(frozen=True)
@@ -203,7 +213,7 @@ class Verdict(NamedTuple):
     idle_ms: Optional[float]
     idle_source: Optional[str]  # "bpf", "tcp_info" or None
     last_rx_ms: Optional[float]  # any segment, probe only
-    idle: bool  # True when the socket is a victim under the policy
+    victim: bool  # True when the policy acts on the socket (idle long enough, or -t 0)
 
 
 class Action:
@@ -213,6 +223,22 @@ class Action:
     PROCESS_KILLED = "process-killed"
     GONE = "gone"
     FAILED = "failed"
+
+
+class OwnerSummary(NamedTuple):
+    """The processes holding one socket, as every output shows them.
+
+    Sorted and without repeats: two nginx workers sharing a socket are
+    pids (812, 813), comms ("nginx",).  `cgroups` are the holders' cgroup
+    paths (containers), unreadable ones left out.
+    """
+
+    pids: Tuple[int, ...] = ()
+    comms: Tuple[str, ...] = ()
+    cgroups: Tuple[str, ...] = ()
+
+
+NO_OWNERS = OwnerSummary()
 
 
 @dataclass(frozen=True)

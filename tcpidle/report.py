@@ -2,9 +2,11 @@
 
 Owns the output contract of DESIGN.md: JSON Lines (one object per
 connection, the contract's keys exactly) or a human table on stdout; a
-summary on stderr; and the log (stderr with -v, a log file with -f, syslog
+summary on stderr; the log (stderr with -v, a log file with -f, syslog
 unless --disable-syslog), where every kill is a line carrying cookie,
-4-tuple, idle time, idle source and outcome.
+4-tuple, idle time, idle source and outcome; and the tracker's event log.
+The commands hand it what a pass returned (`audit_pass`; kill's batches
+one by one as they are done, `log_batch`, `show`, `summary_kill`).
 """
 
 from __future__ import annotations
@@ -14,11 +16,12 @@ import logging
 import os
 import sys
 from collections import Counter
+from datetime import datetime, timezone
 from typing import Dict, Optional, Sequence, TextIO
 
 from . import sinks
 from .errors import RuntimeFailure
-from .model import FAMILY_NAMES, Outcome, TcpState, Verdict
+from .model import FAMILY_NAMES, Outcome, OwnerSummary, TcpState, Verdict
 from .safetext import printable
 
 log = logging.getLogger("tcpidle")
@@ -158,19 +161,17 @@ class _Quoted(dict):
 _quoted = _Quoted({None: "null"})
 
 
-def json_line(verdict: Verdict, outcome: Optional[Outcome] = None, owners: Optional[Dict] = None) -> str:
+Owners = Dict[int, OwnerSummary]  # by socket inode
+
+
+def json_line(verdict: Verdict, outcome: Optional[Outcome] = None, owners: Optional[Owners] = None) -> str:
     """The JSON object of one connection (with `action`/`error` when acted on), no newline."""
     s = verdict.socket
     if outcome is not None:
         pids, comms, cgroups = outcome.pids, outcome.comms, outcome.cgroups
     else:
         held = owners.get(s.inode) if owners else None
-        if held:
-            pids = sorted({o.pid for o in held})
-            comms = sorted({o.comm for o in held})
-            cgroups = sorted({o.cgroup for o in held if o.cgroup})
-        else:
-            pids = comms = cgroups = ()
+        pids, comms, cgroups = held if held else ((), (), ())
     text = _ROW % (
         s.cookie, _quoted[s.netns], _FAMILY_JSON.get(s.family) or _dumps(str(s.family)),
         _STATE_JSON.get(s.state) or _dumps(s.state_name), s.src, s.sport, s.dst, s.dport,
@@ -199,7 +200,7 @@ def _list(items) -> str:
     return _dumps(list(items)) if items else "[]"
 
 
-def row(verdict: Verdict, outcome: Optional[Outcome] = None, owners: Optional[Dict] = None) -> Dict:
+def row(verdict: Verdict, outcome: Optional[Outcome] = None, owners: Optional[Owners] = None) -> Dict:
     """The same object as a dict (event log, table)."""
     return json.loads(json_line(verdict, outcome, owners))
 
@@ -212,7 +213,7 @@ def endpoint(addr: str, port: int) -> str:
     return "[%s]:%d" % (addr, port) if ":" in addr else "%s:%d" % (addr, port)
 
 
-def show(items: Sequence, as_json: bool, owners: Optional[Dict] = None, out: TextIO = None) -> None:
+def show(items: Sequence, as_json: bool, owners: Optional[Owners] = None, out: TextIO = None) -> None:
     """Write connections -- Verdicts (audit) or Outcomes (kill) -- as JSON Lines or a table."""
     out = out or sinks.stdout()  # a broken stdout drops rows, never the rest (sinks)
     if as_json:
@@ -254,6 +255,64 @@ def write_table(rows: Sequence[Dict], out: TextIO) -> None:
         ]
         out.write("  ".join(cells).rstrip() + "\n")
     out.flush()
+
+
+# --------------------------------------------------------------------------
+# audit's pass (kill's are reported batch by batch: passes.run_pass)
+
+
+def audit_pass(scan, as_json: bool, elapsed_ms: float, min_idle_ms: float,
+               evidence_note: str) -> None:
+    """audit's output of an engine.Scan: the victims (every match with --min-idle 0),
+    idlest first; the summary."""
+    shown = sorted(scan.victims, key=lambda v: (v.idle_ms is None, -(v.idle_ms or 0.0)))
+    show(shown, as_json, owners=scan.owners)
+    summary_audit(scan.verdicts, len(shown), scan.seen, elapsed_ms, min_idle_ms, evidence_note)
+
+
+# --------------------------------------------------------------------------
+# the event log (track --event-log)
+
+
+class EventLog:
+    """--event-log: one JSON line per victim acted on, appended and flushed.
+
+    Each line is row() of the outcome (the keys of the JSON output)
+    with "ts" (wall clock, ISO 8601, UTC) and "dry_run" added.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            self._file: Optional[sinks.AppendFile] = sinks.AppendFile(path, sinks.EVENT_LOG)
+        except OSError as e:
+            raise RuntimeFailure("event log %s: %s" % (path, e.strerror or e)) from None
+
+    def write(self, outcomes: Sequence[Outcome], dry_run: bool, ts: Optional[str] = None) -> None:
+        if not outcomes:
+            return
+        ts = ts or now_iso()
+        lines = []
+        for outcome in outcomes:
+            obj = {"ts": ts}
+            obj.update(row(outcome.verdict, outcome))
+            obj["dry_run"] = dry_run
+            lines.append(json.dumps(obj, separators=(",", ":")) + "\n")
+        # A failed write is recorded in sinks.FAILURES (said once per poll), never raised.
+        self._file.write("".join(lines), len(lines))
+
+    def reopen(self) -> None:
+        """After logrotate moved the file away (SIGHUP)."""
+        self._file.reopen()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
 # --------------------------------------------------------------------------

@@ -3,7 +3,10 @@
 Owns three views of one `model.Selector`:
   * parsing the user's text (ports, ranges, CIDRs, state names) with one-line
     errors (`errors.UsageError`) that name the offending value;
-  * `matches()`, the pure Python predicate, the reference semantics;
+  * the pure Python predicates, the reference semantics: `matches()` of a
+    socket as INET_DIAG reports it, `owned_by()` of the processes holding it
+    (--pid, --comm, --cgroup, which need the /proc walk), `narrows()` (does
+    the selector name what to kill?);
   * `compile_bytecode()`, the same port filter as INET_DIAG_REQ_BYTECODE so the
     kernel drops non-matching sockets before they cross netlink.  States and
     families are not bytecode: they travel in the request itself
@@ -21,7 +24,7 @@ import struct
 from typing import Iterable, List, Optional, Sequence, Tuple
 
 from .errors import UsageError
-from .model import AF_INET, AF_INET6, Network, PortSet, Selector, Socket, TcpState
+from .model import AF_INET, AF_INET6, Network, OwnerSummary, PortSet, Selector, Socket, TcpState
 
 # ---------------------------------------------------------------------------
 # ports
@@ -185,11 +188,11 @@ def states_mask(states: Iterable[int]) -> int:
 
 
 def matches(selector: Selector, sock: Socket) -> bool:
-    """True when `sock` is selected.  The reference semantics of a Selector.
+    """True when `sock` is selected by everything INET_DIAG tells of it.
 
-    Owner selectors (pids, comms, uids, cgroups) are applied where the owner
-    map is known (see `tcpidle.owners`); uids are matched here against the
-    socket's own uid from INET_DIAG.
+    uids are matched here against the socket's own uid from INET_DIAG; the
+    other owner selectors need the processes holding the socket:
+    `owned_by()`, for sockets `needs_owners()` says must be looked up.
     """
     if sock.family not in selector.families:
         return False
@@ -206,6 +209,38 @@ def matches(selector: Selector, sock: Socket) -> bool:
     if selector.uids and sock.uid not in selector.uids:
         return False
     return not is_protected(selector, sock)
+
+
+def needs_owners(selector: Selector) -> bool:
+    """Do the owner selectors (--pid, --comm, --cgroup) need the /proc walk?"""
+    return bool(selector.pids or selector.comms or selector.cgroups)
+
+
+def owned_by(selector: Selector, owners: OwnerSummary) -> bool:
+    """True when the processes holding a socket satisfy --pid, --comm and --cgroup.
+
+    Each given selector needs one holder that matches it (any pid, any
+    name, any cgroup path starting with a given prefix); a socket nobody
+    holds matches none.
+    """
+    if selector.pids and not any(pid in selector.pids for pid in owners.pids):
+        return False
+    if selector.comms and not any(comm in selector.comms for comm in owners.comms):
+        return False
+    if selector.cgroups and not any(
+        path.startswith(prefix) for path in owners.cgroups for prefix in selector.cgroups
+    ):
+        return False
+    return True
+
+
+def narrows(selector: Selector) -> bool:
+    """Does the selector name what to kill (ports, addresses or owners)?
+
+    kill and track refuse to run without one unless --all is given.
+    """
+    return selector.narrows_by_address or bool(selector.pids or selector.comms or selector.cgroups
+                                               or selector.uids)
 
 
 def is_protected(selector: Selector, sock: Socket) -> bool:

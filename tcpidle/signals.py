@@ -1,7 +1,7 @@
 """Stopping a one-shot run between two destroy batches.
 
 Owns the SIGTERM/SIGINT handling of `tcpidle kill` (the tracker's loop has
-its own, in track.py).  Python's defaults would end the run wherever the
+its own, in polling.py).  Python's defaults would end the run wherever the
 signal lands -- SIGTERM at once, SIGINT as a KeyboardInterrupt in the middle
 of a netlink exchange -- and the connections destroyed so far would go
 unreported.  Here the handler only records the signal; the engine asks

@@ -13,6 +13,7 @@ import pytest
 
 from tcpidle import netns as tnetns
 from tcpidle.engine import Engine
+from tcpidle.scope import Scope
 from tcpidle.model import PortSet, Policy, Selector
 
 from conftest import REPO_ROOT, parse_json_lines
@@ -183,7 +184,7 @@ def test_namespace_that_vanishes_is_skipped_not_fatal(make_netns, make_farm, cap
     farm.populate([PORT], addrs=("127.0.0.1",), idle=1, active=0)
     spaces = [tnetns.resolve(keep.name), tnetns.resolve(doomed.name)]
     doomed.delete()  # between listing and entering
-    engine = Engine(Selector(dports=PortSet(((PORT, PORT),))), Policy(), namespaces=spaces)
+    engine = Engine(Scope(Selector(dports=PortSet(((PORT, PORT),))), spaces), Policy())
     with caplog.at_level("WARNING", logger="tcpidle"):
         scan = engine.scan()
     assert {v.socket.cookie for v in scan.verdicts} == {c["cookie"] for c in clients(farm)}

@@ -42,7 +42,7 @@ def ns():
 
 
 def _as_nobody_can_import_tcpidle():
-    res = subprocess.run(NOBODY + [sys.executable, "-c", "import tcpidle.procfs"], cwd="/",
+    res = subprocess.run(NOBODY + [sys.executable, "-c", "import tcpidle.fallback"], cwd="/",
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     return res.returncode == 0
 
@@ -94,13 +94,13 @@ def test_a_walk_that_runs_out_of_descriptors_is_an_error_not_ownerless():
     map that would make every process look ownerless."""
     code = textwrap.dedent("""
         import os, resource
-        from tcpidle import procfs
+        from tcpidle import owners
         n = len(os.listdir("/proc/self/fd"))  # counts the listing's own descriptor
         resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))  # one to spare: not two
         try:
-            got = procfs.owners_by_inode({1})
+            got = owners.owners_by_inode({1})
             print("no error", dict(got))
-        except procfs.ProcWalkError as e:
+        except owners.ProcWalkError as e:
             print("error:", e)
     """)
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, stdout=subprocess.PIPE,
@@ -120,11 +120,11 @@ def test_pidfd_getfd_refused_is_one_error_naming_the_cause():
     try:
         inode = os.fstat(a.fileno()).st_ino
         code = textwrap.dedent("""
-            from tcpidle import procfs
+            from tcpidle import fallback, owners
             try:
-                procfs.shutdown_socket(procfs.Owner(pid=%d, fd=%d), %d, None)
+                fallback.shutdown_socket(owners.Owner(pid=%d, fd=%d), %d, None)
                 print("no error")
-            except procfs.ProcActionError as e:
+            except fallback.ProcActionError as e:
                 print(type(e).__name__, e)
         """ % (os.getpid(), a.fileno(), inode))
         res = subprocess.run(NOBODY + [sys.executable, "-c", code], cwd="/",

@@ -354,11 +354,11 @@ def test_large_map_keeps_everything(probe, conns):
 
 def test_lazy_cookie_hook_sees_a_socket_from_its_first_dump_on(cache_dir, conns):
     """raw_tracepoint reads the cookie from the socket: segments of a socket
-    nobody asked about are skipped and counted; Engine.prime_cookies (one
+    nobody asked about are skipped and counted; Scope.prime_cookies (one
     INET_DIAG dump of the selection) numbers it, and it is recorded from then on."""
     from tcpidle import netns
-    from tcpidle.engine import Engine
-    from tcpidle.model import Policy, PortSet, Selector
+    from tcpidle.model import PortSet, Selector
+    from tcpidle.scope import Scope
 
     try:
         p = Probe.attach(map_size=256, hook="raw_tracepoint", cache_dir=cache_dir)
@@ -373,9 +373,8 @@ def test_lazy_cookie_hook_sees_a_socket_from_its_first_dump_on(cache_dir, conns)
             assert server.recv(8) == b"abc"
         assert p.counters()["no_cookie"] >= before + 3
         port = server.getsockname()[1]
-        engine = Engine(Selector(sports=PortSet(((port, port),))), Policy(),
-                        namespaces=[netns.resolve(conns.ns)])
-        assert engine.prime_cookies() == 1  # the server end: local port = listener port
+        scope = Scope(Selector(sports=PortSet(((port, port),))), [netns.resolve(conns.ns)])
+        assert scope.prime_cookies() == 1  # the server end: local port = listener port
         ck = cookie(server)
         assert ck not in p.activity()
         client.sendall(b"defg")
@@ -409,13 +408,21 @@ def test_suspended_probe_records_nothing_until_resumed(probe, conns):
 def _victims_engine(conns, probe, recheck, policy):
     from tcpidle import netns
     from tcpidle.engine import Engine
+    from tcpidle.evidence import Evidence
     from tcpidle.model import PortSet, Selector
+    from tcpidle.scope import Scope
+
+    class ScanOnly(Evidence):
+        """The probe's records at the scan, never read again (the control)."""
+
+        def lookup(self, cookies):
+            return {}
 
     port = conns.listener.getsockname()[1]
-    return Engine(Selector(sports=PortSet(((port, port),))), policy,
-                  activity=probe.activity if probe else None,
-                  recheck=probe.lookup if recheck else None,
-                  namespaces=[netns.resolve(conns.ns)])
+    evidence = (Evidence(probe, "probe", close=lambda: None) if recheck else
+                ScanOnly(probe, "probe", close=lambda: None)) if probe else Evidence()
+    return Engine(Scope(Selector(sports=PortSet(((port, port),))), [netns.resolve(conns.ns)]),
+                  policy, evidence)
 
 
 # (use the probe for the scan, re-read it before destroying, -t ms,

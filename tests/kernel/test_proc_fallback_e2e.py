@@ -101,6 +101,7 @@ def test_eopnotsupp_switches_to_the_proc_fallback_once_and_says_so(
     from tcpidle import diag, netns as tnetns
     from tcpidle.engine import Engine
     from tcpidle.model import PortSet, Policy, Selector
+    from tcpidle.scope import Scope
 
     server = make_farm(netns)
     server.serve([PORT])
@@ -113,8 +114,8 @@ def test_eopnotsupp_switches_to_the_proc_fallback_once_and_says_so(
         return [errno.EOPNOTSUPP] * len(sockets)
 
     monkeypatch.setattr(diag.DiagSocket, "destroy", no_destroy)
-    engine = Engine(Selector(dports=PortSet(((PORT, PORT),))), Policy(),
-                    namespaces=[tnetns.resolve(netns.name)])
+    engine = Engine(Scope(Selector(dports=PortSet(((PORT, PORT),))), [tnetns.resolve(netns.name)]),
+                    Policy())
     with caplog.at_level("WARNING", logger="tcpidle"):
         outcomes = engine.act(engine.scan())
         assert {o.action for o in outcomes} == {"shutdown"}

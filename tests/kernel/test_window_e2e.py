@@ -56,10 +56,10 @@ def engine_for(ns_name, port, **policy):
     from tcpidle import netns
     from tcpidle.engine import Engine
     from tcpidle.model import Policy, PortSet, Selector
+    from tcpidle.scope import Scope
 
-    return Engine(Selector(sports=PortSet(((port, port),))),
-                  Policy(idle_time_ms=policy.pop("idle_time_ms", IDLE_MS), **policy),
-                  namespaces=netns.Watch([ns_name]))
+    return Engine(Scope(Selector(sports=PortSet(((port, port),))), netns.Watch([ns_name])),
+                  Policy(idle_time_ms=policy.pop("idle_time_ms", IDLE_MS), **policy))
 
 
 def run_cli(capsys, *argv):
@@ -163,6 +163,7 @@ def test_a_destroy_the_kernel_acks_while_the_socket_stays_is_a_failure(ns, pairs
     from tcpidle.model import Policy, PortSet, Selector, TcpState
     from tcpidle import netns
     from tcpidle.engine import Engine
+    from tcpidle.scope import Scope
 
     slow = []
     orphans = []
@@ -181,9 +182,9 @@ def test_a_destroy_the_kernel_acks_while_the_socket_stays_is_a_failure(ns, pairs
 
     window.instead("destroy", 1, old_kernel)
     port = pairs.server_port
-    engine = Engine(Selector(sports=PortSet(((port, port),)),
-                             states=frozenset({TcpState.FIN_WAIT1})),
-                    Policy(idle_time_ms=0), namespaces=netns.Watch([ns.name]))
+    engine = Engine(Scope(Selector(sports=PortSet(((port, port),)),
+                                   states=frozenset({TcpState.FIN_WAIT1})), netns.Watch([ns.name])),
+                    Policy(idle_time_ms=0))
     outcomes = {o.verdict.socket.cookie: o for o in engine.act(engine.scan())}
     assert set(outcomes) == {c for c, _, _ in orphans}
     assert {o.verdict.socket.inode for o in outcomes.values()} == {0}
@@ -254,7 +255,8 @@ def test_the_tracker_logs_and_counts_each_batch_even_when_a_later_one_fails(
     have the 256 kills of the first batch; the poll counts as failed."""
     from tcpidle.errors import NetlinkError
     from tcpidle.metrics import Metrics
-    from tcpidle.track import EventLog, Tracker
+    from tcpidle.polling import Poller as Tracker
+    from tcpidle.report import EventLog
 
     pairs.many(300)
     time.sleep(0.4)
@@ -304,6 +306,7 @@ def test_all_netns_visits_namespaces_made_after_it_started(make_ns, monkeypatch)
     after the first scan is visited by the second (and destroyed in)."""
     from tcpidle import netns
     from tcpidle.engine import Engine
+    from tcpidle.scope import Scope
     from tcpidle.model import Policy, PortSet, Selector
 
     first = make_ns()
@@ -315,8 +318,7 @@ def test_all_netns_visits_namespaces_made_after_it_started(make_ns, monkeypatch)
         # A port and a loopback address no other test uses: --all-netns sees every namespace.
         selector = Selector(sports=PortSet(((port, port),)),
                             src=(__import__("ipaddress").ip_network("127.83.1.1/32"),))
-        engine = Engine(selector, Policy(idle_time_ms=0, dry_run=True),
-                        namespaces=netns.Watch(None))
+        engine = Engine(Scope(selector, netns.Watch(None)), Policy(idle_time_ms=0, dry_run=True))
         labels = {v.socket.netns for v in engine.scan().verdicts}
         assert labels == {first.name}
         second = make_ns()
@@ -353,7 +355,7 @@ def test_a_tracker_whose_namespace_name_vanished_counts_it_and_finds_it_again(
     """track --netns NAME: the name is deleted (a poll error, said plainly),
     then made again for a new namespace, which the next poll visits."""
     from tcpidle.metrics import Metrics
-    from tcpidle.track import Tracker
+    from tcpidle.polling import Poller as Tracker
 
     ns = make_ns()
     name = ns.name
@@ -399,6 +401,7 @@ def test_use_proc_a_4_tuple_reset_and_reopened_is_gone(ns, pairs, monkeypatch):
     is gone (as SOCK_DESTROY would); the newcomer is not touched."""
     from tcpidle import netns
     from tcpidle.engine import Engine
+    from tcpidle.scope import Scope
     from tcpidle.model import Policy, PortSet, Selector
 
     old_client, old_server = pairs.pair()
@@ -414,8 +417,8 @@ def test_use_proc_a_4_tuple_reset_and_reopened_is_gone(ns, pairs, monkeypatch):
     window.before("lookup", 1, reopen)
     port = pairs.server_port
     # The client ends (dport = the server's port) are the victims; -t 0: every one.
-    engine = Engine(Selector(dports=PortSet(((port, port),))),
-                    Policy(idle_time_ms=0, use_proc=True), namespaces=netns.Watch([ns.name]))
+    engine = Engine(Scope(Selector(dports=PortSet(((port, port),))), netns.Watch([ns.name])),
+                    Policy(idle_time_ms=0, use_proc=True))
     outcomes = engine.act(engine.scan())
     assert [(o.verdict.socket.cookie, o.action) for o in outcomes] == [(old_cookie, "gone")]
     new_client, new_server = box["new"]

@@ -65,8 +65,8 @@ def test_probe_without_data_falls_back_to_tcp_info():
 def test_last_recv_limit_makes_bogus_values_unknown():
     p = Policy(idle_time_ms=1000, last_recv_limit_ms=86_400_000)
     v = decide(sock(4_000_000_000), None, NOW, p)
-    assert v.idle_ms is None and v.idle_source is None and not v.idle
-    assert decide(sock(5000), None, NOW, p).idle
+    assert v.idle_ms is None and v.idle_source is None and not v.victim
+    assert decide(sock(5000), None, NOW, p).victim
 
 
 @pytest.mark.parametrize("idle_time, last_recv, victim", [
@@ -77,13 +77,13 @@ def test_last_recv_limit_makes_bogus_values_unknown():
     (1000, None, False),  # unknown idle time is never "idle enough"
 ])
 def test_decide_threshold(idle_time, last_recv, victim):
-    assert decide(sock(last_recv), None, NOW, Policy(idle_time_ms=idle_time)).idle is victim
+    assert decide(sock(last_recv), None, NOW, Policy(idle_time_ms=idle_time)).victim is victim
 
 
 @pytest.mark.parametrize("state", [10, 2])  # LISTEN, SYN_SENT: tcp_info's stamp is meaningless
 def test_no_receive_path_is_unknown(state):
     v = decide(sock(123456, state=state), None, NOW, Policy(idle_time_ms=1))
-    assert (v.idle_ms, v.idle_source, v.idle) == (None, None, False)
+    assert (v.idle_ms, v.idle_source, v.victim) == (None, None, False)
 
 
 # -- the re-check before a destroy ---------------------------------------------

@@ -6,14 +6,14 @@ import logging
 
 from tcpidle import report
 from tcpidle.model import AF_INET6, Outcome, Socket, Verdict
+from tcpidle.owners import Owner, summarize
 
 CONTRACT_KEYS = ["cookie", "netns", "family", "state", "src", "sport", "dst", "dport", "idle_ms",
                  "idle_source", "last_rx_ms", "inode", "uid", "pids", "comms", "cgroups"]
 
 
-class FakeOwner:
-    def __init__(self, pid, comm, cgroup="/system.slice/nginx.service"):
-        self.pid, self.comm, self.cgroup = pid, comm, cgroup
+def nginx(pid, fd=3):
+    return Owner(pid, fd, "nginx", "/system.slice/nginx.service")
 
 
 def verdict(netns=None, idle_ms=1234.5678, source="bpf"):
@@ -23,7 +23,7 @@ def verdict(netns=None, idle_ms=1234.5678, source="bpf"):
 
 
 def test_audit_row_has_exactly_the_contract_keys():
-    obj = report.row(verdict(), owners={999: [FakeOwner(7, "nginx"), FakeOwner(3, "nginx")]})
+    obj = report.row(verdict(), owners={999: summarize([nginx(7), nginx(3)])})
     assert list(obj) == CONTRACT_KEYS
     assert obj["family"] == "ipv6" and obj["state"] == "ESTABLISHED"
     assert obj["idle_ms"] == 1234.568 and obj["last_rx_ms"] == 3.25

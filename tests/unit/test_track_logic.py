@@ -35,7 +35,8 @@ from tcpidle.probe import (
     check_pin_dir,
     plan_pinned_maps,
 )
-from tcpidle.track import EventLog, Tracker
+from tcpidle.polling import Poller
+from tcpidle.report import EventLog
 
 ACTIVITY_OK = PinInfo(BPF_MAP_TYPE_LRU_HASH, 8, VALUE.size, 4096)
 COUNTERS_OK = PinInfo(BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, len(COUNTERS))
@@ -189,7 +190,6 @@ class Scripted:
         self.steps = list(steps)
         self.policy = policy
         self.scans = []
-        self.spared = 0  # victims the engine's BPF re-check left alone
 
     def scan(self):
         self.scans.append(time.monotonic())
@@ -234,7 +234,7 @@ def test_failed_polls_are_retried_and_counted(tmp_path, capsys):
     m = Metrics(process=False)
     eng = Scripted([OSError(errno.ENOBUFS, "No buffer space available"), 2,
                     RuntimeError("malformed dump"), 1])
-    tr = Tracker(eng, 0.05, events=ev, metrics=m)
+    tr = Poller(eng, 0.05, events=ev, metrics=m)
     t, box = run_in_thread(tr)
     deadline = time.monotonic() + 5
     while len(eng.scans) < 5 and time.monotonic() < deadline:
@@ -255,7 +255,7 @@ def test_failed_polls_are_retried_and_counted(tmp_path, capsys):
 @pytest.mark.parametrize("fatal", [UsageError("bad"), PrivilegeError("no CAP_NET_ADMIN"),
                                    PermissionError(errno.EPERM, "Operation not permitted")])
 def test_usage_and_privilege_errors_end_the_loop(fatal):
-    tr = Tracker(Scripted([1, fatal, 1]), 0.01)
+    tr = Poller(Scripted([1, fatal, 1]), 0.01)
     with pytest.raises(type(fatal)):
         tr.run()
     assert tr.polls == 1
@@ -264,7 +264,7 @@ def test_usage_and_privilege_errors_end_the_loop(fatal):
 
 def test_request_stop_wakes_the_sleep_at_once():
     eng = Scripted([])
-    tr = Tracker(eng, 30.0)
+    tr = Poller(eng, 30.0)
     t, box = run_in_thread(tr)
     deadline = time.monotonic() + 5
     while not eng.scans and time.monotonic() < deadline:
@@ -284,7 +284,7 @@ def test_signals_stop_and_reopen_in_the_main_thread(tmp_path):
     path = tmp_path / "ev"
     ev = EventLog(str(path))
     eng = Scripted([1, 1, 1, 1, 1, 1, 1, 1])
-    tr = Tracker(eng, 0.2, events=ev)
+    tr = Poller(eng, 0.2, events=ev)
     before = signal.getsignal(signal.SIGTERM)
     restore = tr.install_signals()
     assert signal.getsignal(signal.SIGTERM) is not before

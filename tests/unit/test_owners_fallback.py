@@ -1,5 +1,6 @@
-"""Unit tests for tcpidle.procfs: the /proc walk on fake trees, the owner
-pick-up of this very process, the fallback bookkeeping and capability parsing.
+"""Unit tests for tcpidle.owners (the /proc walk on fake trees, the owner
+pick-up of this very process, the one summary of owners), tcpidle.fallback
+(its bookkeeping) and tcpidle.privilege (capability parsing).
 
 Nothing here needs root.  Where a test needs an unreadable directory and the
 suite runs as root (root ignores mode bits), the walk runs in a forked child
@@ -18,21 +19,12 @@ import tempfile
 
 import pytest
 
-from tcpidle import procfs
-from tcpidle.model import Action, Socket, TcpState
-from tcpidle.procfs import (
-    NO_OWNER,
-    ProcWalkError,
-    Owner,
-    ProcActionError,
-    SocketGone,
-    apply_fallback,
-    has_cap_net_admin,
-    has_capability,
-    is_root,
-    owners_by_inode,
-    shutdown_socket,
-)
+from tcpidle.fallback import (NO_OWNER, ProcActionError, SocketGone, apply_fallback, ptrace_refusal,
+                              shutdown_socket)
+from tcpidle.model import SO_COOKIE, Action, OwnerSummary, Socket, TcpState
+from tcpidle.owners import (Owner, Owners, ProcWalkError, _pick_cgroup, owners_by_inode,
+                            summaries_by_inode, summarize)
+from tcpidle.privilege import has_cap_net_admin, has_capability, is_root
 
 NOBODY = 65534
 
@@ -41,8 +33,8 @@ NOBODY = 65534
 # helpers
 
 
-def make_pid(root, pid, fds=None, comm=None, cgroup=None, netns=True, fd_dir=True):
-    """Create ROOT/PID with fd/N -> target symlinks, comm, cgroup, ns/net."""
+def make_pid(root, pid, fds=None, comm=None, cgroup=None, fd_dir=True):
+    """Create ROOT/PID with fd/N -> target symlinks, comm, cgroup."""
     d = os.path.join(str(root), str(pid))
     os.makedirs(d)
     if fd_dir:
@@ -55,15 +47,7 @@ def make_pid(root, pid, fds=None, comm=None, cgroup=None, netns=True, fd_dir=Tru
     if cgroup is not None:
         with open(os.path.join(d, "cgroup"), "w") as f:
             f.write(cgroup)
-    if netns:
-        os.makedirs(os.path.join(d, "ns"))
-        with open(os.path.join(d, "ns", "net"), "w") as f:
-            f.write("")
     return d
-
-
-def netns_ino(root, pid):
-    return os.stat(os.path.join(str(root), str(pid), "ns", "net")).st_ino
 
 
 def run_unprivileged(fn):
@@ -119,7 +103,7 @@ def make_socket(inode, cookie=1):
 
 
 def cookie_of(s):
-    return struct.unpack("=Q", s.getsockopt(socket.SOL_SOCKET, procfs.SO_COOKIE, 8))[0]
+    return struct.unpack("=Q", s.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8))[0]
 
 
 # ---------------------------------------------------------------------------
@@ -150,10 +134,10 @@ def fake_proc(tmp_path):
     # Something that is not a process dir: fd is a plain file.
     make_pid(root, 400, fd_dir=False)
     (root / "400" / "fd").write_text("not a dir")
-    # Missing comm/cgroup/ns, an fd whose name is not a number, a plain file
+    # Missing comm/cgroup, an fd whose name is not a number, a plain file
     # among the fds (readlink fails with EINVAL), malformed socket links.
     make_pid(root, 500, {9: "socket:[333]", "x": "socket:[444]",
-                             11: "socket:[abc]", 12: "socket:[555"}, netns=False)
+                             11: "socket:[abc]", 12: "socket:[555"})
     (root / "500" / "fd" / "10").write_text("")
     # Non-numeric entries at the top level.
     (root / "self").symlink_to("100")
@@ -167,11 +151,11 @@ def test_walk_maps_every_socket_to_its_holders(fake_proc):
     got = owners_by_inode(proc_root=str(fake_proc))
     assert got == {
         111: [
-            Owner(100, 3, "alpha", "/system.slice/alpha.service", netns_ino(fake_proc, 100)),
-            Owner(200, 7, "beta", "/system.slice/beta.service", netns_ino(fake_proc, 200)),
+            Owner(100, 3, "alpha", "/system.slice/alpha.service"),
+            Owner(200, 7, "beta", "/system.slice/beta.service"),
         ],
-        222: [Owner(100, 5, "alpha", "/system.slice/alpha.service", netns_ino(fake_proc, 100))],
-        333: [Owner(500, 9, "", None, None)],
+        222: [Owner(100, 5, "alpha", "/system.slice/alpha.service")],
+        333: [Owner(500, 9, "", None)],
     }
 
 
@@ -186,10 +170,23 @@ def test_walk_with_empty_filter_finds_nothing(fake_proc):
     assert owners_by_inode(set(), proc_root=str(fake_proc)) == {}
 
 
-def test_walk_can_skip_netns(fake_proc):
-    got = owners_by_inode({111}, proc_root=str(fake_proc), with_netns=False)
-    assert [o.netns_inode for o in got[111]] == [None, None]
+def test_walk_orders_holders_by_pid(fake_proc):
+    got = owners_by_inode({111}, proc_root=str(fake_proc))
     assert [o.pid for o in got[111]] == [100, 200]
+
+
+def test_one_summary_of_owners_sorted_without_repeats():
+    """Two workers of one name sharing a socket: both pids, the name once, whatever the order."""
+    held = [Owner(813, 7, "nginx", "/w"), Owner(812, 4, "nginx", None), Owner(812, 9, "nginx", "/w"),
+            Owner(5, 3, "master", "/m")]
+    assert summarize(held) == OwnerSummary((5, 812, 813), ("master", "nginx"), ("/m", "/w"))
+    assert summarize([]) == summarize(None) == OwnerSummary((), (), ())
+
+
+def test_summaries_by_inode_covers_every_inode_asked(fake_proc):
+    got = summaries_by_inode({111, 333, 4242}, proc_root=str(fake_proc))
+    assert set(got) == {111, 333, 4242}
+    assert got[111].pids == (100, 200) and got[4242] == OwnerSummary()
 
 
 def test_walk_missing_proc_root_is_an_error(tmp_path):
@@ -210,7 +207,7 @@ def test_walk_missing_proc_root_is_an_error(tmp_path):
     ],
 )
 def test_cgroup_choice(text, want):
-    assert procfs._pick_cgroup(text) == want
+    assert _pick_cgroup(text) == want
 
 
 @pytest.fixture
@@ -238,8 +235,8 @@ def test_walk_skips_unreadable_fd_dirs(open_tree):
                 os.chmod(os.path.join(dirpath, n), 0o644)
     os.chmod(os.path.join(root, "10", "fd"), 0o000)
 
-    got = run_unprivileged(lambda: owners_by_inode(proc_root=root, with_netns=False))
-    assert got == {2020: [Owner(20, 4, "open", None, None)]}
+    got = run_unprivileged(lambda: owners_by_inode(proc_root=root))
+    assert got == {2020: [Owner(20, 4, "open", None)]}
     assert got.unreadable == (10,)  # not gone: its sockets are not called ownerless
 
 
@@ -268,7 +265,6 @@ def test_walk_of_real_proc_finds_own_socket_with_details():
         assert (oa.pid, oa.fd) == (os.getpid(), a.fileno())
         with open("/proc/self/comm") as f:
             assert oa.comm == f.read().strip()
-        assert oa.netns_inode == os.stat("/proc/self/ns/net").st_ino
         assert oa.cgroup is not None and oa.cgroup.startswith("/")
         # A dup is a second holder of the same socket, in the same process.
         c = os.dup(a.fileno())
@@ -337,9 +333,9 @@ def test_fallback_without_owner_fails_with_reason():
     tw = make_socket(0)  # TIME_WAIT sockets have inode 0
     orphan = make_socket(4242)
     res = apply_fallback([tw, orphan], "shutdown", owners={})
-    assert [(r[1], r[2], r[3], r[4]) for r in res] == [
-        (Action.FAILED, NO_OWNER, (), ()),
-        (Action.FAILED, NO_OWNER, (), ()),
+    assert [(r.action, r.error, r.owners) for r in res] == [
+        (Action.FAILED, NO_OWNER, OwnerSummary()),
+        (Action.FAILED, NO_OWNER, OwnerSummary()),
     ]
     assert res[0][0] is tw and res[1][0] is orphan
 
@@ -354,7 +350,7 @@ def test_fallback_on_exited_owners_is_gone(action):
     pid = exited_pid()
     s = make_socket(4242)
     owners = {4242: [Owner(pid, 3, "gone1"), Owner(pid, 4, "gone1")]}
-    ((sock, act, err, pids, comms),) = apply_fallback([s], action, owners=owners)
+    ((sock, act, err, (pids, comms, _)),) = apply_fallback([s], action, owners=owners)
     assert act == Action.GONE
     assert "%d" % pid in err
     assert (pids, comms) == ((pid,), ("gone1",))
@@ -366,7 +362,7 @@ def test_fallback_shutdown_on_own_socket_reports_all_holders():
         ino = os.fstat(a.fileno()).st_ino
         s = make_socket(ino, cookie_of(a))
         owners = owners_by_inode({ino})
-        ((_, act, err, pids, comms),) = apply_fallback([s], "shutdown", owners=owners)
+        ((_, act, err, (pids, comms, _)),) = apply_fallback([s], "shutdown", owners=owners)
         assert (act, err, pids) == (Action.SHUTDOWN, None, (os.getpid(),))
         b.settimeout(5)
         assert b.recv(1) == b""
@@ -376,7 +372,7 @@ def test_fallback_walks_proc_when_owners_not_given():
     a, b = socket.socketpair()
     with a, b:
         s = make_socket(os.fstat(b.fileno()).st_ino, cookie_of(b))
-        ((_, act, err, pids, _),) = apply_fallback([s], "shutdown")
+        ((_, act, err, (pids, _, _)),) = apply_fallback([s], "shutdown")
         assert (act, err, pids) == (Action.SHUTDOWN, None, (os.getpid(),))
         a.settimeout(5)
         assert a.recv(1) == b""
@@ -421,8 +417,6 @@ def test_unprivileged_process_lacks_cap_net_admin():
     ("3", "Yama forbids attaching to any process (%s = 3"),
 ])
 def test_pidfd_getfd_refusal_names_the_cause(tmp_path, scope, needle):
-    from tcpidle.procfs import ptrace_refusal
-
     path = tmp_path / "ptrace_scope"
     if scope is not None:
         path.write_text(scope + "\n")
@@ -430,14 +424,11 @@ def test_pidfd_getfd_refusal_names_the_cause(tmp_path, scope, needle):
 
 
 def test_fallback_without_a_readable_owner_says_so():
-    from tcpidle.model import Action
-    from tcpidle.procfs import Owners, apply_fallback
-
     owners = Owners()
     owners.unreadable = (1, 4242)
-    ((_s, act, err, _p, _c),) = apply_fallback([make_socket(777)], "shutdown", owners)
+    ((_s, act, err, _o),) = apply_fallback([make_socket(777)], "shutdown", owners)
     assert act == Action.FAILED
     assert err.startswith("no readable process holds this socket: the descriptors of 2 "
                           "processes could not be read (pid 1, 4242;")
-    ((_s, act, err, _p, _c),) = apply_fallback([make_socket(0)], "shutdown", owners)
+    ((_s, act, err, _o),) = apply_fallback([make_socket(0)], "shutdown", owners)
     assert (act, err) == (Action.FAILED, NO_OWNER)  # inode 0: no file holds it, certainly

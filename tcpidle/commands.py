@@ -1,0 +1,265 @@
+"""The use cases: audit, kill, kill -i, track and track --cleanup, each wired in one place.
+
+Each command takes the parsed options, checks what click cannot (exit 2,
+nothing touched), builds its objects once -- the `Selector` and `Policy`,
+the `Scope` (namespaces, and how a DiagSocket is opened in each:
+`open_diag`, the one injection point for tests), the `Evidence`, the
+`Engine` -- runs its pass or its loop, hands what happened to `report`,
+and returns the exit status.  Nothing is changed after it is built.
+
+One pass reads top-down: command -> scope and selection -> dump -> decide
+-> act -> outcomes -> report.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from dataclasses import replace
+from typing import Optional
+
+from . import evidence, netns, privilege, report, selectors
+from .engine import Engine
+from .errors import PrivilegeError, RuntimeFailure, UsageError
+from .model import AF_INET, AF_INET6, DEFAULT_MAP_SIZE, DEFAULT_PIN_DIR, Policy, Selector
+from .passes import run_pass
+from .scope import OpenDiag, Scope, open_diag
+from .signals import StopOnSignal
+
+# ---------------------------------------------------------------------------
+# from options to records
+
+
+def build_selector(opts) -> Selector:
+    """The Selector of the parsed selector options; UsageError on bad values."""
+    families = set()
+    if opts["ipv4"]:
+        families.add(AF_INET)
+    if opts["ipv6"]:
+        families.add(AF_INET6)
+    return Selector(
+        families=frozenset(families or {AF_INET, AF_INET6}),
+        states=selectors.parse_states(opts["states"]),
+        sports=selectors.parse_ports(opts["sports"], "--sport"),
+        dports=selectors.parse_ports(opts["dports"], "--dport"),
+        src=selectors.parse_networks(opts["srcs"], "--src"),
+        dst=selectors.parse_networks(opts["dsts"], "--dst"),
+        pids=frozenset(opts["pids"]),
+        comms=frozenset(opts["comms"]),
+        cgroups=tuple(opts["cgroups"]),
+        uids=frozenset(opts["uids"]),
+    )
+
+
+def build_namespaces(opts) -> Optional[netns.Watch]:
+    """The namespaces to visit, listed again at every scan: None for our own only."""
+    if opts["all_netns"] and opts["netns_specs"]:
+        raise UsageError("--netns and --all-netns exclude each other")
+    if opts["all_netns"]:
+        return netns.Watch(None, log=report.log)
+    if opts["netns_specs"]:
+        return netns.Watch(opts["netns_specs"], log=report.log)
+    return None
+
+
+def build_policy(opts, idle_time: float, **extra) -> Policy:
+    return Policy(idle_time_ms=idle_time, idle_metric=opts["idle_metric"],
+                  last_recv_limit_ms=opts["last_recv_limit"], **extra)
+
+
+def require_privilege(what: str) -> None:
+    """Refuse early, with one line, when CAP_NET_ADMIN is missing."""
+    if not privilege.has_cap_net_admin():
+        raise PrivilegeError("%s needs CAP_NET_ADMIN: run as root" % what)
+
+
+def _require_narrowing(selector: Selector, all_: bool, what: str) -> None:
+    if not selectors.narrows(selector) and not all_:
+        raise UsageError("%s needs a port, address or owner selector (-s, -d, --src, --dst, --pid, "
+                         "--comm, --cgroup, --uid) or --all" % what)
+
+
+def _evidence(opts, watch: Optional[float] = None, map_size: Optional[int] = None,
+              prime=None) -> evidence.Evidence:
+    """The evidence for this run, its choice said with -v."""
+    found = evidence.choose(opts["pin_dir"], watch, map_size or DEFAULT_MAP_SIZE,
+                            opts["require_bpf"], progress=report.progress if watch else None,
+                            prime=prime)
+    report.log.info("%s", found.description)
+    return found
+
+
+# ---------------------------------------------------------------------------
+# the commands
+
+
+def audit(min_idle: float, watch: Optional[float], map_size: int, open_diag: OpenDiag = open_diag,
+          **opts) -> int:
+    """Report matching connections and their idle time; never kills."""
+    selector = build_selector(opts)
+    namespaces = build_namespaces(opts)
+    policy = build_policy(opts, min_idle)
+    report.setup_logging(opts["verbose"], None, syslog=False)
+    if opts["processes"] and not privilege.is_root():
+        report.note("not root: owners are shown only for your own processes")
+    scope = Scope(selector, namespaces, open_diag)
+    seen = _evidence(opts, watch, map_size, prime=scope.prime_cookies)
+    try:
+        engine = Engine(scope, policy, seen, want_owners=opts["processes"])
+        started = time.monotonic()
+        scan = engine.survey()
+        stats = seen.stats()
+        if stats is not None:
+            report.probe_stats(stats)
+    finally:
+        seen.close()
+    scan.close()
+    report.audit_pass(scan, opts["as_json"], (time.monotonic() - started) * 1000, min_idle,
+                      seen.description)
+    return 0
+
+
+def kill(idle_time: float, dry_run: bool, use_proc: bool, proc_action: str, logfile: Optional[str],
+         disable_syslog: bool, all_: bool, interval: Optional[float],
+         open_diag: OpenDiag = open_diag, **opts) -> int:
+    """Destroy matching connections idle for at least idle_time, once or every interval."""
+    selector = build_selector(opts)
+    namespaces = build_namespaces(opts)
+    _require_narrowing(selector, all_, "kill")
+    policy = build_policy(opts, idle_time, dry_run=dry_run, use_proc=use_proc, proc_action=proc_action)
+    if not dry_run:
+        require_privilege("kill")
+    report.setup_logging(opts["verbose"], logfile, syslog=not disable_syslog)
+    seen = _evidence(opts)
+    try:
+        engine = Engine(Scope(selector, namespaces, open_diag), policy, seen,
+                        want_owners=opts["processes"])
+        if interval is None:
+            return _kill_once(engine, opts["as_json"])
+        return _poll(engine, interval, opts["as_json"])
+    finally:
+        seen.close()
+
+
+def _kill_once(engine: Engine, as_json: bool) -> int:
+    """One pass; its exit status.  SIGTERM/SIGINT during it stop it between two
+    destroy batches: what was done is reported, and the status is 128 + the
+    signal's number.  A namespace named with --netns that is gone fails the run."""
+    with StopOnSignal() as stopped:
+        done = run_pass(engine, as_json, "kill", stop=stopped)
+    if stopped.signum:
+        report.error("interrupted by %s: %d connections acted on, %d not"
+                     % (signal.Signals(stopped.signum).name, len(done.outcomes), done.interrupted))
+        return 128 + stopped.signum
+    for text in done.scan.missing:
+        report.error(text)
+    return 1 if done.scan.missing or any(o.action == "failed" for o in done.outcomes) else 0
+
+
+def _poll(engine: Engine, interval: float, as_json: bool) -> int:
+    """kill -i: the tracker's loop without a probe of its own; 0 on SIGINT/SIGTERM."""
+    from .polling import Poller
+
+    poller = Poller(engine, interval, as_json=as_json, name="kill")
+    restore = poller.install_signals()
+    report.set_stdout_line_buffered()
+    report.note("polling every %g s; SIGINT or SIGTERM stops" % interval)
+    try:
+        poller.run()
+    finally:
+        poller.close()
+        restore()
+    report.note("stopped after %d polls" % poller.polls)
+    return 0
+
+
+def track(idle_time: float, dry_run: bool, use_proc: bool, proc_action: str, logfile: Optional[str],
+          disable_syslog: bool, all_: bool, interval: float, map_size: int, bpf_hook: str,
+          max_kills_per_interval: int, exclude_ports, exclude_cidrs, event_log: Optional[str],
+          metrics_port: Optional[int], metrics_addr: str, cleanup: bool,
+          open_diag: OpenDiag = open_diag, cache_dir: Optional[str] = None, **opts) -> int:
+    """The daemon: the probe attached with its maps pinned, a kill pass every interval.
+
+    Runs until SIGTERM/SIGINT and returns 0.  Fatal errors (usage,
+    privilege, an unusable pin directory, a metrics port that cannot be
+    bound) raise before or instead of the loop; the probe is detached and
+    its pins kept on every way out.
+    """
+    from .polling import LoopControl, Poller
+
+    if cleanup:
+        return clean_pins(opts["pin_dir"])
+    selector = replace(
+        build_selector(opts),
+        exclude_ports=selectors.parse_ports(exclude_ports, "--exclude-port"),
+        exclude_nets=selectors.parse_networks(exclude_cidrs, "--exclude-cidr"),
+    )
+    namespaces = build_namespaces(opts)
+    _require_narrowing(selector, all_, "track")
+    policy = build_policy(opts, idle_time, dry_run=dry_run, use_proc=use_proc, proc_action=proc_action,
+                          max_kills=max_kills_per_interval or None)
+    report.setup_logging(opts["verbose"], logfile, syslog=not disable_syslog)
+    if not policy.dry_run:
+        require_privilege("track")
+    scope = Scope(selector, namespaces, open_diag)
+    events = report.EventLog(event_log) if event_log else None
+    metrics = None
+    seen = None
+    signals = LoopControl()  # before the slow start: a SIGTERM meanwhile stops the loop at once
+    restore = signals.install()
+    report.set_stdout_line_buffered()
+    try:
+        if metrics_port is not None:
+            from .metrics import Metrics  # prometheus_client: the daemon's alone
+
+            metrics = Metrics()
+            try:
+                metrics.serve(metrics_port, metrics_addr)
+            except OSError as e:
+                raise RuntimeFailure("metrics: cannot listen on %s port %d: %s" % (
+                    metrics_addr, metrics_port, e.strerror or e)) from None
+            metrics.observe_probe(None)
+        seen = evidence.attach_tracker(opts["pin_dir"], map_size, bpf_hook, opts["require_bpf"],
+                                       cache_dir)
+        engine = Engine(scope, policy, seen, want_owners=opts["processes"])
+        poller = Poller(engine, interval, signals, evidence=seen,
+                        events=events, metrics=metrics, as_json=opts["as_json"])
+        report.note(seen.description)
+        report.note("polling every %g s: idle >= %g ms%s%s; SIGTERM or SIGINT stops, "
+                    "SIGHUP reopens logs" % (
+                        interval, policy.idle_time_ms,
+                        ", at most %d kills per interval" % policy.max_kills
+                        if policy.max_kills is not None else "",
+                        " (dry run)" if policy.dry_run else ""))
+        if metrics is not None:
+            report.note("metrics on http://%s:%d/metrics" % (_url_host(metrics_addr), metrics_port))
+        poller.run()
+        report.note("stopped after %d polls (%d acted on, %d failed polls)%s" % (
+            poller.polls, poller.acted, poller.errors,
+            "; BPF maps kept in %s" % opts["pin_dir"] if seen.present and opts["pin_dir"] else ""))
+        return 0
+    finally:
+        if seen is not None:
+            seen.close()
+        if metrics is not None:
+            metrics.close()
+        if events is not None:
+            events.close()
+        signals.close()
+        restore()
+
+
+def clean_pins(pin_dir: str = DEFAULT_PIN_DIR) -> int:
+    """track --cleanup: remove the pinned maps (refused while a tracker runs)."""
+    from .probe import remove_pins
+
+    removed = remove_pins(pin_dir)
+    for path in removed:
+        report.note("removed %s" % path)
+    if not removed:
+        report.note("nothing pinned in %s" % pin_dir)
+    return 0
+
+
+def _url_host(addr: str) -> str:
+    return "[%s]" % addr if ":" in addr else addr

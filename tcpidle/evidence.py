@@ -1,0 +1,201 @@
+"""The BPF evidence a run has of when sockets received, and where it comes from.
+
+Owns `Evidence`, the one object the engine is handed when it is built: a
+snapshot of the probe's records (read right after the dump), fresh records
+of given cookies (the re-check right before a destroy), the map's health
+(`stats`), a one-line description for the summary, and `close`.  Behind it
+is a probe map reader (`tcpidle.probe`: an attached `Probe`, or the
+`PinnedMap` of a tracker), or nothing at all.
+
+Where it comes from is chosen here, in this order (`choose`):
+  1. `--watch S`: attach a probe of our own and observe for S seconds;
+  2. the pinned map of a running (or stopped) `tcpidle track` under the pin
+     directory: history gathered by the tracker, read without compiling;
+  3. nothing: idle times come from tcp_info alone, and the run says so
+     (or fails with --require-bpf).
+The tracker attaches a probe of its own, its maps pinned (`attach_tracker`).
+A stale pinned map (tracker stopped) is harmless: the merge rule in idle.py
+never lets the probe make a socket look idler than tcp_info says.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Callable, Dict, Optional, Sequence
+
+from .errors import RuntimeFailure
+from .model import DEFAULT_MAP_SIZE, DEFAULT_PIN_DIR, Activity
+
+log = logging.getLogger("tcpidle")
+
+NO_PROBE = "no BPF probe: idle from tcp_info (for ns precision run `tcpidle track`, or `audit --watch S`)"
+
+
+class Evidence:
+    """What the probe knows, for one run; without a reader, nothing (tcp_info alone).
+
+    `reader` is a probe map reader (activity/lookup/stats/close);
+    `close` is how to let go of it (default: reader.close()).
+    """
+
+    def __init__(self, reader=None, description: str = NO_PROBE,
+                 close: Optional[Callable[[], None]] = None):
+        self.reader = reader
+        self.description = description
+        self._close = close if close is not None else (reader.close if reader is not None else None)
+
+    @property
+    def present(self) -> bool:
+        """Is there a probe behind it?"""
+        return self.reader is not None
+
+    def snapshot(self) -> Dict[int, Activity]:
+        """Every record of the probe's map, by cookie ({} without a probe)."""
+        return self.reader.activity() if self.reader is not None else {}
+
+    def lookup(self, cookies: Sequence[int]) -> Dict[int, Activity]:
+        """Fresh records of just these cookies ({} without a probe); OSError if the map cannot be read."""
+        return self.reader.lookup(cookies) if self.reader is not None else {}
+
+    def stats(self) -> Optional[dict]:
+        """The map's health (entries, max_entries, evicted, ...); None without a probe."""
+        return self.reader.stats() if self.reader is not None else None
+
+    def close(self) -> None:
+        close, self._close = self._close, None
+        if close is not None:
+            close()
+
+
+def attach_tracker(pin_dir: Optional[str], map_size: int = DEFAULT_MAP_SIZE, hook: str = "auto",
+                   require_bpf: bool = False, cache_dir: Optional[str] = None) -> Evidence:
+    """The tracker's own probe, its maps pinned in `pin_dir` (None: not pinned).
+
+    Closing it detaches the probe and keeps the pins, so a restarted
+    tracker, and `audit`/`kill` meanwhile, carry on with its history.
+    BPF that cannot run here leaves tcp_info alone, with a warning (a
+    RuntimeFailure with require_bpf); a pin directory that cannot be used
+    (held by another tracker, foreign maps, no bpffs) is fatal: tracking on
+    without the probe would hide it.
+    """
+    from . import probe  # ctypes, libbpf and bcc: the tracker's alone
+
+    try:
+        attached = probe.Probe.attach(map_size=map_size, hook=hook, cache_dir=cache_dir,
+                                      pin_dir=pin_dir)
+    except probe.PinError:
+        raise
+    except probe.ProbeUnavailable as e:
+        if require_bpf:
+            raise RuntimeFailure("BPF probe unavailable: %s; --require-bpf given" % e) from None
+        log.warning("no BPF probe (%s): idle times from tcp_info alone "
+                    "(jiffy precision, in-order data only)", e)
+        return Evidence(None, "no BPF probe: idle times from tcp_info")
+    for note in attached.pin_notes:
+        log.info("%s", note)
+    if attached.needs_cookie_priming:
+        # Every poll's dump gives the sockets it lists their cookie; this
+        # hook sees a socket's segments from then on.
+        log.info("%s sees a connection from the first poll that lists it on", attached.hook)
+    text = "BPF probe on %s" % attached.describe()
+    pins = attached.describe_pins()
+    if pins:
+        try:
+            text += "; maps pinned in %s, %d entries" % (pins, len(attached.activity()))
+        except OSError:
+            text += "; maps pinned in %s" % pins
+    return Evidence(attached, text, close=lambda: attached.close(keep_pins=True))
+
+
+def choose(pin_dir: str = DEFAULT_PIN_DIR, watch_s: Optional[float] = None,
+           map_size: int = DEFAULT_MAP_SIZE, require_bpf: bool = False,
+           progress: Optional[Callable[[str], None]] = None,
+           prime: Optional[Callable[[], int]] = None) -> Evidence:
+    """The best evidence available; RuntimeFailure if --require-bpf finds none.
+
+    `prime` (with --watch) makes the kernel give every socket to be scanned
+    its cookie, for hooks that cannot (Probe.needs_cookie_priming); it
+    returns how many sockets it asked about.
+    """
+    reason = None
+    if watch_s or _pinned(pin_dir):
+        from . import probe  # ctypes and libbpf: only when there is BPF to read
+    if watch_s:
+        try:
+            return _watch(probe, watch_s, map_size, progress, prime)
+        except probe.ProbeUnavailable as exc:
+            reason = "BPF probe unavailable: %s" % exc
+    elif _pinned(pin_dir):
+        try:
+            pinned = probe.PinnedMap.open(pin_dir)
+        except probe.ProbeUnavailable as exc:
+            reason = "cannot read the tracker's pinned map in %s: %s" % (pin_dir, exc)
+        else:
+            return Evidence(pinned, "idle from BPF: the tracker's map pinned in %s" % pin_dir)
+    if require_bpf:
+        raise RuntimeFailure((reason or "no BPF activity source (no tracker pinned in %s, no --watch)" % pin_dir)
+                             + "; --require-bpf given")
+    if reason:
+        log.warning("%s; idle from tcp_info", reason)
+        return Evidence(None, reason + "; idle from tcp_info")
+    return Evidence(None, NO_PROBE)
+
+
+def _pinned(pin_dir: str) -> bool:
+    return os.path.exists(os.path.join(pin_dir, "activity"))
+
+
+# While watching, sockets opened since the last dump have no cookie yet: the
+# dump is repeated this often, unless one dump costs more than a tenth of it.
+PRIME_EVERY_S = 2.0
+
+
+def _watch(probe, watch_s: float, map_size: int, progress, prime) -> Evidence:
+    attached = probe.Probe.attach(map_size=map_size, log=log)  # logs hook, headers, start-up time
+    try:
+        primer = _Primer(prime if attached.needs_cookie_priming else None, attached.hook)
+        deadline = time.monotonic() + watch_s
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            primer.maybe()
+            if progress:
+                progress("watching traffic with the BPF probe: %.0f s left" % left)
+            time.sleep(min(1.0, left))
+    except BaseException:
+        attached.close()
+        raise
+    hook = attached.describe().partition(" (")[0]  # without the notes on hooks not taken
+    return Evidence(attached, "idle from BPF: %s, watched %g s" % (hook, watch_s))
+
+
+class _Primer:
+    """Gives the selected sockets their cookies (an INET_DIAG dump) for hooks
+    that cannot: at once, then every PRIME_EVERY_S while that stays cheap.
+
+    The hook keys segments by the cookie a socket already has; sockets
+    opened between two dumps are seen from the next one on, and until then
+    tcp_info serves them.
+    """
+
+    def __init__(self, prime: Optional[Callable[[], int]], hook: str):
+        self.prime = prime
+        self.hook = hook
+        self.last = None  # monotonic time of the last dump
+        self.cost = 0.0
+
+    def maybe(self) -> None:
+        if self.prime is None:
+            return
+        now = time.monotonic()
+        if self.last is not None and (now - self.last < PRIME_EVERY_S
+                                      or self.cost > PRIME_EVERY_S / 10):
+            return
+        count = self.prime()
+        self.cost = time.monotonic() - now
+        (log.info if self.last is None else log.debug)(
+            "%s: cookies primed for %d sockets (%.0f ms)", self.hook, count, self.cost * 1000)
+        self.last = now

@@ -1,0 +1,184 @@
+"""Where a selection's sockets are and how to reach them.
+
+Owns, for one `Selector`, what the kernel is asked (families, the states
+mask, the port filter compiled to INET_DIAG bytecode), the network
+namespaces visited -- listed again at every scan (`netns.Watch`: with
+--all-netns every one alive now; names and paths resolved again) -- and the
+one place where a `diag.DiagSocket` is opened in a namespace (`open_diag`,
+replaceable: the unit tier hands in a socket that replays recorded dumps).
+
+Each dump keeps a descriptor of every namespace it reached in its `Scan`, so
+that acting on the scan's verdicts (`batches`) reaches the namespaces that
+were dumped, even if their names were deleted or reused since.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+from . import diag, netns, selectors
+from .model import Selector, Socket, Verdict
+
+log = logging.getLogger("tcpidle")
+
+# How a DiagSocket is opened: in the namespace of an open ns descriptor (None:
+# the caller's own), its records labelled with the namespace's label.
+OpenDiag = Callable[[Optional[int], object], diag.DiagSocket]
+Namespaces = Union[None, Sequence[netns.Netns], Callable[[], netns.Listing]]
+
+
+def open_diag(netns_fd: Optional[int], label) -> diag.DiagSocket:
+    """A DiagSocket in the namespace `netns_fd` (None: our own)."""
+    if netns_fd is None:
+        return diag.DiagSocket()
+    return diag.DiagSocket(netns_fd=netns_fd, netns_label=label)
+
+
+class Scope:
+    """The sockets a selector concerns, namespace by namespace.
+
+    `namespaces`: None for the caller's own only (reported as netns=null), a
+    list of `netns.Netns`, or a callable (`netns.Watch`) asked at every scan.
+    """
+
+    def __init__(self, selector: Selector, namespaces: Namespaces = None,
+                 open_diag: OpenDiag = open_diag):
+        self.selector = selector
+        if namespaces is None:
+            namespaces = [netns.own()]
+        self.namespaces = namespaces if callable(namespaces) else list(namespaces)
+        self._open = open_diag
+        self.families = selectors.selector_families(selector)
+        self.states_mask = selectors.states_mask(selector.states)
+        try:
+            self.bytecode = selectors.compile_bytecode(selector)
+        except selectors.BytecodeTooLong as exc:
+            log.info("port filter too large for the kernel (%s): filtering in Python", exc)
+            self.bytecode = b""
+
+    # -- dumping ---------------------------------------------------------------
+
+    def _each_namespace(self, scan) -> Iterator[diag.DiagSocket]:
+        """A DiagSocket for each namespace of this scan in turn, its descriptor kept in `scan`.
+
+        One that cannot be entered is skipped: said in the log, and in
+        `scan.missing` when the user named it.
+        """
+        listing = self.namespaces() if callable(self.namespaces) else netns.Listing(self.namespaces)
+        scan.missing.extend(listing.missing)
+        for text in listing.missing:
+            log.warning("%s: skipped", text)
+        for ns in listing.found:
+            if ns.path is None:
+                yield self._open(None, None)
+                continue
+            try:
+                fd = netns.open_fd(ns)
+            except netns.NetnsGone as exc:
+                if listing.named:
+                    scan.missing.append(str(exc))
+                    log.warning("%s: skipped", exc)
+                else:  # --all-netns: it ended between the listing and now
+                    log.info("%s: skipped", exc)
+                continue
+            scan.keep_fd(ns.label, fd)
+            yield self._open(fd, ns.label)
+
+    def dump(self, scan) -> List[Tuple[Socket, int]]:
+        """Every socket the kernel returns, with the CLOCK_MONOTONIC ns taken just before
+        its namespace's dump; the namespaces' descriptors are kept in `scan`.
+
+        "Now" is taken just before each namespace's dump: tcp_info ages are
+        computed by the kernel while it dumps, so they can only be older
+        than probe ages measured from that instant, and the merge rule
+        compares like with like.  Taken after the dump, a 20-50 ms dump of a
+        busy host would make every probe record look stale by more than a
+        jiffy and lose the merge to tcp_info.
+        """
+        found: List[Tuple[Socket, int]] = []
+        for nl in self._each_namespace(scan):
+            with nl:
+                now_ns = time.monotonic_ns()
+                socks = nl.dump_sockets(self.families, self.states_mask, self.bytecode)
+                found.extend((sk, now_ns) for sk in socks)
+        return found
+
+    def prime_cookies(self) -> int:
+        """Dump the selected sockets once, so that each has its cookie; returns how many.
+
+        The kernel numbers a socket (sock_gen_cookie) the first time someone
+        asks, and an INET_DIAG dump asks for every socket it returns.  Probe
+        hooks that read the number from the socket (raw tracepoint, kprobe)
+        skip sockets never asked about; after this they see all of ours.
+        """
+        primed = 0
+        fds = NamespaceFds()
+        try:
+            for nl in self._each_namespace(fds):
+                with nl:
+                    primed += len(nl.dump_sockets(self.families, self.states_mask, self.bytecode,
+                                                  want_info=False))
+        finally:
+            fds.close()
+        return primed
+
+    # -- acting ----------------------------------------------------------------
+
+    def batches(self, scan, victims: Sequence[Verdict], chunk: int = 256
+                ) -> Iterator[Tuple[Optional[diag.DiagSocket], List[Verdict]]]:
+        """(DiagSocket, part) for each namespace's victims, `chunk` at a time.
+
+        Each namespace is reached through the descriptor the scan opened, so
+        the destroy goes to the namespace that was dumped even if its name
+        was deleted (or given to another namespace) since.  None: the
+        namespace could not be reached (its sockets went with it).
+        """
+        groups: Dict[object, List[Verdict]] = {}
+        for v in victims:
+            groups.setdefault(v.socket.netns, []).append(v)
+        for label, part in groups.items():
+            if label is None:
+                nl = self._open(None, None)
+            else:
+                fd = scan.fd_of(label)
+                if fd is None:
+                    log.warning("network namespace %s is gone: its %d connections are gone",
+                                label, len(part))
+                    yield None, part
+                    continue
+                nl = self._open(fd, label)
+            with nl:
+                for lo in range(0, len(part), chunk):
+                    yield nl, part[lo:lo + chunk]
+
+
+class NamespaceFds:
+    """The namespaces one dump reached: label -> open descriptor; `missing` names
+    those asked for that could not be reached.  close() releases them."""
+
+    def __init__(self):
+        self.missing: List[str] = []
+        self._fds: Dict[object, int] = {}
+
+    def keep_fd(self, label, fd: int) -> None:
+        old = self._fds.pop(label, None)
+        if old is not None:
+            os.close(old)
+        self._fds[label] = fd
+
+    def fd_of(self, label) -> Optional[int]:
+        return self._fds.get(label)
+
+    def close(self) -> None:
+        fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            os.close(fd)
+
+    def __del__(self):  # a Scan nobody closed (audit, tests): no descriptor leaks
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass

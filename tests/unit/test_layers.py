@@ -1,0 +1,78 @@
+"""The house's floors: no tcpidle module imports one above it.
+
+One pass reads top-down (command -> scope and selection -> dump -> decide ->
+act -> outcomes -> report), each step calling only downward.  This reads
+every module's imports (lazy ones inside functions included) and checks
+them against the floors below; a new module must be given its floor here.
+"""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+
+import pytest
+
+import tcpidle
+
+# Top floor first.  A module may import modules on its own floor or below.
+FLOORS = [
+    ["__main__"],
+    ["cli"],
+    ["commands", "options"],
+    ["polling"],
+    ["passes"],
+    ["engine"],
+    ["evidence", "scope", "fallback", "signals"],
+    ["owners", "idle", "selectors", "report", "metrics", "privilege"],
+    ["diag", "netns", "probe", "sinks"],
+    ["safetext"],
+    ["btf", "kheaders"],
+    ["model", "errors", "bpf"],
+]
+FLOOR = {name: i for i, names in enumerate(FLOORS) for name in names}
+PACKAGE = pathlib.Path(tcpidle.__file__).parent
+
+
+def modules():
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(PACKAGE).with_suffix("")
+        if rel.name == "__init__" and rel.parent == pathlib.Path("."):
+            continue
+        yield rel.parts[0], path
+
+
+def imported(path, package_parts):
+    """The tcpidle modules (first component below tcpidle) that `path` imports."""
+    tree = ast.parse(path.read_text(), str(path))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package_parts[: len(package_parts) - (node.level - 1)]
+                target = base + (node.module.split(".") if node.module else [])
+            elif node.module and node.module.split(".")[0] == "tcpidle":
+                target = node.module.split(".")
+            else:
+                continue
+            if len(target) > 1:
+                yield target[1]
+            else:  # from . import x, y
+                for alias in node.names:
+                    yield alias.name
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                parts = alias.name.split(".")
+                if parts[0] == "tcpidle" and len(parts) > 1:
+                    yield parts[1]
+
+
+@pytest.mark.parametrize("name, path", list(modules()), ids=lambda x: str(x))
+def test_no_module_imports_one_above_it(name, path):
+    assert name in FLOOR, "tcpidle/%s: give it a floor in tests/unit/test_layers.py" % name
+    parts = ("tcpidle",) + path.relative_to(PACKAGE).with_suffix("").parts[:-1]
+    for target in imported(path, list(parts)):
+        if target == name:
+            continue  # inside one package
+        assert target in FLOOR, "%s imports tcpidle.%s, which has no floor" % (path.name, target)
+        assert FLOOR[target] >= FLOOR[name], "%s (floor %d) imports %s (floor %d), above it" % (
+            path.name, FLOOR[name], target, FLOOR[target])

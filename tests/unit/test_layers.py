@@ -17,7 +17,7 @@ import tcpidle
 
 # Top floor first.  A module may import modules on its own floor or below.
 FLOORS = [
-    ["__main__"],
+    ["__main__", "manpage"],
     ["cli"],
     ["commands", "options"],
     ["polling"],

@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 from ..errors import UsageError
+from ..model import DEFAULT_MAP_SIZE
 from . import ProbeUnavailable, kheaders, one_line
 from .features import (HOOKS, LAZY_COOKIE_HOOKS, RCV_FUNC, attach_first, build_cflags,
                        detect_features, ensure_tracefs, plan_hooks, unavailable_reasons)
@@ -142,7 +143,7 @@ class Probe:
         self._suspended = False
 
     @classmethod
-    def attach(cls, map_size: int = 65536, hook: str = "auto", log=None,
+    def attach(cls, map_size: int = DEFAULT_MAP_SIZE, hook: str = "auto", log=None,
                cache_dir: Optional[str] = None, selftest: bool = False,
                pin_dir: Optional[str] = None) -> "Probe":
         """Compile and attach the probe; ProbeUnavailable(reason) if impossible.

@@ -22,7 +22,7 @@ import os
 import struct
 from typing import Dict, List, Sequence, Tuple
 
-from ..model import Activity
+from ..model import MAX_MAP_SIZE, Activity  # noqa: F401 - MAX_MAP_SIZE: a public name of tcpidle.probe
 from . import ProbeUnavailable
 
 # Indexes of the per-CPU "counters" array; keep in step with the C source.
@@ -30,7 +30,6 @@ COUNTERS = ("inserts", "deletes", "failed", "no_cookie", "selftest_ok", "selftes
 # struct tcpidle_activity (see the header comment of the C source).
 VALUE = struct.Struct("=5Q")
 KEY_SIZE = 8
-MAX_MAP_SIZE = 1 << 24
 BPF_MAP_TYPE_PERCPU_ARRAY = 6
 BPF_MAP_TYPE_LRU_HASH = 9
 BPF_F_RDONLY = 1 << 3

@@ -27,7 +27,6 @@ FLOORS = [
     ["owners", "idle", "selectors", "report", "metrics", "privilege"],
     ["diag", "netns", "probe", "sinks"],
     ["safetext"],
-    ["btf", "kheaders"],
     ["model", "errors", "bpf"],
 ]
 FLOOR = {name: i for i, names in enumerate(FLOORS) for name in names}

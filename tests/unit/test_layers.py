@@ -55,9 +55,10 @@ def imported(path, package_parts):
                 continue
             if len(target) > 1:
                 yield target[1]
-            else:  # from . import x, y
+            else:  # from . import x, y: modules, or names of the package's __init__
                 for alias in node.names:
-                    yield alias.name
+                    if (PACKAGE / alias.name).is_dir() or (PACKAGE / (alias.name + ".py")).exists():
+                        yield alias.name
         elif isinstance(node, ast.Import):
             for alias in node.names:
                 parts = alias.name.split(".")

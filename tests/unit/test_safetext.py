@@ -42,7 +42,7 @@ def _verdict(comm=EVIL, cgroup="/evil" + EVIL, netns="ns" + EVIL):
     sock = Socket(family=2, state=int(TcpState.ESTABLISHED), src="10.0.0.1", sport=1234,
                   dst="10.0.0.2", dport=80, cookie=42, inode=7, uid=0, raw_id=b"\0" * 48,
                   netns=netns)
-    v = Verdict(sock, idle=True, idle_ms=5.0, idle_source="tcp_info", last_rx_ms=None)
+    v = Verdict(sock, victim=True, idle_ms=5.0, idle_source="tcp_info", last_rx_ms=None)
     return v, Outcome(v, "failed", "SOCK_DESTROY: " + EVIL, (99,), (comm,), (cgroup,))
 
 

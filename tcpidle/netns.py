@@ -9,6 +9,7 @@ that runs from our own namespace; no thread is ever left in a foreign one.
 
 from __future__ import annotations
 
+import logging
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -201,7 +202,7 @@ class Watch:
 
     def __init__(self, specs: Optional[Sequence[str]] = None, log=None):
         self.specs = None if specs is None else list(specs)
-        self._log = log
+        self._log = log if log is not None else logging.getLogger("tcpidle")
         self._fixed = {}
         self._known: Optional[dict] = None
         if self.specs is not None:
@@ -231,7 +232,7 @@ class Watch:
 
     def _note_changes(self, found: List[Netns]) -> None:
         now = {ns.inode: ns.label for ns in found}
-        if self._known is not None and self._log is not None:
+        if self._known is not None:
             for inode in now.keys() - self._known.keys():
                 self._log.info("network namespace %s appeared", now[inode])
             for inode in self._known.keys() - now.keys():

@@ -301,9 +301,10 @@ def test_a_namespace_whose_name_is_deleted_before_the_destroy_is_still_reached(
     assert all(aborted(a) for _, a in conns)
 
 
-def test_all_netns_visits_namespaces_made_after_it_started(make_ns, monkeypatch):
+def test_all_netns_visits_namespaces_made_after_it_started(make_ns, caplog):
     """--all-netns lists the namespaces again at every scan: a namespace made
-    after the first scan is visited by the second (and destroyed in)."""
+    after the first scan is visited by the second, one that ended is not
+    visited by the third; both are said in the log."""
     from tcpidle import netns
     from tcpidle.engine import Engine
     from tcpidle.scope import Scope
@@ -327,8 +328,16 @@ def test_all_netns_visits_namespaces_made_after_it_started(make_ns, monkeypatch)
         late.listener.close()
         late.listener = _listener_in(second.name, "127.83.1.1", port)
         late.many(1)
-        labels = {v.socket.netns for v in engine.scan().verdicts}
-        assert labels == {first.name, second.name}
+        with caplog.at_level("INFO", logger="tcpidle"):
+            labels = {v.socket.netns for v in engine.scan().verdicts}
+            assert labels == {first.name, second.name}
+            early.close()
+            first.delete()
+            labels = {v.socket.netns for v in engine.scan().verdicts}
+            assert labels == {second.name}
+        said = [r.getMessage() for r in caplog.records]
+        assert "network namespace %s appeared" % second.name in said, said
+        assert "network namespace %s ended" % first.name in said, said
     finally:
         early.close()
         if late is not None:

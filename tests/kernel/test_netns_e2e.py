@@ -20,7 +20,11 @@ from conftest import REPO_ROOT, parse_json_lines
 
 pytestmark = pytest.mark.kernel
 
-PORT, OTHER = 47613, 47614
+# --all-netns sees every namespace of the host, other test runs' too (the
+# machine is shared): ports of this run's own, so that `kill --all-netns -d
+# PORT` cannot reach another run's connections (below the ephemeral range).
+PORT = 20000 + (os.getpid() % 5000) * 2
+OTHER = PORT + 1
 IDLE_MS = 400
 
 

@@ -477,3 +477,21 @@ def test_btf_offsets_are_cached_per_boot(tmp_path, monkeypatch):
     # a corrupt file is recomputed too
     path.write_text("{not json")
     assert probe.cached_btf_offsets(str(tmp_path)) == first
+
+
+def test_counter_names_follow_the_program_indexes():
+    """COUNTERS[i] names the program's counters[i]: the C source's C_* indexes are the truth.
+
+    A swap on either side would file "no cookie" segments under "failed" and so
+    on; only the kernel tier would notice otherwise.
+    """
+    import re
+
+    from tcpidle.probe import COUNTERS
+
+    with open(bpf_source()) as f:
+        text = f.read()
+    indexes = {int(i): name.lower() for name, i in re.findall(r"^#define C_(\w+)\s+(\d+)", text, re.M)}
+    (n,) = re.findall(r"^#define N_COUNTERS\s+(\d+)", text, re.M)
+    assert sorted(indexes) == list(range(int(n)))
+    assert tuple(indexes[i] for i in range(int(n))) == COUNTERS

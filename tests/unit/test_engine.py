@@ -1,0 +1,444 @@
+"""The middle of tcpidle, driven through the fake NETLINK_SOCK_DIAG kernel (no root).
+
+`tcpidle kill` and the engine run unchanged down to the netlink socket
+object: diag builds real requests and decodes real answers, the fake kernel
+(tests/lab/fake_netlink.py) parses those requests and answers with recorded
+inet_diag_msg records and acks.  Owners come from a fake /proc tree
+(tests/lab/fake_proc.py) at pids no process can have.  What is checked, each
+against the fake kernel's record of what it was asked and what it did:
+the whole dump is read before the first destroy; victims go in batches of
+256, each asked about again right before its destroy (a victim that
+received data since the scan is spared, even one that woke while an earlier
+batch was destroyed); outcomes (destroyed, gone on ENOENT, failed; EPERM
+fails the run; EOPNOTSUPP switches to the /proc fallback once); owner
+selectors --pid/--comm/--cgroup/--uid; --dry-run; max kills; namespaces
+known by inode, and never acted on once their path names another.
+"""
+
+from __future__ import annotations
+
+import errno
+import gc
+import json
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from typing import List
+
+import pytest
+
+from tcpidle import cli, diag, netns, procfs
+from tcpidle.engine import Engine
+from tcpidle.model import Action, Policy, PortSet, Selector
+from tests.lab.fake_netlink import FakeKernel
+from tests.lab.fake_proc import FIRST_PID, Holder, make_proc
+
+V4, V6 = socket.AF_INET, socket.AF_INET6
+
+
+@pytest.fixture
+def kernel(monkeypatch, tmp_path):
+    """A fake kernel behind diag's netlink sockets, and an empty fake /proc."""
+    k = FakeKernel()
+    # The injection point: the one function that creates diag's netlink sockets.
+    monkeypatch.setattr(diag, "_open_netlink", k.open_netlink)
+    monkeypatch.setattr(diag.DiagSocket, "single_walk", True)  # a class-wide latch
+    proc = tmp_path / "proc"
+    proc.mkdir()
+    walk = procfs.owners_by_inode
+    monkeypatch.setattr(procfs, "owners_by_inode",
+                        lambda inodes=None, proc_root=None, with_netns=True:
+                        walk(inodes, str(proc), with_netns))
+    # The fake kernel grants CAP_NET_ADMIN (kill checks it before anything else).
+    monkeypatch.setattr(procfs, "has_cap_net_admin", lambda *a, **kw: True)
+    k.proc = str(proc)
+    k.tmp = tmp_path
+    yield k
+    logging.getLogger("tcpidle").handlers.clear()
+
+
+@dataclass
+class Run:
+    code: int
+    rows: List[dict]
+    err: str
+
+    def by_cookie(self):
+        return {r["cookie"]: r for r in self.rows}
+
+
+def tcpidle(kernel, capsys, *argv) -> Run:
+    """`tcpidle ARGV --json` in this process, as main() runs it; its exit status, rows, stderr."""
+    args = list(argv) + ["--json", "--disable-syslog", "--pin-dir", str(kernel.tmp / "no-pins")]
+    code = 0
+    try:
+        cli.main(args)
+    except SystemExit as exc:
+        code = exc.code
+    finally:
+        gc.enable()  # main() turns the collector off for the process
+        logging.getLogger("tcpidle").handlers.clear()
+    out, err = capsys.readouterr()
+    return Run(code, [json.loads(line) for line in out.splitlines() if line.strip()], err)
+
+
+def cookies(socks):
+    return [s.cookie for s in socks]
+
+
+def alive(ns):
+    return {s.cookie for s in ns.sockets}
+
+
+# -- the recorded dumps, replayed -------------------------------------------------------
+
+
+def test_replayed_dumps_decode_as_recorded(kernel):
+    """The fake answers with the recorded records: a dump of everything is the recording."""
+    kernel.own.replay("dump_v4.bin")
+    kernel.own.replay("dump_v6.bin")
+    with diag.DiagSocket() as ds:
+        got = ds.dump_sockets([V4, V6], 0xFFFFFFFF)
+    want = []
+    for name in ("dump_v4.bin", "dump_v6.bin"):
+        with open(os.path.join(os.path.dirname(__file__), "..", "data", name), "rb") as f:
+            want += diag.decode_dump(f.read())
+    assert sorted(got, key=lambda s: s.cookie) == sorted(want, key=lambda s: s.cookie)
+    (dump,) = kernel.of_kind("dump")
+    assert dump.request["type"] == diag.TCPDIAG_GETSOCK  # both families in one walk
+
+
+def test_kill_by_port_and_threshold_on_the_recording(kernel, capsys):
+    """-d 4401 -t 300: of the recorded connections to port 4401, the one idle 604 ms."""
+    kernel.own.replay("dump_v4.bin")
+    kernel.own.replay("dump_v6.bin")
+    before = {s.cookie: s for s in kernel.own.sockets}
+    run = tcpidle(kernel, capsys, "kill", "-d", "4401", "-t", "300")
+    assert run.code == 0, run.err
+    assert kernel.destroyed() == [37]
+    (row,) = run.rows
+    s = before[37]
+    assert (row["cookie"], row["src"], row["sport"], row["dst"], row["dport"]) == (
+        37, "127.0.0.1", s.sport, "127.0.0.1", 4401)
+    assert (row["uid"], row["inode"], row["state"]) == (65534, s.inode, "ESTABLISHED")
+    assert (row["idle_ms"], row["idle_source"], row["action"], row["error"]) == (
+        604.0, "tcp_info", "destroyed", None)
+    assert 37 not in alive(kernel.own) and 40 in alive(kernel.own)  # 40: idle 204 ms
+    # The port travelled as bytecode and the kernel side filtered by it.
+    (dump,) = kernel.of_kind("dump")
+    assert dump.request["bytecode"] and dump.request["states"] == 1 << 1
+    assert all(before[c].dport == 4401 for c in dump.cookies)
+    assert "kill: 1 destroyed" in run.err
+
+
+# -- order, batches, the re-check -------------------------------------------------------
+
+
+def test_whole_dump_is_read_before_the_first_destroy(kernel, capsys):
+    kernel.own.established(V4, 300, dport=5432)
+    kernel.own.established(V6, 300, dport=5432)
+    kernel.own.chunk = 4096  # ~10 records a recv(): a dump of many parts
+    run = tcpidle(kernel, capsys, "kill", "-d", "5432", "-t", "1000")
+    assert run.code == 0, run.err
+    assert len(kernel.destroyed()) == 600 and not kernel.own.sockets
+    kinds = [e.kind for e in kernel.events]
+    first_destroy = kinds.index("destroy")
+    dumps = [e for e in kernel.events[:first_destroy] if e.kind == "dump"]
+    assert dumps and all(e.done for e in dumps)
+    assert "dump" not in kinds[first_destroy:]
+    assert kernel.violations == []
+
+
+def test_fake_kernel_notices_a_destroy_during_a_dump(kernel):
+    """The ordering check above can fail: a destroy mid-walk is recorded."""
+    kernel.own.established(V4, 50, dport=5432)
+    kernel.own.chunk = 1024
+    with diag.DiagSocket() as ds:
+        socks = ds.dump_sockets([V4], 0xFFFFFFFF)  # read to the end: fine
+        walker = kernel.open_netlink(None, 1 << 20)
+        walker.send(diag.build_dump_request(V4, 0xFFFFFFFF, seq=7))
+        walker.recv_into(bytearray(1 << 16))  # one part read, the walk goes on
+        assert ds.destroy(socks[:1]) == [0]
+        walker.close()
+    assert kernel.violations and "in progress" in kernel.violations[0]
+
+
+def test_victims_go_in_batches_of_256_each_asked_again_right_before(kernel, capsys):
+    kernel.own.established(V4, 300, dport=5432)
+    kernel.own.established(V6, 300, dport=5432)
+    run = tcpidle(kernel, capsys, "kill", "-d", "5432", "-t", "1000")
+    assert run.code == 0, run.err
+    acts = [e for e in kernel.events if e.kind != "dump"]
+    assert [(e.kind, len(e.cookies)) for e in acts] == [
+        ("lookup", 256), ("destroy", 256), ("lookup", 256), ("destroy", 256),
+        ("lookup", 88), ("destroy", 88)]
+    for lookup, destroy in zip(acts[::2], acts[1::2]):
+        assert lookup.cookies == destroy.cookies
+    (dump,) = kernel.of_kind("dump")
+    assert kernel.destroyed() == dump.cookies  # in dump order, each once
+    assert {r["action"] for r in run.rows} == {"destroyed"} and len(run.rows) == 600
+
+
+def test_victims_that_received_since_the_scan_are_spared(kernel, capsys):
+    """One wakes between the dump and the first batch, one while batch 1 is destroyed."""
+    socks = kernel.own.established(V4, 600, dport=5432)
+    early, late = socks[5], socks[400]  # batch 1, batch 2
+
+    def wake(event):
+        if event.kind == "dump" and event.done:
+            early.receive()
+        if event.kind == "destroy" and len(kernel.of_kind("destroy")) == 1:
+            late.receive()
+
+    kernel.on_event.append(wake)
+    run = tcpidle(kernel, capsys, "kill", "-d", "5432", "-t", "1000")
+    assert run.code == 0, run.err
+    assert alive(kernel.own) == {early.cookie, late.cookie}
+    assert len(kernel.destroyed()) == 598
+    assert early.cookie not in run.by_cookie() and late.cookie not in run.by_cookie()
+    assert "598 destroyed, 2 spared (data received after the scan)" in run.err
+
+
+def test_without_a_threshold_nothing_is_asked_again(kernel, capsys):
+    """-t 0 selects every connection, idle or not: no lookups, straight to destroy."""
+    kernel.own.established(V4, 3, dport=5432, idle_ms=5)
+    run = tcpidle(kernel, capsys, "kill", "-d", "5432", "-t", "0")
+    assert run.code == 0, run.err
+    assert [e.kind for e in kernel.events] == ["dump", "destroy"]
+    assert len(kernel.destroyed()) == 3
+
+
+# -- outcomes ---------------------------------------------------------------------------
+
+
+def test_outcomes_destroyed_gone_and_failed(kernel, capsys):
+    ok, reused, vanished, busy = kernel.own.established(V4, 4, dport=5432)
+    busy.destroy_errno = errno.EBUSY
+    newcomer = []
+
+    def race(event):
+        if event.kind == "dump" and event.done:
+            kernel.own.sockets.remove(vanished)  # closed before the re-check
+        if event.kind == "lookup":
+            # Between the re-check and the destroy, `reused` closes and a new
+            # connection takes its 4-tuple: same ports, another cookie.
+            kernel.own.sockets.remove(reused)
+            newcomer.append(kernel.own.add(reused.template, **{
+                k: getattr(reused, k) for k in ("family", "state", "sport", "dport", "src",
+                                                "dst", "uid", "inode")},
+                last_data_recv_ms=0, last_ack_recv_ms=0, last_data_sent_ms=0))
+
+    kernel.on_event.append(race)
+    run = tcpidle(kernel, capsys, "kill", "-d", "5432", "-t", "1000")
+    rows = run.by_cookie()
+    assert rows[ok.cookie]["action"] == "destroyed" and rows[ok.cookie]["error"] is None
+    assert rows[reused.cookie]["action"] == "gone"
+    assert rows[vanished.cookie]["action"] == "gone"
+    assert rows[busy.cookie]["action"] == "failed"
+    assert rows[busy.cookie]["error"] == "SOCK_DESTROY: " + os.strerror(errno.EBUSY)
+    assert kernel.destroyed() == [ok.cookie]
+    assert newcomer[0].cookie in alive(kernel.own)  # the cookie check spared the newcomer
+    assert run.code == 1  # a kill failed
+    assert "1 destroyed" in run.err and "2 gone" in run.err and "1 failed" in run.err
+
+
+def test_eperm_fails_the_run_with_one_line(kernel, capsys):
+    kernel.own.established(V4, 3, dport=5432)
+    kernel.own.capable = False
+    run = tcpidle(kernel, capsys, "kill", "-d", "5432", "-t", "1000")
+    assert run.code == 1
+    assert run.rows == []
+    lines = run.err.strip().splitlines()
+    assert lines == ["tcpidle: error: SOCK_DESTROY refused (EPERM): need CAP_NET_ADMIN in this "
+                     "network namespace"]
+    assert len(kernel.own.sockets) == 3
+
+
+def engine_for(port: int, **policy) -> Engine:
+    return Engine(Selector(dports=PortSet(((port, port),))), Policy(**policy))
+
+
+class Lines(logging.Handler):
+    """The tcpidle logger's messages, each once, as the log file would get them."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines: List[str] = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture
+def log_lines():
+    logger = logging.getLogger("tcpidle")
+    handler = Lines()
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield handler.lines
+    logger.removeHandler(handler)
+
+
+def test_eopnotsupp_switches_to_the_proc_fallback_once(kernel, log_lines):
+    socks = kernel.own.established(V4, 300, dport=5432)
+    make_proc(kernel.proc, {FIRST_PID: Holder("psql", [s.inode for s in socks])})
+    kernel.own.destroy_supported = False
+    engine = engine_for(5432, idle_time_ms=1000)
+    first = engine.act(engine.scan())
+    assert len(kernel.of_kind("destroy")) == 2  # both batches were refused
+    kernel.own.established(V4, 2, dport=5432, first_sport=40000)
+    second = engine.act(engine.scan())
+    assert len(kernel.of_kind("destroy")) == 2  # the second pass did not try again
+    assert len([m for m in log_lines if "SOCK_DESTROY is not supported" in m]) == 1
+    assert len(first) == 300 and len(second) == 302
+    # The fallback's outcomes: its owner (an impossible pid) has "exited".
+    assert {o.action for o in first} == {Action.GONE}
+    assert all(o.pids == (FIRST_PID,) and o.comms == ("psql",) for o in first)
+    assert all("pid %d has exited" % FIRST_PID in o.error for o in first)
+    assert len(kernel.own.sockets) == 302  # SOCK_DESTROY never succeeded
+
+
+# -- owners, dry run, max kills -----------------------------------------------------------
+
+
+@pytest.fixture
+def owned(kernel):
+    """nginx (uid 0) and redis (uid 65534, in a pod) hold one socket each; a third has no owner."""
+    nginx, = kernel.own.established(V4, 1, dport=8080, first_sport=21000)
+    redis, = kernel.own.established(V4, 1, dport=6379, first_sport=22000, uid=65534)
+    orphan, = kernel.own.established(V6, 1, dport=8080, first_sport=23000)
+    make_proc(kernel.proc, {
+        FIRST_PID: Holder("nginx", [nginx.inode], "/system.slice/nginx.service"),
+        FIRST_PID + 1: Holder("redis", [redis.inode], "/kubepods/pod1/redis"),
+    })
+    return {"nginx": nginx, "redis": redis, "orphan": orphan}
+
+
+@pytest.mark.parametrize("args, chosen", [
+    (["--pid", str(FIRST_PID)], {"nginx"}),
+    (["--pid", str(FIRST_PID + 1), "--pid", str(FIRST_PID)], {"nginx", "redis"}),
+    (["--comm", "redis"], {"redis"}),
+    (["--cgroup", "/kubepods"], {"redis"}),
+    (["--cgroup", "/system.slice/nginx"], {"nginx"}),
+    (["--cgroup", "/system.slice/redis"], set()),
+    (["--uid", "65534"], {"redis"}),
+    (["--uid", "0"], {"nginx", "orphan"}),
+    (["--uid", "0", "--comm", "redis"], set()),
+    (["-d", "8080", "--comm", "nginx"], {"nginx"}),
+])
+def test_owner_selectors(kernel, capsys, owned, args, chosen):
+    run = tcpidle(kernel, capsys, "kill", "-t", "1000", *args)
+    assert run.code == 0, run.err
+    want = {owned[name].cookie for name in chosen}
+    assert set(kernel.destroyed()) == want
+    assert set(run.by_cookie()) == want
+    truth = {"nginx": ([FIRST_PID], ["nginx"], ["/system.slice/nginx.service"]),
+             "redis": ([FIRST_PID + 1], ["redis"], ["/kubepods/pod1/redis"]),
+             "orphan": ([], [], [])}
+    walked = {"--pid", "--comm", "--cgroup"} & set(args)  # --uid is INET_DIAG's, no /proc walk
+    for name in chosen:
+        row = run.by_cookie()[owned[name].cookie]
+        assert (row["pids"], row["comms"], row["cgroups"]) == (truth[name] if walked else ([], [], []))
+        assert row["uid"] == owned[name].uid
+
+
+def test_dry_run_touches_nothing(kernel, capsys, owned):
+    run = tcpidle(kernel, capsys, "kill", "-d", "8080", "-t", "1000", "--dry-run")
+    assert run.code == 0, run.err
+    assert {r["action"] for r in run.rows} == {"would-destroy"}
+    assert set(run.by_cookie()) == {owned["nginx"].cookie, owned["orphan"].cookie}
+    assert [e.kind for e in kernel.events] == ["dump"]  # no lookup, no destroy
+    assert len(kernel.own.sockets) == 3
+    assert "kill (dry run): 2 would-destroy" in run.err
+
+
+def test_max_kills_act_on_the_idlest(kernel):
+    socks = [kernel.own.established(V4, 1, dport=5432, first_sport=20000 + i, idle_ms=ms)[0]
+             for i, ms in enumerate((10_000, 50_000, 30_000, 40_000, 20_000))]
+    engine = engine_for(5432, idle_time_ms=1000, max_kills=2)
+    outcomes = engine.act(engine.scan())
+    assert [o.verdict.socket.cookie for o in outcomes] == [socks[1].cookie, socks[3].cookie]
+    assert sorted(kernel.destroyed()) == sorted([socks[1].cookie, socks[3].cookie])
+
+
+# -- namespaces -------------------------------------------------------------------------
+
+
+def ns_file(kernel, name):
+    path = kernel.tmp / name
+    path.write_text("")
+    return str(path), kernel.add_namespace(str(path), name)
+
+
+def test_each_namespace_is_acted_on_through_its_own_socket(kernel, capsys):
+    blue_path, blue = ns_file(kernel, "blue")
+    green_path, green = ns_file(kernel, "green")
+    b = blue.established(V4, 2, dport=5432)
+    g = green.established(V6, 3, dport=5432)
+    kernel.own.established(V4, 4, dport=5432)  # not asked for
+    run = tcpidle(kernel, capsys, "kill", "--netns", blue_path, "--netns", green_path,
+                  "-d", "5432", "-t", "1000")
+    assert run.code == 0, run.err
+    assert sorted(kernel.destroyed()) == sorted(cookies(b + g))
+    assert not blue.sockets and not green.sockets and len(kernel.own.sockets) == 4
+    labels = {r["cookie"]: r["netns"] for r in run.rows}
+    assert {labels[c] for c in cookies(b)} == {os.stat(blue_path).st_ino}
+    assert {labels[c] for c in cookies(g)} == {os.stat(green_path).st_ino}
+    for e in kernel.events:
+        assert e.ns in (blue, green)
+
+
+def test_a_namespace_whose_path_now_names_another_is_left_alone(kernel, capsys):
+    """The pid-reuse check: after the scan, blue's path names green; nothing reaches green."""
+    blue_path, blue = ns_file(kernel, "blue")
+    green_path, green = ns_file(kernel, "green")
+    victims = blue.established(V4, 3, dport=5432)
+    green.established(V4, 3, dport=5432)
+
+    def swap(event):
+        if event.kind == "dump" and event.done and event.ns is blue:
+            os.replace(green_path, blue_path)  # blue's process exited, its pid went to green's
+
+    kernel.on_event.append(swap)
+    run = tcpidle(kernel, capsys, "kill", "--netns", blue_path, "-d", "5432", "-t", "1000")
+    assert [e.ns for e in kernel.events] == [blue]
+    assert {r["action"] for r in run.rows} == {"gone"} and len(run.rows) == 3
+    assert alive(blue) == set(cookies(victims)) and len(green.sockets) == 3
+    assert "now names another" in run.err
+
+
+def test_scan_skips_a_namespace_whose_path_names_another(kernel, caplog):
+    blue_path, blue = ns_file(kernel, "blue")
+    _green_path, green = ns_file(kernel, "green")
+    green.established(V4, 3, dport=5432)
+    listed = netns.Netns(blue_path, blue.inode, "blue")
+    os.replace(_green_path, blue_path)
+    engine = Engine(Selector(dports=PortSet(((5432, 5432),))), Policy(idle_time_ms=1000),
+                    namespaces=[listed])
+    scan = engine.scan()
+    assert scan.verdicts == [] and kernel.events == []
+
+
+def test_open_fd_checks_the_inode_it_listed(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.write_text("")
+    b.write_text("")
+    fd = netns.open_fd(netns.Netns(str(a), os.stat(a).st_ino, "a"))
+    os.close(fd)
+    with pytest.raises(netns.NetnsGone, match="now names another"):
+        netns.open_fd(netns.Netns(str(a), os.stat(b).st_ino, "a"))
+    with pytest.raises(netns.NetnsGone, match="is gone"):
+        netns.open_fd(netns.Netns(str(tmp_path / "missing"), 1, "x"))
+
+
+def test_a_kernel_without_the_one_walk_dump_is_asked_per_family(kernel):
+    kernel.own.legacy_dump = False
+    kernel.own.established(V4, 2, dport=5432)
+    kernel.own.established(V6, 2, dport=5432)
+    engine = engine_for(5432, idle_time_ms=1000)
+    assert len(engine.scan().verdicts) == 4
+    dumps = kernel.of_kind("dump")
+    assert [d.answers for d in dumps] == [[errno.EINVAL], [], []]
+    assert [d.request["families"] for d in dumps[1:]] == [(V4,), (V6,)]
+    assert diag.DiagSocket.single_walk is False

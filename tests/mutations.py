@@ -1,0 +1,244 @@
+#!/usr/bin/env python3
+"""Mutation check: every listed single-line bug must make some unit test fail.
+
+    .venv/bin/python tests/mutations.py            all mutations
+    .venv/bin/python tests/mutations.py -k uid     those whose name contains "uid"
+    .venv/bin/python tests/mutations.py --list     names only
+
+The tree (tracked and untracked files, .venv and ignored files left out) is
+copied to a scratch directory; the working tree is never touched.  The
+unmutated copy must pass the tests first.  Then each mutation replaces one
+exact piece of code text in the copy, runs the unit tests that guard it
+(no root needed: the fake netlink kernel and fake /proc trees), and puts the
+text back.  A mutation is *caught* when pytest reports failed tests (exit
+status 1), *missed* when they pass, and an *error* for anything else
+(collection error, usage error...).  A pattern that no longer matches the
+code exactly once is *stale*: it is reported loudly and never counts as
+caught.  Exit status 0 only when every mutation was caught.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import List, Sequence, Tuple
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENGINE_TESTS = ["tests/unit/test_engine.py"]
+
+
+@dataclass
+class Mutation:
+    name: str
+    path: str  # relative to the repository
+    old: str  # exact code text, must occur exactly once
+    new: str
+    tests: Sequence[str]  # pytest arguments (files or node ids), relative to the repository
+    why: str = ""
+
+
+MUTATIONS: List[Mutation] = [
+    Mutation(
+        "gone reported as destroyed", "tcpidle/engine.py",
+        "outcomes.append(self._outcome(verdict, Action.GONE, None, owners))",
+        "outcomes.append(self._outcome(verdict, Action.DESTROYED, None, owners))",
+        ENGINE_TESTS),
+    Mutation(
+        "--cgroup ignored", "tcpidle/engine.py",
+        "if selector.cgroups and not any(",
+        "if False and not any(",
+        ENGINE_TESTS),
+    Mutation(
+        "--uid ignored", "tcpidle/selectors.py",
+        "if selector.uids and sock.uid not in selector.uids:",
+        "if False:",
+        ENGINE_TESTS),
+    Mutation(
+        "--pid ignored", "tcpidle/engine.py",
+        "if selector.pids and not any(o.pid in selector.pids for o in held):",
+        "if False:",
+        ENGINE_TESTS),
+    Mutation(
+        "--comm ignored", "tcpidle/engine.py",
+        "if selector.comms and not any(o.comm in selector.comms for o in held):",
+        "if False:",
+        ENGINE_TESTS),
+    Mutation(
+        "EPERM during a kill no longer fails the run", "tcpidle/engine.py",
+        "elif err == errno.ENOENT:",
+        "elif err in (errno.ENOENT, errno.EPERM):",
+        ENGINE_TESTS, "EPERM taken for a socket gone: exit 0, nothing said"),
+    Mutation(
+        "EOPNOTSUPP no longer switches later passes to /proc", "tcpidle/engine.py",
+        "self.use_proc = True",
+        "pass",
+        ENGINE_TESTS),
+    Mutation(
+        "namespace pid-reuse check removed", "tcpidle/netns.py",
+        "if os.fstat(fd).st_ino != ns.inode:",
+        "if False:",
+        ENGINE_TESTS),
+    Mutation(
+        "COUNTERS order swapped", "tcpidle/probe/maps.py",
+        '"inserts", "deletes", "failed", "no_cookie",',
+        '"inserts", "deletes", "no_cookie", "failed",',
+        ["tests/unit/test_probe_logic.py"]),
+    Mutation(
+        "JSON row fields swapped (what test_report.py:48's self-comparison missed)",
+        "tcpidle/report.py",
+        "s.src, s.sport, s.dst, s.dport,",
+        "s.dst, s.dport, s.src, s.sport,",
+        ["tests/unit/test_report.py"]),
+    Mutation(
+        "a documented series left out of SERIES (what test_track_logic.py:146's constant missed)",
+        "tcpidle/metrics.py",
+        '"tcpidle_poll_duration_seconds", "tcpidle_poll_errors_total", "tcpidle_spared_total",',
+        '"tcpidle_poll_duration_seconds", "tcpidle_poll_errors_total",',
+        ["tests/unit/test_track_logic.py"],
+        "as SERIES forgot tcpidle_spared_total until 0ea6d68"),
+    Mutation(
+        "re-check before destroying skipped", "tcpidle/engine.py",
+        "recheck = self.policy.idle_time_ms > 0",
+        "recheck = False",
+        ENGINE_TESTS),
+    Mutation(
+        "all victims asked again up front, then destroyed (batch order)", "tcpidle/engine.py",
+        "def _in_chunks(self, victims: Sequence[Verdict], work, chunk: int = 256) -> list:",
+        "def _in_chunks(self, victims: Sequence[Verdict], work, chunk: int = 1 << 30) -> list:",
+        ENGINE_TESTS),
+    Mutation(
+        "SOCK_DESTROY batches not capped at 256", "tcpidle/diag.py",
+        "size = max(1, min(batch, fit_answers, fit_send))",
+        "size = max(1, min(fit_answers, fit_send))",
+        ENGINE_TESTS),
+    Mutation(
+        "the cookie not sent in SOCK_DESTROY", "tcpidle/diag.py",
+        "buf[off + 24 : off + _DESTROY_MSG_LEN] = raw",
+        'buf[off + 24 : off + _DESTROY_MSG_LEN] = raw[:40] + b"\\xff" * 8',
+        ENGINE_TESTS, "INET_DIAG_NOCOOKIE: the kernel then skips its cookie check"),
+    Mutation(
+        "a failed destroy reported as gone", "tcpidle/engine.py",
+        'outcomes.append(self._outcome(verdict, Action.FAILED, "SOCK_DESTROY: " + os.strerror(err), owners))',
+        "outcomes.append(self._outcome(verdict, Action.GONE, None, owners))",
+        ENGINE_TESTS),
+    Mutation(
+        "--dry-run destroys", "tcpidle/engine.py",
+        "if self.policy.dry_run:",
+        "if False:",
+        ENGINE_TESTS),
+    Mutation(
+        "max kills take the least idle", "tcpidle/engine.py",
+        "victims = sorted(victims, key=lambda v: -(v.idle_ms or 0.0))[: self.policy.max_kills]",
+        "victims = sorted(victims, key=lambda v: (v.idle_ms or 0.0))[: self.policy.max_kills]",
+        ENGINE_TESTS),
+]
+
+
+def tree_files(root: str) -> List[str]:
+    """Tracked and untracked files, without ignored ones (.venv, caches)."""
+    out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                         cwd=root, capture_output=True, check=True).stdout
+    return [p for p in out.decode().split("\0") if p and os.path.isfile(os.path.join(root, p))]
+
+
+def copy_tree(root: str, dest: str) -> None:
+    for rel in tree_files(root):
+        target = os.path.join(dest, rel)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        shutil.copy2(os.path.join(root, rel), target)
+
+
+def pytest(scratch: str, tests: Sequence[str]) -> Tuple[int, str]:
+    env = dict(os.environ, PYTHONPATH=scratch, PYTHONDONTWRITEBYTECODE="1")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "not kernel", "-p", "no:cacheprovider",
+           "-o", "addopts=", "--no-header", "-rf", *tests]
+    done = subprocess.run(cmd, cwd=scratch, env=env, capture_output=True, text=True, timeout=600)
+    return done.returncode, done.stdout + done.stderr
+
+
+def check_imports_from(scratch: str) -> None:
+    """The copy's tcpidle must be the one imported (the venv has an editable install)."""
+    env = dict(os.environ, PYTHONPATH=scratch)
+    where = subprocess.run([sys.executable, "-c", "import tcpidle; print(tcpidle.__file__)"],
+                           cwd=scratch, env=env, capture_output=True, text=True, check=True)
+    got = os.path.realpath(where.stdout.strip())
+    if not got.startswith(os.path.realpath(scratch) + os.sep):
+        sys.exit("mutations: the scratch copy's tcpidle is not the one imported (%s)" % got)
+
+
+def failed_tests(output: str) -> List[str]:
+    return re.findall(r"^FAILED (\S+)", output, re.M)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("-k", dest="match", default="", help="only mutations whose name contains this")
+    ap.add_argument("--list", action="store_true", help="list the mutations and exit")
+    ap.add_argument("-v", "--verbose", action="store_true", help="show pytest's output for misses")
+    args = ap.parse_args(argv)
+    chosen = [m for m in MUTATIONS if args.match.lower() in m.name.lower()]
+    if args.list:
+        for m in chosen:
+            print("%-70s %s" % (m.name, m.path))
+        return 0
+    if not chosen:
+        print("mutations: none match %r" % args.match)
+        return 2
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="tcpidle-mutations-") as scratch:
+        copy_tree(ROOT, scratch)
+        check_imports_from(scratch)
+        union = sorted({t for m in chosen for t in m.tests})
+        code, out = pytest(scratch, union)
+        if code != 0:
+            print(out)
+            print("mutations: the unmutated tree does not pass %s; nothing to measure"
+                  % " ".join(union))
+            return 1
+        results = []
+        for m in chosen:
+            path = os.path.join(scratch, m.path)
+            try:
+                with open(path) as f:
+                    original = f.read()
+            except FileNotFoundError:
+                results.append((m, "STALE", "%s does not exist" % m.path))
+                continue
+            count = original.count(m.old)
+            if count != 1:
+                results.append((m, "STALE", "pattern found %d times in %s: %r" % (count, m.path, m.old)))
+                continue
+            with open(path, "w") as f:
+                f.write(original.replace(m.old, m.new))
+            try:
+                code, out = pytest(scratch, m.tests)
+            finally:
+                with open(path, "w") as f:
+                    f.write(original)
+            if code == 1:
+                names = failed_tests(out)
+                results.append((m, "caught", "%d failed: %s" % (len(names), ", ".join(
+                    n.split("::", 1)[-1] for n in names[:3]) + (" ..." if len(names) > 3 else ""))))
+            elif code == 0:
+                results.append((m, "MISSED", "every test passed" + ("\n" + out if args.verbose else "")))
+            else:
+                results.append((m, "ERROR", "pytest exit %d\n%s" % (code, out[-2000:])))
+    width = max(len(m.name) for m, _s, _d in results)
+    for m, status, detail in results:
+        print("%-7s %-*s  %s" % (status, width, m.name, detail))
+    bad = [r for r in results if r[1] != "caught"]
+    print("mutations: %d of %d caught in %.0f s%s" % (
+        len(results) - len(bad), len(results), time.monotonic() - started,
+        "" if not bad else "; NOT caught: " + ", ".join(m.name for m, _s, _d in bad)))
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -38,8 +38,8 @@ ENGINE_TESTS = ["tests/unit/test_engine.py"]
 class Mutation:
     name: str
     path: str  # relative to the repository
-    old: str  # exact code text, must occur exactly once
-    new: str
+    old: str  # exact code text, must occur exactly once (lines of context allowed)
+    new: str  # the same text with exactly one line changed
     tests: Sequence[str]  # pytest arguments (files or node ids), relative to the repository
     why: str = ""
 
@@ -47,8 +47,10 @@ class Mutation:
 MUTATIONS: List[Mutation] = [
     Mutation(
         "gone reported as destroyed", "tcpidle/engine.py",
-        "outcomes.append(self._outcome(verdict, Action.GONE, None, owners))",
-        "outcomes.append(self._outcome(verdict, Action.DESTROYED, None, owners))",
+        "elif err == errno.ENOENT:\n"
+        "                outcomes.append(self._outcome(verdict, Action.GONE, None, owners))",
+        "elif err == errno.ENOENT:\n"
+        "                outcomes.append(self._outcome(verdict, Action.DESTROYED, None, owners))",
         ENGINE_TESTS),
     Mutation(
         "--cgroup ignored", "tcpidle/engine.py",
@@ -72,9 +74,9 @@ MUTATIONS: List[Mutation] = [
         ENGINE_TESTS),
     Mutation(
         "EPERM during a kill no longer fails the run", "tcpidle/engine.py",
-        "elif err == errno.ENOENT:",
-        "elif err in (errno.ENOENT, errno.EPERM):",
-        ENGINE_TESTS, "EPERM taken for a socket gone: exit 0, nothing said"),
+        'fatal = PrivilegeError("SOCK_DESTROY refused (EPERM): need CAP_NET_ADMIN in this network namespace")',
+        "fatal = None",
+        ENGINE_TESTS, "the pass goes on to the next batches and namespaces"),
     Mutation(
         "EOPNOTSUPP no longer switches later passes to /proc", "tcpidle/engine.py",
         "self.use_proc = True",
@@ -105,13 +107,18 @@ MUTATIONS: List[Mutation] = [
         "as SERIES forgot tcpidle_spared_total until 0ea6d68"),
     Mutation(
         "re-check before destroying skipped", "tcpidle/engine.py",
-        "recheck = self.policy.idle_time_ms > 0",
-        "recheck = False",
+        "checked = self._recheck(scan, part, nl)",
+        "checked = [(None, None) for _ in part]",
         ENGINE_TESTS),
     Mutation(
         "all victims asked again up front, then destroyed (batch order)", "tcpidle/engine.py",
-        "def _in_chunks(self, victims: Sequence[Verdict], work, chunk: int = 256) -> list:",
-        "def _in_chunks(self, victims: Sequence[Verdict], work, chunk: int = 1 << 30) -> list:",
+        "def _batches(self, scan: Scan, victims: Sequence[Verdict], chunk: int = 256",
+        "def _batches(self, scan: Scan, victims: Sequence[Verdict], chunk: int = 1 << 30",
+        ENGINE_TESTS),
+    Mutation(
+        "an ack trusted: the destroyed not looked at again", "tcpidle/engine.py",
+        "remains = self._still_there(destroyed, nl)",
+        "remains = {}",
         ENGINE_TESTS),
     Mutation(
         "SOCK_DESTROY batches not capped at 256", "tcpidle/diag.py",
@@ -125,8 +132,10 @@ MUTATIONS: List[Mutation] = [
         ENGINE_TESTS, "INET_DIAG_NOCOOKIE: the kernel then skips its cookie check"),
     Mutation(
         "a failed destroy reported as gone", "tcpidle/engine.py",
-        'outcomes.append(self._outcome(verdict, Action.FAILED, "SOCK_DESTROY: " + os.strerror(err), owners))',
-        "outcomes.append(self._outcome(verdict, Action.GONE, None, owners))",
+        'outcomes.append(self._outcome(verdict, Action.FAILED, "SOCK_DESTROY: " + os.strerror(err), owners))\n'
+        "        if unsupported:",
+        "outcomes.append(self._outcome(verdict, Action.GONE, None, owners))\n"
+        "        if unsupported:",
         ENGINE_TESTS),
     Mutation(
         "--dry-run destroys", "tcpidle/engine.py",
@@ -212,6 +221,10 @@ def main(argv=None) -> int:
                 results.append((m, "STALE", "%s does not exist" % m.path))
                 continue
             count = original.count(m.old)
+            changed = [a for a, b in zip(m.old.splitlines(), m.new.splitlines()) if a != b]
+            if len(changed) != 1 or len(m.old.splitlines()) != len(m.new.splitlines()):
+                results.append((m, "STALE", "not a single-line mutation (context lines must match)"))
+                continue
             if count != 1:
                 results.append((m, "STALE", "pattern found %d times in %s: %r" % (count, m.path, m.old)))
                 continue

@@ -35,8 +35,9 @@ to and receives answers from:
   EOPNOTSUPP (`destroy_supported=False`: no CONFIG_INET_DIAG_DESTROY; answered
   before the lookup, as inet_diag_cmd_exact does), EPERM (`capable=False`: no
   CAP_NET_ADMIN over the namespace; answered after the lookup, as
-  sock_diag_destroy does), and any errno per socket (`FakeTcp.destroy_errno`,
-  `.lookup_errno`);
+  sock_diag_destroy does), any errno per socket (`FakeTcp.destroy_errno`,
+  `.lookup_errno`), and the orphaned socket of kernels before 6.11 that
+  SOCK_DESTROY acks with 0 but leaves in place (`.survives_destroy`);
 * SO_RCVBUF/SO_SNDBUF (doubled on read, as the kernel reports them), bind,
   NETLINK_CAP_ACK; a namespace is chosen by the inode of the netns fd the
   socket is opened with (any file will do: `FakeKernel.add_namespace(path)`).
@@ -137,6 +138,9 @@ class FakeTcp:
     last_data_sent_ms: Optional[int]
     destroy_errno: int = 0
     lookup_errno: int = 0
+    # An orphaned socket on a kernel before 6.11: tcp_abort skips it, yet
+    # SOCK_DESTROY is acked 0 and the socket stays.
+    survives_destroy: bool = False
 
     @property
     def key(self) -> Tuple[int, int, int, bytes, bytes]:
@@ -188,6 +192,7 @@ class Event:
     ns: "FakeNamespace"
     cookies: List[int] = field(default_factory=list)  # dump: returned; else: asked about
     answers: List[int] = field(default_factory=list)  # exact requests: errno each (0 = done)
+    hit: List[Optional[int]] = field(default_factory=list)  # exact: cookie of the socket found
     request: Optional[dict] = None  # dump: the parsed request
     done: bool = False  # dump: NLMSG_DONE was read
 
@@ -262,6 +267,7 @@ class FakeKernel:
     def __init__(self):
         self.events: List[Event] = []
         self.violations: List[str] = []
+        self.removed: List[int] = []  # cookies of the sockets SOCK_DESTROY removed
         self.on_event: List[Callable[[Event], None]] = []
         self._cookies = itertools.count(1 << 20)
         self._inodes = itertools.count(7_000_000)
@@ -305,8 +311,8 @@ class FakeKernel:
         return [e for e in self.events if e.kind == kind]
 
     def destroyed(self) -> List[int]:
-        """Cookies the kernel destroyed, in order."""
-        return [c for e in self.of_kind("destroy") for c, a in zip(e.cookies, e.answers) if a == 0]
+        """Cookies of the sockets SOCK_DESTROY really removed, in order."""
+        return list(self.removed)
 
     def record(self, event: Event) -> None:
         self.events.append(event)
@@ -488,7 +494,8 @@ class FakeSocket:
         width = 4 if family == socket.AF_INET else 16
         key = (family, sport, dport, src[:width].ljust(16, b"\0"), dst[:width].ljust(16, b"\0"))
         sk = self.ns.find(key)
-        event.cookies.append(sk.cookie if sk is not None else -1)
+        event.cookies.append(c0 | (c1 << 32))
+        event.hit.append(sk.cookie if sk is not None else None)
         err = self._check(kind, sk, c0, c1)
         if kind == "destroy" and not err and self.ns.dumping:
             self.kernel.violations.append(
@@ -497,7 +504,9 @@ class FakeSocket:
         if err:
             return self._error(msg, seq, err)
         if kind == "destroy":
-            self.ns.sockets.remove(sk)
+            if not sk.survives_destroy:
+                self.ns.sockets.remove(sk)
+                self.kernel.removed.append(sk.cookie)
             if flags & diag.NLM_F_ACK:
                 self._error(msg, seq, 0)
         else:

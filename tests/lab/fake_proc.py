@@ -2,10 +2,12 @@
 
 `make_proc(root, {pid: Holder(...)})` writes ROOT/PID/{comm,cgroup,fd/N,ns/net}
 as the kernel shows them (fd/N a symlink to "socket:[INODE]"), for
-`procfs.owners_by_inode(proc_root=ROOT)` to walk.  Pids are meant to be
-impossible ones (above the kernel's PID_MAX_LIMIT, 4194304), so that the
-/proc fallback's pidfd_open() on them answers ESRCH and no real process is
-ever touched by a unit test.
+`procfs.owners_by_inode(proc_root=ROOT)` to walk.  Pids are impossible ones
+by default (above the kernel's PID_MAX_LIMIT, 4194304), so that the /proc
+fallback's pidfd_open() on them answers ESRCH and no real process is ever
+touched by a unit test.  `--pid` refuses those, so tests of the owner
+selectors use pids below the limit (`SELECTOR_PID`) with `impossible=False`:
+they must never reach the fallback (SOCK_DESTROY is supported there).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Dict, Sequence
 
 PID_MAX_LIMIT = 1 << 22
 FIRST_PID = 5_000_001  # > PID_MAX_LIMIT: no process can have it
+SELECTOR_PID = 4_190_001  # what --pid accepts; only ever read, never acted on
 
 
 @dataclass
@@ -25,9 +28,9 @@ class Holder:
     cgroup: str = "/"
 
 
-def make_proc(root: str, holders: Dict[int, Holder]) -> str:
+def make_proc(root: str, holders: Dict[int, Holder], impossible: bool = True) -> str:
     for pid, h in holders.items():
-        if pid <= PID_MAX_LIMIT:
+        if impossible and pid <= PID_MAX_LIMIT:
             raise ValueError("fake pid %d could be a real process" % pid)
         d = os.path.join(root, str(pid))
         os.makedirs(os.path.join(d, "fd"))

@@ -185,7 +185,7 @@ def exported_series(text):
 
 def test_every_documented_series_is_exported_with_its_type():
     documented = documented_series()
-    assert len(documented) == 11 and "tcpidle_spared_total" in documented  # the table was read
+    assert len(documented) >= 11 and "tcpidle_spared_total" in documented  # the table was read
     text = Metrics(process=False).render().decode()
     assert exported_series(text) == documented
     assert set(SERIES) == set(documented)  # the list other tests and the dashboard rely on

@@ -520,7 +520,9 @@ class DiagSocket:
     /proc/.../ns/net or /run/netns/NAME descriptor: the sockets are created in
     that namespace and stay bound to it.  `netns_label` is copied into every
     Socket.netns.  Use as a context manager.  Not thread-safe: one
-    DiagSocket per thread.
+    DiagSocket per thread.  `open_socket(netns_fd, rcvbuf, sndbuf)` makes
+    its netlink sockets (the unit tier's fake kernel hands in its own,
+    tests/lab/fake_netlink.py).
     """
 
     # False once the kernel refused the one-walk dump of both families
@@ -532,12 +534,14 @@ class DiagSocket:
         netns_fd: Optional[int] = None,
         netns_label: Optional[str] = None,
         rcvbuf: int = DEFAULT_RCVBUF,
+        open_socket: Optional[Callable[[Optional[int], int, int], socket.socket]] = None,
     ):
         self.netns_label = netns_label
         self._seq = 0
-        self._dump_sock = _open_netlink(netns_fd, rcvbuf)
+        self._open_socket = open_socket or _open_netlink
+        self._dump_sock = self._open_socket(netns_fd, rcvbuf, 0)
         try:
-            self._destroy_sock = _open_netlink(netns_fd, rcvbuf, DESTROY_SNDBUF)
+            self._destroy_sock = self._open_socket(netns_fd, rcvbuf, DESTROY_SNDBUF)
             self._setup_acks(self._destroy_sock)
         except BaseException:
             self._dump_sock.close()
@@ -659,7 +663,7 @@ class DiagSocket:
 
     def _reset_dump_socket(self) -> None:
         old = self._dump_sock
-        self._dump_sock = _open_netlink(self._netns_fd, self._rcvbuf)
+        self._dump_sock = self._open_socket(self._netns_fd, self._rcvbuf, 0)
         old.close()
 
     def dump_sockets(

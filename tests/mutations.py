@@ -53,7 +53,7 @@ MUTATIONS: List[Mutation] = [
         "                outcomes.append(self._outcome(verdict, Action.DESTROYED, None, owners))",
         ENGINE_TESTS),
     Mutation(
-        "--cgroup ignored", "tcpidle/engine.py",
+        "--cgroup ignored", "tcpidle/selectors.py",
         "if selector.cgroups and not any(",
         "if False and not any(",
         ENGINE_TESTS),
@@ -63,13 +63,13 @@ MUTATIONS: List[Mutation] = [
         "if False:",
         ENGINE_TESTS),
     Mutation(
-        "--pid ignored", "tcpidle/engine.py",
-        "if selector.pids and not any(o.pid in selector.pids for o in held):",
+        "--pid ignored", "tcpidle/selectors.py",
+        "if selector.pids and not any(pid in selector.pids for pid in owners.pids):",
         "if False:",
         ENGINE_TESTS),
     Mutation(
-        "--comm ignored", "tcpidle/engine.py",
-        "if selector.comms and not any(o.comm in selector.comms for o in held):",
+        "--comm ignored", "tcpidle/selectors.py",
+        "if selector.comms and not any(comm in selector.comms for comm in owners.comms):",
         "if False:",
         ENGINE_TESTS),
     Mutation(
@@ -111,9 +111,9 @@ MUTATIONS: List[Mutation] = [
         "checked = [(None, None) for _ in part]",
         ENGINE_TESTS),
     Mutation(
-        "all victims asked again up front, then destroyed (batch order)", "tcpidle/engine.py",
-        "def _batches(self, scan: Scan, victims: Sequence[Verdict], chunk: int = 256",
-        "def _batches(self, scan: Scan, victims: Sequence[Verdict], chunk: int = 1 << 30",
+        "all victims asked again up front, then destroyed (batch order)", "tcpidle/scope.py",
+        "def batches(self, scan, victims: Sequence[Verdict], chunk: int = 256",
+        "def batches(self, scan, victims: Sequence[Verdict], chunk: int = 1 << 30",
         ENGINE_TESTS),
     Mutation(
         "an ack trusted: the destroyed not looked at again", "tcpidle/engine.py",

@@ -42,6 +42,12 @@ to and receives answers from:
   NETLINK_CAP_ACK; a namespace is chosen by the inode of the netns fd the
   socket is opened with (any file will do: `FakeKernel.add_namespace(path)`).
 
+How it is plugged in: `FakeKernel.open_diag` is a `scope.OpenDiag` (the
+injection point of `Scope`): a real `diag.DiagSocket` whose netlink sockets
+come from `FakeKernel.open_netlink`, which stands where `diag._open_netlink`
+creates real ones (tests running the command line replace that function,
+the seam below commands that have no injection point of their own).
+
 Everything a request did is appended to `FakeKernel.events`, one
 `Event(kind, ns, cookies, ...)` per dump or per send() of exact requests, so
 tests can check order (whole dump read before the first destroy), batching
@@ -323,10 +329,14 @@ class FakeKernel:
         for hook in list(self.on_event):
             hook(event)
 
-    # -- the injection point
+    # -- the injection points
+
+    def open_diag(self, netns_fd: Optional[int], label) -> diag.DiagSocket:
+        """A scope.OpenDiag: a real DiagSocket whose netlink sockets are this kernel's."""
+        return diag.DiagSocket(netns_fd=netns_fd, netns_label=label, open_socket=self.open_netlink)
 
     def open_netlink(self, netns_fd: Optional[int], rcvbuf: int, sndbuf: int = 0) -> "FakeSocket":
-        """Stands in for diag._open_netlink: a FakeSocket in the namespace of `netns_fd`."""
+        """A FakeSocket in the namespace of `netns_fd`, as diag._open_netlink makes real ones."""
         if netns_fd is None:
             ns = self.own
         else:

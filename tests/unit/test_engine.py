@@ -28,9 +28,10 @@ from typing import List
 
 import pytest
 
-from tcpidle import cli, diag, netns, procfs
+from tcpidle import cli, diag, netns, owners, privilege
 from tcpidle.engine import Engine
 from tcpidle.model import Action, Policy, PortSet, Selector
+from tcpidle.scope import Scope
 from tests.lab.fake_netlink import FakeKernel
 from tests.lab.fake_proc import FIRST_PID, SELECTOR_PID, Holder, make_proc
 
@@ -39,19 +40,16 @@ V4, V6 = socket.AF_INET, socket.AF_INET6
 
 @pytest.fixture
 def kernel(monkeypatch, tmp_path):
-    """A fake kernel behind diag's netlink sockets, and an empty fake /proc."""
+    """A fake kernel (handed to a Scope as its open_diag), and an empty fake /proc."""
     k = FakeKernel()
-    # The injection point: the one function that creates diag's netlink sockets.
-    monkeypatch.setattr(diag, "_open_netlink", k.open_netlink)
     monkeypatch.setattr(diag.DiagSocket, "single_walk", True)  # a class-wide latch
     proc = tmp_path / "proc"
     proc.mkdir()
-    walk = procfs.owners_by_inode
-    monkeypatch.setattr(procfs, "owners_by_inode",
-                        lambda inodes=None, proc_root=None, with_netns=True:
-                        walk(inodes, str(proc), with_netns))
+    walk = owners.owners_by_inode
+    monkeypatch.setattr(owners, "owners_by_inode",
+                        lambda inodes=None, proc_root=None: walk(inodes, str(proc)))
     # The fake kernel grants CAP_NET_ADMIN (kill checks it before anything else).
-    monkeypatch.setattr(procfs, "has_cap_net_admin", lambda *a, **kw: True)
+    monkeypatch.setattr(privilege, "has_cap_net_admin", lambda *a, **kw: True)
     k.proc = str(proc)
     k.tmp = tmp_path
     yield k
@@ -69,11 +67,18 @@ class Run:
 
 
 def tcpidle(kernel, capsys, *argv) -> Run:
-    """`tcpidle ARGV --json` in this process, as main() runs it; its exit status, rows, stderr."""
+    """`tcpidle ARGV --json` in this process, as main() runs it; its exit status, rows, stderr.
+
+    The command line has no injection point (commands' open_diag is bound
+    when they are defined), so for these runs the seam is the one below it:
+    the function that creates diag's netlink sockets makes the fake kernel's.
+    """
     args = list(argv) + ["--json", "--disable-syslog", "--pin-dir", str(kernel.tmp / "no-pins")]
     code = 0
     try:
-        cli.main(args)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(diag, "_open_netlink", kernel.open_netlink)
+            cli.main(args)
     except SystemExit as exc:
         code = exc.code
     finally:
@@ -98,7 +103,7 @@ def test_replayed_dumps_decode_as_recorded(kernel):
     """The fake answers with the recorded records: a dump of everything is the recording."""
     kernel.own.replay("dump_v4.bin")
     kernel.own.replay("dump_v6.bin")
-    with diag.DiagSocket() as ds:
+    with kernel.open_diag(None, None) as ds:
         got = ds.dump_sockets([V4, V6], 0xFFFFFFFF)
     want = []
     for name in ("dump_v4.bin", "dump_v6.bin"):
@@ -154,7 +159,7 @@ def test_fake_kernel_notices_a_destroy_during_a_dump(kernel):
     """The ordering check above can fail: a destroy mid-walk is recorded."""
     kernel.own.established(V4, 50, dport=5432)
     kernel.own.chunk = 1024
-    with diag.DiagSocket() as ds:
+    with kernel.open_diag(None, None) as ds:
         socks = ds.dump_sockets([V4], 0xFFFFFFFF)  # read to the end: fine
         walker = kernel.open_netlink(None, 1 << 20)
         walker.send(diag.build_dump_request(V4, 0xFFFFFFFF, seq=7))
@@ -183,10 +188,10 @@ def test_victims_go_in_batches_of_256_each_asked_again_right_before(kernel, caps
 def test_diag_batches_fit_256_and_the_receive_buffer(kernel):
     """One send() carries at most 256 requests, fewer if their acks would overflow the buffer."""
     kernel.own.established(V4, 600, dport=5432)
-    with diag.DiagSocket() as ds:
+    with kernel.open_diag(None, None) as ds:
         socks = ds.dump_sockets([V4], 1 << 1)
         assert ds.destroy(socks[:300]) == [0] * 300
-    with diag.DiagSocket(rcvbuf=64 << 10) as ds:  # acks of 127 requests fit 128 KiB
+    with diag.DiagSocket(rcvbuf=64 << 10, open_socket=kernel.open_netlink) as ds:  # acks of 127 requests fit 128 KiB
         assert ds.destroy(socks[300:]) == [0] * 300
     assert [len(e.cookies) for e in kernel.of_kind("destroy")] == [256, 44, 127, 127, 46]
     assert kernel.destroyed() == cookies(socks)
@@ -298,9 +303,10 @@ def test_eperm_fails_the_run_with_one_line(kernel, capsys):
     assert len(kernel.own.sockets) == 300
 
 
-def engine_for(port: int, namespaces=None, **policy) -> Engine:
-    """An engine for connections to `port` (the one place that knows how one is built)."""
-    return Engine(Selector(dports=PortSet(((port, port),))), Policy(**policy), namespaces=namespaces)
+def engine_for(kernel, port: int, namespaces=None, **policy) -> Engine:
+    """An engine for connections to `port`, reaching the fake kernel through Scope's open_diag."""
+    scope = Scope(Selector(dports=PortSet(((port, port),))), namespaces, kernel.open_diag)
+    return Engine(scope, Policy(**policy))
 
 
 class Lines(logging.Handler):
@@ -328,7 +334,7 @@ def test_eopnotsupp_switches_to_the_proc_fallback_once(kernel, log_lines):
     socks = kernel.own.established(V4, 300, dport=5432)
     make_proc(kernel.proc, {FIRST_PID: Holder("psql", [s.inode for s in socks])})
     kernel.own.destroy_supported = False
-    engine = engine_for(5432, idle_time_ms=1000)
+    engine = engine_for(kernel, 5432, idle_time_ms=1000)
     first = engine.act(engine.scan())
     assert len(kernel.of_kind("destroy")) == 1  # refused once: the second batch went to /proc
     kernel.own.established(V4, 2, dport=5432, first_sport=40000)
@@ -400,7 +406,7 @@ def test_dry_run_touches_nothing(kernel, capsys, owned):
 def test_max_kills_act_on_the_idlest(kernel):
     socks = [kernel.own.established(V4, 1, dport=5432, first_sport=20000 + i, idle_ms=ms)[0]
              for i, ms in enumerate((10_000, 50_000, 30_000, 40_000, 20_000))]
-    engine = engine_for(5432, idle_time_ms=1000, max_kills=2)
+    engine = engine_for(kernel, 5432, idle_time_ms=1000, max_kills=2)
     outcomes = engine.act(engine.scan())
     assert [o.verdict.socket.cookie for o in outcomes] == [socks[1].cookie, socks[3].cookie]
     assert sorted(kernel.destroyed()) == sorted([socks[1].cookie, socks[3].cookie])
@@ -435,7 +441,7 @@ def test_each_namespace_is_acted_on_through_its_own_socket(kernel):
     b = blue.established(V4, 2, dport=5432)
     g = green.established(V6, 3, dport=5432)
     kernel.own.established(V4, 4, dport=5432)  # not asked for
-    engine = engine_for(5432, namespaces=[listed(blue_path, blue, "blue"),
+    engine = engine_for(kernel, 5432, namespaces=[listed(blue_path, blue, "blue"),
                                           listed(green_path, green, "green")], idle_time_ms=1000)
     _scan, outcomes = pass_over(engine)
     assert sorted(kernel.destroyed()) == sorted(cookies(b + g))
@@ -460,7 +466,7 @@ def test_the_destroy_goes_where_the_dump_went(kernel):
             os.replace(green_path, blue_path)
 
     kernel.on_event.append(swap)
-    engine = engine_for(5432, namespaces=[listed(blue_path, blue, "blue")], idle_time_ms=1000)
+    engine = engine_for(kernel, 5432, namespaces=[listed(blue_path, blue, "blue")], idle_time_ms=1000)
     _scan, outcomes = pass_over(engine)
     assert {e.ns for e in kernel.events} == {blue}
     assert sorted(kernel.destroyed()) == sorted(cookies(victims))
@@ -474,7 +480,7 @@ def test_scan_skips_a_namespace_whose_path_names_another(kernel):
     green.established(V4, 3, dport=5432)
     was_blue = listed(blue_path, blue, "blue")
     os.replace(green_path, blue_path)  # blue's process exited, its pid went to green's
-    engine = engine_for(5432, namespaces=[was_blue], idle_time_ms=1000)
+    engine = engine_for(kernel, 5432, namespaces=[was_blue], idle_time_ms=1000)
     scan, _outcomes = pass_over(engine)
     assert scan.verdicts == [] and kernel.events == []
     assert len(green.sockets) == 3

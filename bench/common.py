@@ -428,7 +428,7 @@ def worker_main() -> None:
             else:
                 raise ValueError("unknown command %r" % cmd)
             reply["ok"] = True
-        except Exception as exc:  # reported to the parent, which raises
+        except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises
             reply = {"ok": False, "error": "%s: %s" % (type(exc).__name__, exc)}
         out.write(json.dumps(reply) + "\n")
         out.flush()

@@ -47,7 +47,7 @@ class _Syslog(logging.Handler):
     def emit(self, record):
         try:
             self._syslog.syslog(self._LEVELS.get(record.levelno, 6), self.format(record))
-        except Exception:  # pragma: no cover - syslog(3) itself does not fail
+        except Exception:  # noqa: BLE001  # pragma: no cover - syslog(3) itself does not fail
             self.handleError(record)
 
 

@@ -26,7 +26,7 @@ import logging
 import os
 import sys
 from collections import Counter
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 from .safetext import printable
 

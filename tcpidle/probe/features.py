@@ -120,7 +120,7 @@ def attach_first(candidates: Sequence[str], try_attach: Callable[[str], None],
     for i, hook in enumerate(candidates):
         try:
             try_attach(hook)
-        except Exception as e:  # bcc raises bare Exception
+        except Exception as e:  # noqa: BLE001 - bcc raises bare Exception
             why = one_line(e)
             notes.append("%s: %s" % (hook, why))
             nxt = candidates[i + 1] if i + 1 < len(candidates) else None
@@ -199,7 +199,7 @@ def detect_features(need_btf: bool = True, cache_dir: Optional[str] = None) -> K
     if need_btf:
         try:
             offsets = cached_btf_offsets(cache_dir)
-        except Exception as e:  # BTFError, or OSError details
+        except Exception as e:  # noqa: BLE001 - BTFError, or OSError details
             err = one_line(e)
     else:
         err = "not needed"

@@ -52,7 +52,7 @@ def _captured_stderr(sink: List[str]) -> Iterator[None]:
 
     try:
         sys.stderr.flush()
-    except Exception:
+    except Exception:  # noqa: BLE001 - stderr may be closed or replaced
         pass
     saved = os.dup(2)
     with tempfile.TemporaryFile() as tmp:
@@ -307,7 +307,7 @@ def _load(map_size: int, hook: str, log, cache_dir: Optional[str], selftest: boo
     try:
         with _env("BCC_KERNEL_SOURCE", tree.env), _captured_stderr(diag):
             module = Module(src_file=bpf_source().encode(), cflags=cflags)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - bcc raises bare Exception
         for d in diag:
             log.debug("bcc: %s", d)
         detail = _first_error(diag) or one_line(e)
@@ -334,7 +334,7 @@ def _load(map_size: int, hook: str, log, cache_dir: Optional[str], selftest: boo
     except ProbeUnavailable:
         _dispose(module)
         raise
-    except Exception as e:  # bcc's bare Exception, OSError from map info
+    except Exception as e:  # noqa: BLE001 - bcc's bare Exception, OSError from map info
         _dispose(module)
         raise ProbeUnavailable("attaching BPF failed: %s" % one_line(e)) from None
     except BaseException:

@@ -171,7 +171,7 @@ def in_netns(name, fn, timeout=30):
                     box["value"] = fn()
             finally:
                 os.close(fd)
-        except BaseException as e:  # handed to the caller
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
             box["error"] = e
 
     t = threading.Thread(target=run)

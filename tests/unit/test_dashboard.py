@@ -39,10 +39,10 @@ def _fed_metrics():
     class V:  # only the attribute observe_poll reads
         idle_ms = 1500.0
 
-    class O:
+    class Done:  # likewise
         action = Action.DESTROYED
 
-    m.observe_poll([V()], [O()], seconds=0.01, wall_time=1.0e9, spared=1)
+    m.observe_poll([V()], [Done()], seconds=0.01, wall_time=1.0e9, spared=1)
     m.observe_error(0.02)
     m.observe_probe({"entries": 3, "max_entries": 4096, "evicted": 0})
     return m

@@ -72,7 +72,7 @@ def run_unprivileged(fn):
                 payload = ("err", repr(e))
             with os.fdopen(w, "wb") as f:
                 f.write(pickle.dumps(payload))
-        except BaseException:
+        except BaseException:  # noqa: BLE001 - the child exits whatever happened
             code = 1
         finally:
             os._exit(code)

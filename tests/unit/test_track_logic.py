@@ -263,7 +263,7 @@ def run_in_thread(tracker):
     def target():
         try:
             tracker.run()
-        except BaseException as e:  # handed to the test
+        except BaseException as e:  # noqa: BLE001 - handed to the test
             box["error"] = e
 
     t = threading.Thread(target=target, daemon=True)

@@ -138,6 +138,26 @@ MUTATIONS: List[Mutation] = [
         "        if unsupported:",
         ENGINE_TESTS),
     Mutation(
+        "the dump not read to its end (acting on its first part)", "tcpidle/diag.py",
+        "if feed(view, n):",
+        "if feed(view, n) or True:",
+        ENGINE_TESTS),
+    Mutation(
+        "the idle threshold ignored", "tcpidle/idle.py",
+        "victim = idle_ms is not None and idle_ms >= policy.idle_time_ms",
+        "victim = idle_ms is not None",
+        ENGINE_TESTS),
+    Mutation(
+        "a kernel refusing the one-walk dump with EINVAL fails the run", "tcpidle/diag.py",
+        "_LEGACY_REFUSED = frozenset((errno.EINVAL, errno.EOPNOTSUPP, errno.ENOENT))",
+        "_LEGACY_REFUSED = frozenset((errno.EOPNOTSUPP, errno.ENOENT))",
+        ENGINE_TESTS),
+    Mutation(
+        "victims of another namespace destroyed in ours", "tcpidle/scope.py",
+        "nl = self._open(fd, label)",
+        "nl = self._open(None, label)",
+        ENGINE_TESTS),
+    Mutation(
         "--dry-run destroys", "tcpidle/engine.py",
         "if self.policy.dry_run:",
         "if False:",

@@ -22,9 +22,7 @@ from . import evidence, netns, privilege, report, selectors
 from .engine import Engine
 from .errors import PrivilegeError, RuntimeFailure, UsageError
 from .model import AF_INET, AF_INET6, DEFAULT_MAP_SIZE, DEFAULT_PIN_DIR, Policy, Selector
-from .passes import run_pass
 from .scope import OpenDiag, Scope, open_diag
-from .signals import StopOnSignal
 
 # ---------------------------------------------------------------------------
 # from options to records
@@ -145,6 +143,9 @@ def _kill_once(engine: Engine, as_json: bool) -> int:
     """One pass; its exit status.  SIGTERM/SIGINT during it stop it between two
     destroy batches: what was done is reported, and the status is 128 + the
     signal's number.  A namespace named with --netns that is gone fails the run."""
+    from .passes import run_pass  # kill's alone, like the signals it stops on
+    from .signals import StopOnSignal
+
     with StopOnSignal() as stopped:
         done = run_pass(engine, as_json, "kill", stop=stopped)
     if stopped.signum:

@@ -43,7 +43,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
-from . import diag, fallback, idle, owners, selectors
+from . import diag, idle, selectors
 from .errors import PrivilegeError, RuntimeFailure
 from .evidence import Evidence
 from .model import NO_OWNERS, Action, Activity, Outcome, OwnerSummary, Policy, Socket, Verdict
@@ -192,6 +192,8 @@ class Engine:
             return
         missing = {v.socket.inode for v in verdicts if v.socket.inode} - set(scan.owners)
         if missing:
+            from . import owners  # only with -p or an owner selector: kill and audit start faster
+
             scan.owners.update(owners.summaries_by_inode(missing))
 
     # -- act -------------------------------------------------------------------
@@ -369,6 +371,8 @@ class Engine:
 
     def _fallback(self, victims: Sequence[Verdict], held: Dict[int, OwnerSummary]) -> List[Outcome]:
         """The /proc fallback, with the holders as they are now (their fds are needed)."""
+        from . import fallback, owners  # only --use-proc, or a kernel without SOCK_DESTROY
+
         fresh = owners.owners_by_inode({v.socket.inode for v in victims})
         results = fallback.apply_fallback([v.socket for v in victims], self.policy.proc_action, fresh)
         return [Outcome(verdict, r.action, r.error, *r.owners) for verdict, r in zip(victims, results)]

@@ -16,7 +16,6 @@ import logging
 import os
 import sys
 from collections import Counter
-from datetime import datetime, timezone
 from typing import Dict, Optional, Sequence, TextIO
 
 from . import sinks
@@ -312,6 +311,8 @@ class EventLog:
 
 
 def now_iso() -> str:
+    from datetime import datetime, timezone  # the tracker's event log alone
+
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 

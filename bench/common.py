@@ -46,11 +46,12 @@ import threading
 import time
 from typing import Dict, Iterable, List, Optional, Sequence
 
+from tcpidle.model import SO_COOKIE  # the workers run with the project's venv (python())
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 NS_PREFIX = "tibench-"
-SO_COOKIE = 57  # include/uapi/asm-generic/socket.h; Python has no name for it
 # Per worker, under the 20,000 hard limit: leaves room for listeners, stdio
 # and the pipes of the commands a worker runs.
 FD_BUDGET = 18000

@@ -131,7 +131,7 @@ SOCKID_LEN = 48
 REQ_V2_LEN = 56
 REQ_V1_LEN = 60
 _MSG_MIN = NLMSGHDR_LEN + DIAG_MSG_LEN  # 88
-_DESTROY_MSG_LEN = NLMSGHDR_LEN + REQ_V2_LEN  # 72
+_REQUEST_MSG_LEN = NLMSGHDR_LEN + REQ_V2_LEN  # 72
 
 # Ports arrive in network byte order; a table lookup is the cheapest swap
 # (built as an array: 2 ms at import instead of 5 ms for a list).
@@ -142,10 +142,10 @@ if sys.byteorder == "little":
 # Receive buffer we ask for with SO_RCVBUFFORCE (root) or SO_RCVBUF (capped by
 # net.core.rmem_max).  The kernel doubles the value for bookkeeping overhead.
 DEFAULT_RCVBUF = 8 << 20
-# Send buffer of the destroy socket: one sendmsg() carries a whole batch
-# (72 bytes a request) and netlink refuses a message larger than sk_sndbuf
-# with EMSGSIZE.
-DESTROY_SNDBUF = 2 << 20
+# Send buffer of the request socket (destroys and lookups): one sendmsg()
+# carries a whole batch (72 bytes a request) and netlink refuses a message
+# larger than sk_sndbuf with EMSGSIZE.
+REQUEST_SNDBUF = 2 << 20
 # A single recv() of a dump returns one skb of at most ~32 KiB; a destroy
 # batch's acks are read in bulk.  64 KiB leaves room and MSG_TRUNC tells us
 # if it ever is not enough.
@@ -445,13 +445,13 @@ def _pack_request(buf: bytearray, off: int, sock: Socket, seq: int, msgtype: int
                   flags: int = NLM_F_REQUEST | NLM_F_ACK, ext: int = 0) -> None:
     """A request about one socket (SOCK_DESTROY, or an exact lookup) carrying its sockid."""
     _REQ_V2.pack_into(
-        buf, off, _DESTROY_MSG_LEN, msgtype, flags, seq, 0,
+        buf, off, _REQUEST_MSG_LEN, msgtype, flags, seq, 0,
         sock.family, IPPROTO_TCP, ext, DESTROY_STATES,
     )
     raw = sock.raw_id
     if len(raw) != SOCKID_LEN:
         raise ValueError("Socket.raw_id must be the 48-byte inet_diag_sockid, got %d" % len(raw))
-    buf[off + 24 : off + _DESTROY_MSG_LEN] = raw
+    buf[off + 24 : off + _REQUEST_MSG_LEN] = raw
 
 
 def _open_netlink(netns_fd: Optional[int], rcvbuf: int, sndbuf: int = 0) -> socket.socket:
@@ -515,8 +515,9 @@ def _note_fallback(exc: errors.NetlinkError) -> None:
 class DiagSocket:
     """Owns the NETLINK_SOCK_DIAG sockets of one network namespace.
 
-    One socket for dumps, a second one for destroys (so destroy acks never
-    interleave with a dump).  `netns_fd`, if given, is an open
+    One socket for dumps, a second one for requests about given sockets --
+    SOCK_DESTROY and the exact lookups of the re-check -- so their answers
+    never interleave with a dump.  `netns_fd`, if given, is an open
     /proc/.../ns/net or /run/netns/NAME descriptor: the sockets are created in
     that namespace and stay bound to it.  `netns_label` is copied into every
     Socket.netns.  Use as a context manager.  Not thread-safe: one
@@ -541,15 +542,15 @@ class DiagSocket:
         self._open_socket = open_socket or _open_netlink
         self._dump_sock = self._open_socket(netns_fd, rcvbuf, 0)
         try:
-            self._destroy_sock = self._open_socket(netns_fd, rcvbuf, DESTROY_SNDBUF)
-            self._setup_acks(self._destroy_sock)
+            self._request_sock = self._open_socket(netns_fd, rcvbuf, REQUEST_SNDBUF)
+            self._setup_acks(self._request_sock)
         except BaseException:
             self._dump_sock.close()
             raise
         self._netns_fd = None if netns_fd is None else os.dup(netns_fd)
         # Destroy and lookup requests whose answer the kernel dropped (receive
         # queue overflow); they were retried.  Kept for tests and diagnostics.
-        self.lost_acks = 0
+        self.lost_answers = 0
         # Dump requests sent (each one walk of the kernel's hash tables).
         self.walks = 0
         self._rcvbuf = rcvbuf
@@ -570,10 +571,10 @@ class DiagSocket:
     # -- lifecycle --
 
     def close(self) -> None:
-        for s in (self._dump_sock, self._destroy_sock):
+        for s in (self._dump_sock, self._request_sock):
             if s is not None:
                 s.close()
-        self._dump_sock = self._destroy_sock = None
+        self._dump_sock = self._request_sock = None
         if self._netns_fd is not None:
             os.close(self._netns_fd)
             self._netns_fd = None
@@ -594,8 +595,8 @@ class DiagSocket:
 
     @property
     def receive_buffer(self) -> int:
-        """The destroy socket's receive buffer as the kernel accounts it."""
-        return self._destroy_sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        """The request socket's receive buffer as the kernel accounts it."""
+        return self._request_sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
 
     # -- dump --
 
@@ -753,7 +754,7 @@ class DiagSocket:
         An answer is an errno from NLMSG_ERROR (0: an ack), or a Socket when
         the kernel replied with a record; ENOBUFS if never answered, even alone.
         """
-        if self._destroy_sock is None:
+        if self._request_sock is None:
             raise ValueError("DiagSocket is closed")
         n = len(sockets)
         results: List[Union[Socket, int, None]] = [None] * n
@@ -762,8 +763,8 @@ class DiagSocket:
         # Every answer of a batch must fit the receive buffer, and the batch
         # itself the send buffer (less netlink's 32-byte allowance).
         fit_answers = self.receive_buffer // truesize - 1
-        sndbuf = self._destroy_sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
-        fit_send = (sndbuf - 32) // _DESTROY_MSG_LEN
+        sndbuf = self._request_sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        fit_send = (sndbuf - 32) // _REQUEST_MSG_LEN
         size = max(1, min(batch, fit_answers, fit_send))
         request = (msgtype, flags, ext)
         lost: List[int] = []
@@ -785,10 +786,10 @@ class DiagSocket:
         what = "SOCK_DESTROY" if msgtype == SOCK_DESTROY else "INET_DIAG lookup"
         count = len(idx)
         first = self._next_seq(count)
-        req = bytearray(count * _DESTROY_MSG_LEN)
+        req = bytearray(count * _REQUEST_MSG_LEN)
         for j, i in enumerate(idx):
-            _pack_request(req, j * _DESTROY_MSG_LEN, sockets[i], first + j, msgtype, flags, ext)
-        sock = self._destroy_sock
+            _pack_request(req, j * _REQUEST_MSG_LEN, sockets[i], first + j, msgtype, flags, ext)
+        sock = self._request_sock
         try:
             sent = sock.send(req)
         except OSError as e:
@@ -851,7 +852,7 @@ class DiagSocket:
                 results[i] = sk
         if not pending:
             return []
-        self.lost_acks += pending
+        self.lost_answers += pending
         return [i for i in idx if results[i] is None]
 
 

@@ -127,8 +127,8 @@ MUTATIONS: List[Mutation] = [
         ENGINE_TESTS),
     Mutation(
         "the cookie not sent in SOCK_DESTROY", "tcpidle/diag.py",
-        "buf[off + 24 : off + _DESTROY_MSG_LEN] = raw",
-        'buf[off + 24 : off + _DESTROY_MSG_LEN] = raw[:40] + b"\\xff" * 8',
+        "buf[off + 24 : off + _REQUEST_MSG_LEN] = raw",
+        'buf[off + 24 : off + _REQUEST_MSG_LEN] = raw[:40] + b"\\xff" * 8',
         ENGINE_TESTS, "INET_DIAG_NOCOOKIE: the kernel then skips its cookie check"),
     Mutation(
         "a failed destroy reported as gone", "tcpidle/engine.py",

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import itertools
 import os
 import socket
 import struct
@@ -25,38 +24,30 @@ import pytest
 from tcpidle import diag, errors
 from tcpidle.netns import entered_fd
 
-from lab.netns import cookie_of
+from lab.netns import Netns as LabNetns, NetnsFactory, cookie_of
 from tcpidle.model import AF_INET, AF_INET6, TcpState
 
 pytestmark = pytest.mark.kernel
 
-SO_COOKIE = 57
 ALL = 0xFFFFFFFF
 EST = 1 << TcpState.ESTABLISHED
 LISTEN = 1 << TcpState.LISTEN
 TW = 1 << TcpState.TIME_WAIT
 FAMS = (AF_INET, AF_INET6)
-_counter = itertools.count()
 
 
 def thread_netns_inode() -> int:
     return os.stat("/proc/thread-self/ns/net").st_ino
 
 
-class Netns:
-    """A namespace with lo up; sockets made through it are closed at teardown."""
+class Sockets:
+    """Sockets made inside one lab namespace (tests/lab/netns.py); closed at teardown."""
 
-    def __init__(self):
-        self.name = "tidiag-k-%d-%d" % (os.getpid(), next(_counter))
-        subprocess.run(["ip", "netns", "add", self.name], check=True)
-        self.fd = None
+    def __init__(self, ns: LabNetns):
+        self.ns = ns
+        self.name = ns.name
+        self.fd = os.open("/run/netns/" + ns.name, os.O_RDONLY | os.O_CLOEXEC)
         self.socks = []
-        try:
-            subprocess.run(["ip", "-n", self.name, "link", "set", "lo", "up"], check=True)
-            self.fd = os.open("/run/netns/" + self.name, os.O_RDONLY)
-        except BaseException:
-            self.cleanup()
-            raise
 
     @contextlib.contextmanager
     def inside(self):
@@ -95,26 +86,35 @@ class Netns:
     def diag(self) -> diag.DiagSocket:
         return diag.DiagSocket(netns_fd=self.fd, netns_label=self.name)
 
-    def cleanup(self):
+    def close(self):
         for s in self.socks:
             s.close()
-        if self.fd is not None:
-            os.close(self.fd)
-        subprocess.run(["ip", "netns", "del", self.name], check=False)
+        os.close(self.fd)
 
 
 @pytest.fixture
-def ns():
-    n = Netns()
-    yield n
-    n.cleanup()
+def namespaces():
+    factory = NetnsFactory("tidiag-k-")
+    made = []
+
+    def make():
+        made.append(Sockets(factory()))
+        return made[-1]
+
+    yield make
+    for n in made:
+        n.close()
+    factory.cleanup()
 
 
 @pytest.fixture
-def ns2():
-    n = Netns()
-    yield n
-    n.cleanup()
+def ns(namespaces):
+    return namespaces()
+
+
+@pytest.fixture
+def ns2(namespaces):
+    return namespaces()
 
 
 def truth(s: socket.socket, state: int):
@@ -476,7 +476,7 @@ def test_lookup_asks_the_kernel_again_about_each_socket(ns, batch):
         new_c, _new_a = ns.pair(lst, AF_INET, "127.0.0.1", 5000, bind=("127.0.0.1", 40000), reuse=True)
         asked = [r for r in before.values()]
         answers = ds.lookup(asked, batch=batch)
-    assert len(answers) == len(asked) and ds.lost_acks == 0
+    assert len(answers) == len(asked) and ds.lost_answers == 0
     assert sum(r.src.startswith("::ffff:") for r in asked) == 5
     got = {r.cookie: a for r, a in zip(asked, answers)}
     assert got[gone.cookie] == errno.ENOENT
@@ -510,7 +510,7 @@ def test_batch_of_2000_destroys(ns, batch):
         assert {r.cookie for r in targets} == want
         results = ds.destroy(targets, batch=batch)
         assert results == [0] * n
-        assert ds.lost_acks == 0
+        assert ds.lost_answers == 0
         left = {r.cookie for r in ds.dump_sockets(FAMS, ALL)}
     # Exactly the victims are gone (their peers were reset and closed too).
     assert left == keep
@@ -534,12 +534,12 @@ def test_dropped_acks_are_never_reported_as_success(ns, monkeypatch):
         targets = [r for r in ds.dump(AF_INET, EST) if r.dport == 5000]
         assert len(targets) == 400
         results = ds.destroy(targets, batch=400)
-        assert ds.lost_acks > 0  # the overflow really happened
+        assert ds.lost_answers > 0  # the overflow really happened
         # Lost acks were retried: a first destroy that worked reads ENOENT
         # on the retry; never a success that was not acknowledged.
         assert set(results) <= {0, errno.ENOENT}
-        assert results.count(0) >= 400 - ds.lost_acks
-        assert results.count(errno.ENOENT) <= ds.lost_acks
+        assert results.count(0) >= 400 - ds.lost_answers
+        assert results.count(errno.ENOENT) <= ds.lost_answers
         assert ds.dump(AF_INET, EST) == []
     for s in victims:
         assert s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == errno.ECONNABORTED

@@ -39,7 +39,6 @@ pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root (BPF, netns)"),
 ]
 
-SO_COOKIE = 57
 TCPI_LAST_DATA_RECV = 52  # offset in struct tcp_info (u32, ms)
 
 

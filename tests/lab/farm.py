@@ -51,7 +51,9 @@ import time
 
 # SO_COOKIE (include/uapi/asm-generic/socket.h): the same 64-bit value INET_DIAG
 # reports as idiag_cookie and the BPF probe keys its map with.  Python's socket
-# module has no constant for it.
+# module has no constant for it, and this program runs under a bare interpreter
+# (a renamed python, for owner tests) that cannot import tcpidle.model.SO_COOKIE:
+# tests/unit/test_layers.py checks the two agree.
 SO_COOKIE = 57
 ACTIVE_PERIOD_S = 0.05
 FARM_PATH = os.path.abspath(__file__)

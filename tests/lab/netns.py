@@ -146,11 +146,9 @@ def remove_stale(prefix):
         Netns(name).delete()
 
 
-SO_COOKIE = 57
-
-
 def cookie_of(sock):
     """The socket cookie (SO_COOKIE): the INET_DIAG idiag_cookie and the probe's key."""
+    from tcpidle.model import SO_COOKIE
     return struct.unpack("=Q", sock.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8))[0]
 
 

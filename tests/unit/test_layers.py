@@ -76,3 +76,15 @@ def test_no_module_imports_one_above_it(name, path):
         assert target in FLOOR, "%s imports tcpidle.%s, which has no floor" % (path.name, target)
         assert FLOOR[target] >= FLOOR[name], "%s (floor %d) imports %s (floor %d), above it" % (
             path.name, FLOOR[name], target, FLOOR[target])
+
+
+def test_the_lab_farm_program_uses_the_kernels_so_cookie():
+    """tests/lab/farm.py runs under a bare interpreter and keeps SO_COOKIE itself."""
+    import ast as _ast
+
+    from tcpidle.model import SO_COOKIE
+
+    farm = pathlib.Path(__file__).parent.parent / "lab" / "farm.py"
+    values = [n.value.value for n in _ast.walk(_ast.parse(farm.read_text()))
+              if isinstance(n, _ast.Assign) and any(getattr(t, "id", "") == "SO_COOKIE" for t in n.targets)]
+    assert values == [SO_COOKIE]

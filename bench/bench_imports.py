@@ -54,7 +54,7 @@ def one_run(argv, tree):
         m = LINE.match(line)
         if not m:
             continue
-        _self_us, cumulative_us, indent, name = int(m.group(1)), int(m.group(2)), m.group(3), m.group(4)
+        cumulative_us, indent, name = int(m.group(2)), m.group(3), m.group(4)
         modules.append(name)
         if not indent:
             top[name] = cumulative_us

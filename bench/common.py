@@ -9,9 +9,10 @@ only says what it measures:
   10000-65535 so the servers' ports 1024-9999 never collide with it, a deep
   accept backlog, one IPv6 address per worker on lo), and removed again.
   `reap_stale()` removes those left behind by a bench that was SIGKILLed.
-* `Worker`: one Python process inside the namespace, driven by JSON lines on
-  its stdin/stdout (the `worker_main` below is its other end).  It opens,
-  holds, feeds and closes connections, and it times commands.
+* `Worker`: one connection farm process inside the namespace -- the farm of
+  the tests, tests/lab/farm.py, driven by JSON lines on its stdin/stdout.
+  It opens, holds, feeds and closes groups of connections, and it times
+  commands.
 * `Farm`: several workers, because each process may hold at most 20,000
   descriptors (the hard RLIMIT_NOFILE here) and each loopback connection is
   two of them when both ends live in the namespace.  A *group* of
@@ -19,45 +20,38 @@ only says what it measures:
   port at 127.0.0.(i+1) and fd00:7e::(i+1), so a whole group shares one
   server port (what `ss dport = :P` and `tcpidle -d P` select) however many
   processes hold it.
-* `run_timed` / `Worker.run`: a command's wall time, CPU and peak RSS, taken
-  by GNU time (see there for why not by os.wait4 of our own child).
+* `run_timed` (the farm's) / `Worker.run`: a command's wall time, CPU and
+  peak RSS, taken by GNU time (see there for why not by os.wait4 of our own
+  child).
 * `bench_signals()`: SIGTERM and SIGHUP become KeyboardInterrupt, so that
   every `finally` that removes namespaces and workers runs on Ctrl-C, kill
   and hang-up alike.
 
 Every connection is closed with SO_LINGER {1, 0} (an RST): no TIME_WAIT
 sockets pile up across runs to slow later dumps down.
-
-Run as ``common.py --worker`` it is a worker; nothing else is meant to run it.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import signal
-import socket
-import struct
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 from typing import Dict, Iterable, List, Optional, Sequence
 
-from tcpidle.model import SO_COOKIE  # the workers run with the project's venv (python())
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+# The one connection farm, shared with the tests.
+from lab.farm import Farm as LabFarm, FarmError, run_timed  # noqa: E402,F401 (run_timed: ours too)
 
 NS_PREFIX = "tibench-"
 # Per worker, under the 20,000 hard limit: leaves room for listeners, stdio
 # and the pipes of the commands a worker runs.
 FD_BUDGET = 18000
 EPHEMERAL = (10000, 65535)  # servers listen below this range
-GNU_TIME = "/usr/bin/time"
-LINGER_RST = struct.pack("ii", 1, 0)
 
 
 def python() -> str:
@@ -229,268 +223,46 @@ class BenchNamespace:
         self.close()
 
 
-# --- timing a command -------------------------------------------------------------------
-
-
-def run_timed(argv: Sequence[str], stdout_path: Optional[str] = None) -> Dict:
-    """Run argv to completion; its wall time, CPU, peak RSS and exit status.
-
-    The command is started by GNU time, which forks it and reads its rusage
-    with wait4().  Not by os.wait4() of our own child: at exec() the kernel
-    folds the high-water RSS of the *old* mm into the new program's
-    ru_maxrss, and a child forked (or vforked) from this Python process
-    starts out with our ~10-20 MB, which would swamp ss's 3 MB.  GNU time is
-    a small C program, so the floor it leaves is ~1 MB, the same for both
-    tools.  The wall clock runs from before the spawn of `time` to its exit:
-    its own exec (a fraction of a ms) is in both tools' numbers.
-    stdout goes to /dev/null unless `stdout_path` is given.
-    """
-    with tempfile.TemporaryFile(prefix="tibench-err-") as err, \
-            tempfile.NamedTemporaryFile(prefix="tibench-time-", mode="r") as res, \
-            open(stdout_path or os.devnull, "wb") as out:
-        gnu = os.path.exists(GNU_TIME)
-        cmd = ([GNU_TIME, "-q", "-f", "%U %S %M", "-o", res.name] if gnu else []) + list(argv)
-        t0 = time.perf_counter()
-        p = subprocess.Popen(cmd, stdout=out, stderr=err)
-        _pid, status, ru = os.wait4(p.pid, 0)
-        wall = time.perf_counter() - t0
-        p.returncode = os.waitstatus_to_exitcode(status)
-        if gnu:
-            fields = res.read().split()
-            user, system, maxrss = float(fields[-3]), float(fields[-2]), int(fields[-1])
-        else:  # fallback: the RSS floor is this Python process's size (see above)
-            user, system, maxrss = ru.ru_utime, ru.ru_stime, ru.ru_maxrss
-        err.seek(0)
-        stderr = err.read().decode("utf-8", "replace")
-    return {"wall": wall, "user": user, "sys": system, "maxrss_kb": maxrss,
-            "rc": p.returncode, "stderr": stderr[-2000:], "rss_by": "gnu-time" if gnu else "wait4"}
-
-
-# --- worker (runs inside the namespace) -------------------------------------------------
-
-
-def _cookie(s: socket.socket) -> int:
-    return struct.unpack("=Q", s.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8))[0]
-
-
-class _WorkerState:
-    def __init__(self):
-        self.listeners: Dict[tuple, socket.socket] = {}
-        self.groups: Dict[str, List[tuple]] = {}  # group -> [(client, server)]
-        self.active: Dict[str, float] = {}  # group -> period (s)
-        self.lock = threading.Lock()
-        self.sender: Optional[threading.Thread] = None
-        self.stop = threading.Event()
-
-    def listener(self, fam: int, addr: str, port: int) -> socket.socket:
-        key = (fam, addr, port)
-        ls = self.listeners.get(key)
-        if ls is None:
-            ls = socket.socket(fam, socket.SOCK_STREAM)
-            ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if fam == socket.AF_INET6:
-                ls.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            ls.bind((addr, port))
-            ls.listen(4096)
-            self.listeners[key] = ls
-        return ls
-
-    def open(self, group: str, family: int, addr: str, port: int, count: int) -> Dict:
-        fam = socket.AF_INET6 if family == 6 else socket.AF_INET
-        ls = self.listener(fam, addr, port)
-        pairs = []
-        left = count
-        try:
-            while left:
-                n = min(left, 1000)  # stays inside the accept backlog
-                batch = []
-                for _ in range(n):
-                    c = socket.socket(fam, socket.SOCK_STREAM)
-                    batch.append(c)
-                    c.connect((addr, port))
-                for c in batch:
-                    pairs.append((c, ls.accept()[0]))
-                left -= n
-        except BaseException:
-            for c, s in pairs:
-                _rst_close(c)
-                _rst_close(s)
-            raise
-        with self.lock:
-            self.groups.setdefault(group, []).extend(pairs)
-        return {"client": [_cookie(c) for c, _ in pairs], "server": [_cookie(s) for _, s in pairs]}
-
-    def close(self, group: str, count: Optional[int]) -> Dict:
-        with self.lock:
-            pairs = self.groups.get(group, [])
-            if count is None or count >= len(pairs):
-                gone, keep = pairs, []
-            else:
-                gone, keep = pairs[len(pairs) - count:], pairs[: len(pairs) - count]
-            if keep:
-                self.groups[group] = keep
-            else:
-                self.groups.pop(group, None)
-                self.active.pop(group, None)
-        cookies = {"client": [], "server": []}
-        for c, s in gone:
-            for side, sk in (("client", c), ("server", s)):
-                try:
-                    cookies[side].append(_cookie(sk))
-                except OSError:
-                    pass
-                _rst_close(sk)
-        return dict(cookies, closed=len(gone))
-
-    def ping(self) -> Dict:
-        """One byte each way on every connection held: every socket then has
-        received data while ESTABLISHED (what the BPF probe records)."""
-        with self.lock:
-            pairs = [p for group in self.groups.values() for p in group]
-        for c, s in pairs:
-            c.send(b"p")
-            s.send(b"p")
-        return {"pinged": len(pairs)}
-
-    def activate(self, group: str, period: float) -> Dict:
-        with self.lock:
-            if period > 0:
-                self.active[group] = period
-            else:
-                self.active.pop(group, None)
-        if self.sender is None:
-            self.sender = threading.Thread(target=self._send_loop, daemon=True)
-            self.sender.start()
-        return {}
-
-    def _send_loop(self) -> None:
-        """Each active group's server ends send one byte every `period`
-        seconds, spread evenly over the period in slices of 200, so the
-        client ends' tcpi_last_data_recv keeps being refreshed."""
-        slices = 50
-        while not self.stop.is_set():
-            with self.lock:
-                work = [(self.groups.get(g, []), p) for g, p in self.active.items()]
-            if not work:
-                self.stop.wait(0.2)
-                continue
-            period = min(p for _, p in work)
-            socks = [s for pairs, _ in work for _, s in pairs]
-            start = time.monotonic()
-            step = max(1, -(-len(socks) // slices))
-            for k in range(0, len(socks), step):
-                for s in socks[k:k + step]:
-                    try:
-                        s.send(b"x", socket.MSG_DONTWAIT)
-                    except OSError:
-                        pass  # destroyed, closed or full: not our business here
-                due = start + period * (k + step) / max(1, len(socks))
-                delay = due - time.monotonic()
-                if delay > 0 and self.stop.wait(delay):
-                    return
-
-
-def _rst_close(s: socket.socket) -> None:
-    try:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RST)
-    except OSError:
-        pass  # already destroyed / reset
-    s.close()
-
-
-def worker_main() -> None:
-    """One request per stdin line, one JSON reply per stdout line."""
-    import resource
-
-    # Ctrl-C reaches the whole process group: the parent decides when we go
-    # (it closes our stdin, or says exit).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    socket.setdefaulttimeout(30)  # nothing on loopback may hang the bench
-    st = _WorkerState()
-    out = sys.stdout
-    for line in sys.stdin:
-        req = json.loads(line)
-        cmd = req.pop("cmd")
-        try:
-            if cmd == "open":
-                reply = st.open(**req)
-            elif cmd == "close":
-                reply = st.close(req["group"], req.get("count"))
-            elif cmd == "ping":
-                reply = st.ping()
-            elif cmd == "activate":
-                reply = st.activate(req["group"], req["period"])
-            elif cmd == "run":
-                reply = run_timed(req["argv"], req.get("stdout_path"))
-            elif cmd == "exit":
-                break
-            else:
-                raise ValueError("unknown command %r" % cmd)
-            reply["ok"] = True
-        except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises
-            reply = {"ok": False, "error": "%s: %s" % (type(exc).__name__, exc)}
-        out.write(json.dumps(reply) + "\n")
-        out.flush()
-    st.stop.set()
-
-
 # --- parent side ----------------------------------------------------------------------
 
 
 class Worker:
-    """A worker process inside `ns` (started with ip netns exec)."""
+    """One farm process inside `ns` (tests/lab/farm.py, the connection farm the
+    tests use too), holding groups of connections for the benchmarks."""
+
+    # Bounded, like every farm, but a full bench/run takes minutes.
+    MAX_SECONDS = 3600.0
 
     def __init__(self, ns: str, index: int):
         self.index = index
         self.fds = 0  # connection fds it holds (2 per connection)
         self.listeners = set()
         self.groups: Dict[str, int] = {}  # group -> connections held
-        self.p = subprocess.Popen(
-            ["ip", "netns", "exec", ns, python(), os.path.abspath(__file__), "--worker"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-        )
+        # Ctrl-C reaches the whole process group: the parent decides when the
+        # farm goes (it closes its stdin).
+        self.farm = LabFarm(ns, max_seconds=self.MAX_SECONDS, python=python(), ignore_sigint=True)
 
     @property
     def room(self) -> int:
         """Connections this worker can still take (one listener per family a port)."""
         return max(0, (FD_BUDGET - self.fds - len(self.listeners) - 4) // 2)
 
-    def call(self, **req) -> Dict:
-        """One request, one reply (the worker's own socket timeouts bound it)."""
-        self.p.stdin.write(json.dumps(req) + "\n")
-        self.p.stdin.flush()
-        line = self.p.stdout.readline()
-        if not line:
-            raise RuntimeError("worker %d died" % self.index)
-        reply = json.loads(line)
-        if not reply.pop("ok", False):
-            raise RuntimeError("worker %d: %s" % (self.index, reply.get("error")))
+    def call(self, cmd: str, **req) -> Dict:
+        """One request, one reply (the farm's own socket timeouts bound it)."""
+        try:
+            reply = self.farm.request(cmd, timeout=600.0, **req)
+        except FarmError as exc:
+            raise RuntimeError("worker %d: %s" % (self.index, exc)) from None
+        for key in ("id", "ok"):
+            reply.pop(key, None)
         return reply
 
     def run(self, argv: Sequence[str], stdout_path: Optional[str] = None) -> Dict:
-        """Time argv, started from inside the namespace (see run_timed)."""
-        return self.call(cmd="run", argv=list(argv), stdout_path=stdout_path)
+        """Time argv, started from inside the namespace (see farm.run_timed)."""
+        return self.call("run", argv=list(argv), stdout_path=stdout_path)
 
     def stop(self) -> None:
-        if self.p.poll() is None:
-            try:
-                self.p.stdin.write(json.dumps({"cmd": "exit"}) + "\n")
-                self.p.stdin.flush()
-            except (OSError, ValueError):
-                pass
-        try:
-            self.p.stdin.close()
-        except (OSError, ValueError):
-            pass
-        try:
-            self.p.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.p.kill()
-            self.p.wait()
-        if self.p.stdout:
-            self.p.stdout.close()
+        self.farm.stop(timeout=30.0)
 
 
 class Group:
@@ -566,7 +338,7 @@ class Farm:
                 if not n:
                     continue
                 addr = v6_addr(w.index) if fam == 6 else v4_addr(w.index)
-                got = w.call(cmd="open", group=name, family=fam, addr=addr, port=port, count=n)
+                got = w.call("group_open", group=name, family=fam, addr=addr, port=port, count=n)
                 group.client.update(got["client"])
                 group.server.update(got["server"])
                 w.listeners.add((fam, port))
@@ -585,7 +357,7 @@ class Farm:
         for w, n in zip(self.workers, take):
             if not n:
                 continue
-            got = w.call(cmd="close", group=name, count=None if count is None else n)
+            got = w.call("group_close", group=name, count=None if count is None else n)
             group.client.difference_update(got["client"])
             group.server.difference_update(got["server"])
             w.fds -= 2 * got["closed"]
@@ -597,13 +369,13 @@ class Farm:
 
     def ping(self) -> int:
         """A byte each way on every connection; returns how many connections."""
-        return sum(w.call(cmd="ping")["pinged"] for w in self.workers)
+        return sum(w.call("group_ping")["pinged"] for w in self.workers)
 
     def activate(self, name: str, period: float) -> None:
         """The group's server ends send a byte every `period` s (0: stop)."""
         for w in self.workers:
             if name in w.groups:
-                w.call(cmd="activate", group=name, period=period)
+                w.call("group_active", group=name, period=period)
 
 
 def _spread(total: int, capacity: Sequence[int]) -> List[int]:
@@ -657,10 +429,3 @@ def machine() -> Dict[str, str]:
         "python": platform.python_version(),
         "load": "%.2f %.2f %.2f" % os.getloadavg(),
     }
-
-
-if __name__ == "__main__":
-    if sys.argv[1:] == ["--worker"]:
-        worker_main()
-    else:
-        sys.exit("common.py is a library of the benchmarks; run bench/run")

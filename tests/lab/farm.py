@@ -31,8 +31,23 @@ is ``{"event": "ready", "pid": PID}``.  Commands:
     close    ids=[..]                         -> (orderly close)
     quit                                      -> exits
 
+and, for the benchmarks (bench/common.py), *groups*: tens of thousands of
+connections whose both ends this farm holds, passively (no per-connection
+record, nothing in the event loop), closed with an RST so no TIME_WAIT
+piles up:
+
+    group_open   group family(4|6) addr port count -> client=[cookie..] server=[..]
+    group_close  group count|null             -> client=[..] server=[..] closed=N
+    group_ping                                -> pinged=N (a byte each way on each)
+    group_active group period                 -> (its server ends send a byte
+                                                  every period s; 0 stops)
+    run          argv stdout_path             -> wall user sys maxrss_kb rc stderr
+                                                 (a command timed from inside
+                                                  the namespace, by GNU time)
+
 The program is bounded: it exits when stdin closes, on ``quit``, or after
-``--max-seconds`` (default 120).
+``--max-seconds`` (default 120).  ``--ignore-sigint`` leaves Ctrl-C to the
+parent (the benchmarks end their farms themselves).
 """
 
 import argparse
@@ -41,6 +56,7 @@ import json
 import os
 import queue
 import selectors
+import signal
 import socket
 import struct
 import subprocess
@@ -57,6 +73,8 @@ import time
 SO_COOKIE = 57
 ACTIVE_PERIOD_S = 0.05
 FARM_PATH = os.path.abspath(__file__)
+GNU_TIME = "/usr/bin/time"
+LINGER_RST = struct.pack("ii", 1, 0)  # close() sends an RST: no TIME_WAIT
 
 
 # --------------------------------------------------------------------------
@@ -137,6 +155,7 @@ class _Program:
         # token -> (ping request id, conn id); request id -> pending state
         self.pending_pings = {}
         self.next_tick = time.monotonic() + ACTIVE_PERIOD_S
+        self.groups = _Groups()
         os.set_blocking(0, False)
         self.sel.register(0, selectors.EVENT_READ, ("stdin", None))
 
@@ -349,6 +368,22 @@ class _Program:
                 self._send(conn, ("P%s\n" % token).encode())
         return None  # answered later
 
+    def cmd_group_open(self, req):
+        return self.groups.open(req["group"], int(req["family"]), req["addr"], int(req["port"]),
+                                int(req["count"]))
+
+    def cmd_group_close(self, req):
+        return self.groups.close(req["group"], req.get("count"))
+
+    def cmd_group_ping(self, req):
+        return self.groups.ping()
+
+    def cmd_group_active(self, req):
+        return self.groups.activate(req["group"], float(req["period"]))
+
+    def cmd_run(self, req):
+        return run_timed(req["argv"], req.get("stdout_path"))
+
     def cmd_quit(self, req):
         self.running = False
         return {}
@@ -425,12 +460,192 @@ class _Program:
             for req, _ in self.pending_pings.values():
                 wake = min(wake, req["deadline"])
             self._poll(wake - time.monotonic())
+        self.groups.stop.set()
+
+
+# --------------------------------------------------------------------------
+# Groups: connections held in bulk, for the benchmarks
+
+
+class _Groups:
+    """Groups of connections whose both ends this process holds, passively."""
+
+    def __init__(self):
+        self.listeners = {}
+        self.groups = {}  # group -> [(client, server)]
+        self.active = {}  # group -> period (s)
+        self.lock = threading.Lock()
+        self.sender = None
+        self.stop = threading.Event()
+
+    def listener(self, fam, addr, port):
+        key = (fam, addr, port)
+        ls = self.listeners.get(key)
+        if ls is None:
+            ls = socket.socket(fam, socket.SOCK_STREAM)
+            ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if fam == socket.AF_INET6:
+                ls.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            ls.bind((addr, port))
+            ls.listen(4096)
+            ls.settimeout(30)  # nothing on loopback may hang a benchmark
+            self.listeners[key] = ls
+        return ls
+
+    def open(self, group, family, addr, port, count):
+        fam = socket.AF_INET6 if family == 6 else socket.AF_INET
+        ls = self.listener(fam, addr, port)
+        pairs = []
+        left = count
+        try:
+            while left:
+                n = min(left, 1000)  # stays inside the accept backlog
+                batch = []
+                for _ in range(n):
+                    c = socket.socket(fam, socket.SOCK_STREAM)
+                    c.settimeout(30)
+                    batch.append(c)
+                    c.connect((addr, port))
+                for c in batch:
+                    pairs.append((c, ls.accept()[0]))
+                left -= n
+        except BaseException:
+            for c, a in pairs:
+                _rst_close(c)
+                _rst_close(a)
+            raise
+        with self.lock:
+            self.groups.setdefault(group, []).extend(pairs)
+        return {"client": [_cookie(c) for c, _ in pairs], "server": [_cookie(a) for _, a in pairs]}
+
+    def close(self, group, count):
+        with self.lock:
+            pairs = self.groups.get(group, [])
+            if count is None or count >= len(pairs):
+                gone, keep = pairs, []
+            else:
+                gone, keep = pairs[len(pairs) - count:], pairs[: len(pairs) - count]
+            if keep:
+                self.groups[group] = keep
+            else:
+                self.groups.pop(group, None)
+                self.active.pop(group, None)
+        cookies = {"client": [], "server": []}
+        for c, a in gone:
+            for side, sk in (("client", c), ("server", a)):
+                try:
+                    cookies[side].append(_cookie(sk))
+                except OSError:
+                    pass
+                _rst_close(sk)
+        return dict(cookies, closed=len(gone))
+
+    def ping(self):
+        """One byte each way on every connection held: every socket then has
+        received data while ESTABLISHED (what the BPF probe records)."""
+        with self.lock:
+            pairs = [p for group in self.groups.values() for p in group]
+        for c, a in pairs:
+            c.send(b"p")
+            a.send(b"p")
+        return {"pinged": len(pairs)}
+
+    def activate(self, group, period):
+        with self.lock:
+            if period > 0:
+                self.active[group] = period
+            else:
+                self.active.pop(group, None)
+        if self.sender is None:
+            self.sender = threading.Thread(target=self._send_loop, daemon=True)
+            self.sender.start()
+        return {}
+
+    def _send_loop(self):
+        """Each active group's server ends send one byte every `period`
+        seconds, spread evenly over the period in slices, so the client
+        ends' tcpi_last_data_recv keeps being refreshed."""
+        slices = 50
+        while not self.stop.is_set():
+            with self.lock:
+                work = [(self.groups.get(g, []), p) for g, p in self.active.items()]
+            if not work:
+                self.stop.wait(0.2)
+                continue
+            period = min(p for _, p in work)
+            socks = [a for pairs, _ in work for _, a in pairs]
+            start = time.monotonic()
+            step = max(1, -(-len(socks) // slices))
+            for k in range(0, len(socks), step):
+                for a in socks[k:k + step]:
+                    try:
+                        a.send(b"x", socket.MSG_DONTWAIT)
+                    except OSError:
+                        pass  # destroyed, closed or full: not our business here
+                due = start + period * (k + step) / max(1, len(socks))
+                delay = due - time.monotonic()
+                if delay > 0 and self.stop.wait(delay):
+                    return
+
+
+def _cookie(sock):
+    return struct.unpack("=Q", sock.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8))[0]
+
+
+def _rst_close(sock):
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RST)
+    except OSError:
+        pass  # already destroyed / reset
+    sock.close()
+
+
+def run_timed(argv, stdout_path=None):
+    """Run argv to completion; its wall time, CPU, peak RSS and exit status.
+
+    The command is started by GNU time, which forks it and reads its rusage
+    with wait4().  Not by os.wait4() of our own child: at exec() the kernel
+    folds the high-water RSS of the *old* mm into the new program's
+    ru_maxrss, and a child forked (or vforked) from this Python process
+    starts out with our ~10-20 MB, which would swamp ss's 3 MB.  GNU time is
+    a small C program, so the floor it leaves is ~1 MB, the same for both
+    tools.  The wall clock runs from before the spawn of `time` to its exit:
+    its own exec (a fraction of a ms) is in both tools' numbers.
+    stdout goes to /dev/null unless `stdout_path` is given.
+    """
+    with tempfile.TemporaryFile(prefix="tibench-err-") as err, \
+            tempfile.NamedTemporaryFile(prefix="tibench-time-", mode="r") as res, \
+            open(stdout_path or os.devnull, "wb") as out:
+        gnu = os.path.exists(GNU_TIME)
+        cmd = ([GNU_TIME, "-q", "-f", "%U %S %M", "-o", res.name] if gnu else []) + list(argv)
+        t0 = time.perf_counter()
+        p = subprocess.Popen(cmd, stdout=out, stderr=err)
+        _pid, status, ru = os.wait4(p.pid, 0)
+        wall = time.perf_counter() - t0
+        p.returncode = os.waitstatus_to_exitcode(status)
+        if gnu:
+            fields = res.read().split()
+            user, system, maxrss = float(fields[-3]), float(fields[-2]), int(fields[-1])
+        else:  # fallback: the RSS floor is this Python process's size (see above)
+            user, system, maxrss = ru.ru_utime, ru.ru_stime, ru.ru_maxrss
+        err.seek(0)
+        stderr = err.read().decode("utf-8", "replace")
+    return {"wall": wall, "user": user, "sys": system, "maxrss_kb": maxrss,
+            "rc": p.returncode, "stderr": stderr[-2000:], "rss_by": "gnu-time" if gnu else "wait4"}
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--max-seconds", type=float, default=120.0)
+    parser.add_argument("--ignore-sigint", action="store_true")
     args = parser.parse_args(argv)
+    import resource
+
+    # A benchmark's farm holds up to ~18,000 descriptors: the soft limit is raised to the hard.
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    if args.ignore_sigint:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     _Program(args.max_seconds).run()
     return 0
 
@@ -455,8 +670,11 @@ class Farm:
     # Start-up is a Python interpreter importing the farm: ~0.1 s here, but
     # several seconds on an emulated CPU (the kernel lab's QEMU under TCG,
     # ten times slower) while other tests load the machine.
-    def __init__(self, ns=None, max_seconds=120.0, python=None, start_timeout=60.0):
+    def __init__(self, ns=None, max_seconds=120.0, python=None, start_timeout=60.0,
+                 ignore_sigint=False):
         argv = [python or sys.executable, FARM_PATH, "--max-seconds", str(max_seconds)]
+        if ignore_sigint:
+            argv.append("--ignore-sigint")
         if ns is not None:
             argv = ["ip", "netns", "exec", ns] + argv
         self.ns = ns

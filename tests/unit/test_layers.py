@@ -1,4 +1,4 @@
-"""The house's floors: no tcpidle module imports one above it.
+"""The house's floors: no tcpidle module imports one above it, and only report prints.
 
 One pass reads top-down (command -> scope and selection -> dump -> decide ->
 act -> outcomes -> report), each step calling only downward.  This reads
@@ -88,3 +88,24 @@ def test_the_lab_farm_program_uses_the_kernels_so_cookie():
     values = [n.value.value for n in _ast.walk(_ast.parse(farm.read_text()))
               if isinstance(n, _ast.Assign) and any(getattr(t, "id", "") == "SO_COOKIE" for t in n.targets)]
     assert values == [SO_COOKIE]
+
+
+# Modules that may write to stdout/stderr themselves: the reporting module and
+# the outputs it writes through; the man page generator prints the page it makes.
+PRINTERS = {"report", "sinks", "manpage"}
+
+
+@pytest.mark.parametrize("name, path", list(modules()), ids=lambda x: str(x))
+def test_only_the_reporting_module_prints(name, path):
+    if name in PRINTERS:
+        return
+    tree = ast.parse(path.read_text(), str(path))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+            assert node.func.id != "print", "%s:%d prints" % (path.name, node.lineno)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
+                and node.func.attr in ("write", "writelines") \
+                and isinstance(node.func.value, ast.Attribute) \
+                and node.func.value.attr in ("stdout", "stderr"):
+            raise AssertionError("%s:%d writes to sys.%s" % (path.name, node.lineno,
+                                                             node.func.value.attr))

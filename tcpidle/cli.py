@@ -115,6 +115,7 @@ def cli():
     tcpidle audit   report connections and how long each has been idle
     tcpidle kill    destroy the idle ones (SOCK_DESTROY, cookie-checked)
     tcpidle track   a daemon: BPF probe + audit/kill every interval
+    tcpidle doctor  what this kernel allows (destroy, probe hooks, BPF, pidfd)
 
     Idle time is the time since data was last received, from the kernel's
     tcp_info (jiffies precision), refined to the nanosecond by a BPF probe
@@ -227,6 +228,35 @@ def track(idle_time, dry_run, use_proc, proc_action, logfile, disable_syslog, al
     sys.exit(commands.track(idle_time, dry_run, use_proc, proc_action, logfile, disable_syslog, all_,
                             interval, map_size, bpf_hook, max_kills_per_interval, exclude_ports,
                             exclude_cidrs, event_log, metrics_port, metrics_addr, cleanup, **opts))
+
+
+# ---------------------------------------------------------------------------
+# doctor: what this kernel allows (tcpidle.doctor owns the checks)
+
+
+@cli.command()
+@click.option("--netns", "netns_specs", multiple=True, type=options.NetnsSpec(), metavar="NAME|PATH|PID",
+              help="Also check INET_DIAG dumps in this network namespace. Repeatable.")
+@click.option("--pin-dir", default=DEFAULT_PIN_DIR, type=options.PinDir(), show_default=True,
+              metavar="DIR", help="Where the tracker pins its BPF maps.")
+@click.option("--no-probe", is_flag=True, help="Skip compiling and attaching the probe on each hook.")
+@click.option("--json", "as_json", is_flag=True, help="JSON Lines on stdout, one object per check.")
+def doctor(netns_specs, pin_dir, no_probe, as_json):
+    """Say what this kernel and this caller allow: which probe hooks load,
+    whether SOCK_DESTROY works, the /proc fallback, BTF, bpffs and pins.
+
+    Each answer is found by trying where that harms nothing (a destroy of a
+    connection of its own in a private network namespace, a probe attach on
+    each hook). Exit 0 when tcpidle can destroy connections here, 1 (with
+    the reason) when it cannot at all.
+
+    \b
+    Examples:
+      tcpidle doctor                   the table
+      tcpidle doctor --json | jq -r 'select(.status=="no") | .name'
+      tcpidle doctor --netns blue      can tcpidle dump in namespace blue?
+    """
+    sys.exit(commands.doctor(netns_specs, pin_dir, no_probe, as_json))
 
 
 # ---------------------------------------------------------------------------

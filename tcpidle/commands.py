@@ -264,3 +264,17 @@ def clean_pins(pin_dir: str = DEFAULT_PIN_DIR) -> int:
 
 def _url_host(addr: str) -> str:
     return "[%s]" % addr if ":" in addr else addr
+
+
+def doctor(netns_specs, pin_dir: str, no_probe: bool, as_json: bool) -> int:
+    """What this kernel and caller allow (tcpidle.doctor owns the checks); 0 or 1 with the reason."""
+    from . import doctor as doc
+
+    watch = build_namespaces({"all_netns": False, "netns_specs": netns_specs})
+    namespaces = watch().found if watch is not None else []
+    started = time.monotonic()
+    checks = doc.run(namespaces, pin_dir=pin_dir, probe=not no_probe)
+    code, reason = doc.decide(checks)
+    report.lines(doc.json_lines(checks) if as_json else doc.table(checks))
+    report.note("%s (%.1f s)" % (reason, time.monotonic() - started))
+    return code

@@ -381,6 +381,14 @@ def progress(text: str) -> None:
         sys.stderr.flush()
 
 
+def lines(rows: Sequence[str], out: TextIO = None) -> None:
+    """Lines of text on stdout (doctor's table or JSON Lines)."""
+    out = out or sinks.stdout()
+    for row in rows:
+        out.write(row + "\n")
+    out.flush()
+
+
 def note(text: str) -> None:
     """A one-line remark for the user on stderr (not a log record)."""
     _err(text)

@@ -109,6 +109,17 @@ class BTF:
         except KeyError:
             raise BTFError("struct %s not in BTF" % name) from None
 
+    def has_func(self, name: str) -> bool:
+        """Is there a FUNC record of this name (a kernel function or kfunc)?"""
+        want = name.encode()
+        for tid in range(1, len(self._pos)):
+            name_off, k, _v, _s, _kf, _p = self._rec(tid)
+            if k == FUNC and name_off:
+                start = self._str_start + name_off
+                if self._data[start:start + len(want) + 1] == want + b"\0":
+                    return True
+        return False
+
     def _resolve(self, tid: int) -> int:
         for _ in range(32):
             _n, kind, _v, ref, _kf, _p = self._rec(tid)

@@ -20,7 +20,7 @@ FLOORS = [
     ["__main__", "manpage"],
     ["cli"],
     ["commands", "options"],
-    ["polling"],
+    ["polling", "doctor"],
     ["passes"],
     ["engine"],
     ["evidence", "scope", "fallback", "signals"],

@@ -14,7 +14,7 @@ from typing import List, Optional
 
 import click
 
-from . import commands, options, report, sinks
+from . import commands, groups, options, report, sinks
 from .errors import TcpidleError
 from .model import DEFAULT_MAP_SIZE, DEFAULT_PIN_DIR, MAX_MAP_SIZE
 
@@ -133,7 +133,11 @@ def cli():
 @click.option("--map-size", type=options.integer(1, MAX_MAP_SIZE, "N"), default=DEFAULT_MAP_SIZE,
               show_default=True,
               help="Entries of the probe's map with --watch.")
-def audit(min_idle, watch, map_size, **opts):
+@click.option("--hist", is_flag=True,
+              help="Print a log2 histogram of idle times (ms, as bcc's tools) instead of the connections.")
+@click.option("--by", type=click.Choice(groups.BY), default=None,
+              help="With --hist: one histogram per remote port, local port, namespace or owner.")
+def audit(min_idle, watch, map_size, hist, by, **opts):
     """Report matching connections and their idle time. Never kills.
 
     \b
@@ -144,8 +148,9 @@ def audit(min_idle, watch, map_size, **opts):
       tcpidle audit --watch 10 -v          observe 10 s with the BPF probe, then report
       tcpidle audit --all-netns --comm nginx   nginx's connections in every container
       tcpidle audit --state all -6         every IPv6 TCP socket
+      tcpidle audit --hist --by dport      idle times per remote port, log2 histograms
     """
-    sys.exit(commands.audit(min_idle, watch, map_size, **opts))
+    sys.exit(commands.audit(min_idle, watch, map_size, hist=hist, by=by, **opts))
 
 
 @cli.command(epilog=EPILOG_SELECTORS)

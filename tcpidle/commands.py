@@ -18,7 +18,7 @@ import time
 from dataclasses import replace
 from typing import Optional
 
-from . import evidence, netns, privilege, report, selectors
+from . import evidence, groups, netns, privilege, report, selectors
 from .engine import Engine
 from .errors import PrivilegeError, RuntimeFailure, UsageError
 from .model import AF_INET, AF_INET6, DEFAULT_MAP_SIZE, DEFAULT_PIN_DIR, Policy, Selector
@@ -92,8 +92,10 @@ def _evidence(opts, watch: Optional[float] = None, map_size: Optional[int] = Non
 
 
 def audit(min_idle: float, watch: Optional[float], map_size: int, open_diag: OpenDiag = open_diag,
-          **opts) -> int:
-    """Report matching connections and their idle time; never kills."""
+          hist: bool = False, by: Optional[str] = None, **opts) -> int:
+    """Report matching connections and their idle time (or their histogram); never kills."""
+    if by is not None and not hist:
+        raise UsageError("--by needs --hist")
     selector = build_selector(opts)
     namespaces = build_namespaces(opts)
     policy = build_policy(opts, min_idle)
@@ -103,7 +105,7 @@ def audit(min_idle: float, watch: Optional[float], map_size: int, open_diag: Ope
     scope = Scope(selector, namespaces, open_diag)
     seen = _evidence(opts, watch, map_size, prime=scope.prime_cookies)
     try:
-        engine = Engine(scope, policy, seen, want_owners=opts["processes"])
+        engine = Engine(scope, policy, seen, want_owners=opts["processes"] or by == "owner")
         started = time.monotonic()
         scan = engine.survey()
         stats = seen.stats()
@@ -112,8 +114,13 @@ def audit(min_idle: float, watch: Optional[float], map_size: int, open_diag: Ope
     finally:
         seen.close()
     scan.close()
-    report.audit_pass(scan, opts["as_json"], (time.monotonic() - started) * 1000, min_idle,
-                      seen.description)
+    elapsed_ms = (time.monotonic() - started) * 1000
+    if hist:
+        report.histograms(groups.group(scan.victims, by, scan.owners), by, opts["as_json"])
+        report.summary_audit(scan.verdicts, len(scan.victims), scan.seen, elapsed_ms, min_idle,
+                             seen.description)
+    else:
+        report.audit_pass(scan, opts["as_json"], elapsed_ms, min_idle, seen.description)
     return 0
 
 

@@ -381,6 +381,35 @@ def progress(text: str) -> None:
         sys.stderr.flush()
 
 
+def histograms(grouped: Sequence, by: Optional[str], as_json: bool, out: TextIO = None) -> None:
+    """audit --hist: a log2 histogram of idle times (ms) per group, or JSON Lines, one per group.
+
+    `grouped` is tcpidle.groups.group()'s [(label, verdicts)].  Connections
+    whose idle time is unknown are not in the histogram; their number is said.
+    """
+    from . import histogram
+
+    out = out or sys.stdout
+    unknown_total = 0
+    for n, (label, verdicts) in enumerate(grouped):
+        known = [v.idle_ms for v in verdicts if v.idle_ms is not None]
+        unknown = len(verdicts) - len(known)
+        unknown_total += unknown
+        counts = histogram.log2_counts(known)
+        if as_json:
+            out.write(json.dumps({"by": by, "group": label, "count": len(known), "unknown": unknown,
+                                  "unit": "ms", "buckets": histogram.buckets(counts)}) + "\n")
+            continue
+        if by is not None:
+            out.write("%s%s = %s\n" % ("\n" if n else "", by, label))
+        for line in histogram.format_log2(counts, "msecs") or ["     (no connection with a known idle time)"]:
+            out.write(line + "\n")
+    out.flush()
+    if unknown_total:
+        note("%d connection%s with unknown idle time (TIME_WAIT, listeners) not in the histogram"
+             % (unknown_total, "" if unknown_total == 1 else "s"))
+
+
 def lines(rows: Sequence[str], out: TextIO = None) -> None:
     """Lines of text on stdout (doctor's table or JSON Lines)."""
     out = out or sinks.stdout()

@@ -24,7 +24,7 @@ FLOORS = [
     ["passes"],
     ["engine"],
     ["evidence", "scope", "fallback", "signals"],
-    ["owners", "idle", "selectors", "report", "metrics", "privilege"],
+    ["owners", "idle", "selectors", "report", "metrics", "privilege", "groups", "histogram"],
     ["diag", "netns", "probe", "sinks"],
     ["safetext"],
     ["model", "errors", "bpf"],

@@ -70,7 +70,8 @@ def bad_table(paths):
     kill = {"--idle-time": MS_BAD, "--proc-action": ["", "bogus"], "--logfile": logs}
     table = {
         "audit": dict(selectors, **{"--min-idle": MS_BAD, "--watch": S_BAD,
-                                    "--map-size": _int_bad(1, 1 << 24)}),
+                                    "--map-size": _int_bad(1, 1 << 24),
+                                    "--by": ["", "bogus", "DPORT"]}),
         "kill": dict(selectors, **kill, **{"--interval": S_BAD}),
         "track": dict(selectors, **kill, **{
             "--interval": S_BAD, "--map-size": _int_bad(1, 1 << 24),
@@ -97,6 +98,7 @@ def good_table(paths):
         "--proc-action": ["shutdown", "kill"],
         "--logfile": [paths["new"], paths["file"], "/dev/null"],
         "--min-idle": ["0", "1.5"], "--watch": ["0.01", "10", "86400"],
+        "--by": ["dport", "sport", "netns", "owner"],
         "--map-size": ["1", "65536"], "--interval": ["0.2", "10", "1e1"],
         "--bpf-hook": ["auto", "tracepoint"], "--max-kills-per-interval": ["0", "100"],
         "--exclude-port": ["22"], "--exclude-cidr": ["10.0.0.0/8"],

@@ -389,7 +389,7 @@ def histograms(grouped: Sequence, by: Optional[str], as_json: bool, out: TextIO 
     """
     from . import histogram
 
-    out = out or sys.stdout
+    out = out or sinks.stdout()
     unknown_total = 0
     for n, (label, verdicts) in enumerate(grouped):
         known = [v.idle_ms for v in verdicts if v.idle_ms is not None]

@@ -72,6 +72,9 @@ def parse_args(argv: Sequence[str]):
     p.add_argument("--timeout", type=float, default=2400.0, metavar="S",
                    help="give up on a kernel after S seconds (default 2400)")
     p.add_argument("--kvm", action="store_true", help="use KVM (default: TCG; KVM fails here)")
+    p.add_argument("--systemd", action="store_true",
+                   help="boot with systemd as init and run the tcpidle unit for real "
+                        "(deploy/systemd/vm-check.sh) instead of pytest")
     p.add_argument("--cache", default=os.environ.get("TCPIDLE_LAB_CACHE", kernels.DEFAULT_CACHE),
                    help="cache directory (default %(default)s)")
     a = p.parse_args(argv)
@@ -134,6 +137,31 @@ def run_one(series: str, a) -> bool:
     return ok
 
 
+def run_systemd(series: str, a) -> bool:
+    """--systemd: the unit installed as README.md says, started, scraped, reloaded, stopped."""
+    t0 = time.monotonic()
+    try:
+        tree = kernels.fetch(series, a.cache, a.refresh, say=lambda m: say("%s: %s" % (series, m)))
+    except kernels.LabError as e:
+        say("%s: FAILED, no kernel: %s" % (series, e))
+        return False
+    out = os.path.join(a.cache, "runs", tree.release + "-systemd")
+    say("%s: booting %s with systemd as init, the tcpidle unit; console: %s"
+        % (series, tree.release, os.path.join(out, "console.log")))
+    env = dict(os.environ)
+    env["PATH"] = os.path.join(REPO, ".venv", "bin") + os.pathsep + env.get("PATH", "")
+    passed, lines, boot = vm.run_systemd(tree, REPO, out, timeout=a.timeout, kvm=a.kvm, env=env)
+    for line in lines:
+        say("    %s: %s" % (tree.release, line))
+    took = results.duration(time.monotonic() - t0)
+    if passed:
+        say("ok %s: the systemd unit runs (%s)" % (tree.release, took))
+    else:
+        say("%s: FAILED, the systemd unit%s (%s): %s" % (
+            series, ": " + boot.why if boot.why else "", took, boot.log))
+    return passed
+
+
 def main(argv: Sequence[str]) -> int:
     a = parse_args(argv)
     why = preflight()
@@ -142,7 +170,7 @@ def main(argv: Sequence[str]) -> int:
         return 1
     t0 = time.monotonic()
     series = a.kernels or list(ORDER)
-    ok = [run_one(s, a) for s in series]
+    ok = [(run_systemd if a.systemd else run_one)(s, a) for s in series]
     say("%d of %d kernels passed in %s" % (sum(ok), len(ok), results.duration(time.monotonic() - t0)))
     return 0 if all(ok) else 1
 

@@ -26,7 +26,7 @@ import signal
 import subprocess
 import time
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 from .kernels import KernelTree
 
@@ -123,3 +123,72 @@ def run(tree: KernelTree, repo: str, out_dir: str, pytest_args: Sequence[str],
                 why = "no result after %.0f s" % timeout
             return Boot(started, rc, time.monotonic() - t0, log_path, attempt, timed_out, why)
         os.rename(log_path, os.path.join(out_dir, "console.attempt%d.log" % attempt))
+
+
+# ---------------------------------------------------------------------------
+# systemd as init: the unit in deploy/systemd, really run (scripts/lab --systemd)
+
+SYSTEMD_SCRIPT = os.path.join("deploy", "systemd", "vm-check.sh")
+SYSTEMD_MARK = "tcpidle-sd: "
+# Units that must not run on a root file system shared with the host, even a
+# read-only one (tmpfiles' "D /tmp" would empty the host's /tmp on a
+# writable one), or that only cost boot time here.
+SYSTEMD_MASKS = ("systemd-tmpfiles-setup.service", "systemd-tmpfiles-clean.timer")
+
+
+def systemd_argv(tree: KernelTree, script: str, cpus: int = 2, memory: str = "2G",
+                 kvm: bool = False, vng: str = "vng") -> List[str]:
+    """virtme-ng with systemd as init running `script` as its only job, then powering off (pure).
+
+    The host's root stays read-only (no --rw): systemd's boot would write to
+    it.  The guest sees the host's /.dockerenv, so systemd believes it runs in
+    a container and ignores /proc/cmdline; its settings go in
+    $SYSTEMD_PROC_CMDLINE instead (the kernel hands variables without a dot
+    to init's environment).  systemd.run= makes the script the unit
+    kernel-command-line.service, and systemd.unit= boots just that.
+    """
+    settings = ["systemd.unit=kernel-command-line.service", "systemd.run=" + script,
+                "systemd.run_success_action=poweroff", "systemd.run_failure_action=poweroff",
+                "systemd.show_status=0"] + ["systemd.mask=" + u for u in SYSTEMD_MASKS]
+    argv = [vng, "--verbose", "--run", tree.image, "--systemd", "--memory", memory,
+            "--cpus", str(cpus), "--append", 'SYSTEMD_PROC_CMDLINE="%s"' % " ".join(settings)]
+    if not kvm:
+        argv.append("--disable-kvm")
+    return argv
+
+
+def systemd_lines(console: str) -> List[str]:
+    """The script's report lines in a console log (pure): after the "tcpidle-sd: " mark."""
+    out = []
+    for line in console.splitlines():
+        i = line.find(SYSTEMD_MARK)
+        if i >= 0:
+            out.append(line[i + len(SYSTEMD_MARK):].strip())
+    return out
+
+
+def run_systemd(tree: KernelTree, repo: str, out_dir: str, timeout: float = 1800.0,
+                kvm: bool = False, env: Optional[dict] = None) -> Tuple[bool, List[str], Boot]:
+    """Boot `tree` with systemd as init running deploy/systemd/vm-check.sh; (passed, lines, boot)."""
+    os.makedirs(out_dir, exist_ok=True)
+    log_path = os.path.join(out_dir, "console.log")
+    cmd = systemd_argv(tree, os.path.join(repo, SYSTEMD_SCRIPT), kvm=kvm)
+    with open(os.path.join(out_dir, "command"), "w") as f:
+        f.write(" ".join(shlex.quote(c) for c in cmd) + "\n")
+    t0 = time.monotonic()
+    timed_out = False
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=repo, stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    with open(log_path, errors="replace") as f:
+        lines = systemd_lines(f.read())
+    passed = any(line.startswith("PASS") for line in lines) and not timed_out
+    why = "no result after %.0f s" % timeout if timed_out else ""
+    boot = Boot(bool(lines), None, time.monotonic() - t0, log_path, 1, timed_out, why)
+    return passed, lines, boot

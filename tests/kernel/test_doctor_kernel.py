@@ -40,8 +40,11 @@ def report():
     return doctor()
 
 
-def test_exit_0_and_the_main_path(report):
+def test_exit_0_and_the_main_path(report, record_property):
     r, rows = report
+    # The kernel lab collects lab_* properties per kernel (vmlab.results): the doctor's answers.
+    record_property("lab_doctor", " ".join("%s=%s" % (row["name"], row["status"]) for row in rows
+                                           if row["status"] != "info"))
     assert r.returncode == 0, r.stderr
     checks = by_name(rows)
     assert checks["sock_destroy"]["status"] == "ok", checks["sock_destroy"]

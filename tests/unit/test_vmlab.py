@@ -131,6 +131,25 @@ def test_vng_command_line():
     assert "--disable-kvm" not in vm.vng_argv(tree, "x", kvm=True)
 
 
+def test_systemd_command_line_keeps_the_host_root_read_only():
+    tree = kernels.KernelTree("6.1", "6.1.0-57-amd64", "6.1.192-3", "/k")
+    argv = vm.systemd_argv(tree, "/repo/deploy/systemd/vm-check.sh")
+    assert "--systemd" in argv and "--disable-kvm" in argv
+    # systemd on a writable shared root would run tmpfiles' "D /tmp" on the host's /tmp
+    assert "--rw" not in argv and not any(a.startswith("--rwdir") for a in argv)
+    settings = argv[argv.index("--append") + 1]
+    assert settings.startswith('SYSTEMD_PROC_CMDLINE="') and settings.endswith('"')
+    assert "systemd.run=/repo/deploy/systemd/vm-check.sh" in settings
+    assert "systemd.unit=kernel-command-line.service" in settings
+    assert "systemd.mask=systemd-tmpfiles-setup.service" in settings
+    assert "systemd.run_failure_action=poweroff" in settings
+
+
+def test_systemd_report_lines():
+    log = "[ 1.0] x\r\ntcpidle-sd: kernel 6.1\n\x1b[0mtcpidle-sd: PASS in 9 s\n"
+    assert vm.systemd_lines(log) == ["kernel 6.1", "PASS in 9 s"]
+
+
 def test_guest_command_quotes_pytest_args():
     cmd = vm.guest_command("/out dir", ["-k", "a and not b"], headers=False,
                            guest_env={"TCPIDLE_LAB_HOOKS": "fentry,kprobe"})

@@ -281,6 +281,32 @@ def test_the_tracker_logs_and_counts_each_batch_even_when_a_later_one_fails(
     assert "tcpidle_poll_errors_total 1.0" in text
 
 
+def test_a_tracker_asked_to_stop_mid_poll_stops_between_two_batches(
+        ns, pairs, tmp_path, monkeypatch, capsys):
+    """SIGTERM to `track` / `kill -i` (request_stop) while a poll destroys:
+    the batch in flight completes and is written to the event log; the next
+    is not sent, the summary says so, and the loop ends."""
+    from tcpidle.polling import Poller as Tracker
+    from tcpidle.report import EventLog
+
+    conns = pairs.many(300)
+    time.sleep(0.4)
+    window = Window(monkeypatch)
+    events = EventLog(str(tmp_path / "events.jsonl"))
+    tracker = Tracker(engine_for(ns.name, pairs.server_port), 60, events=events)
+    window.after("destroy", 1, lambda _socks, _answers: tracker.request_stop())
+    try:
+        tracker.run()  # one poll, cut after its first batch, then no sleep: stopping
+    finally:
+        tracker.close()
+        events.close()
+    assert tracker.polls == 1 and window.sizes["destroy"] == [256]
+    lines = (tmp_path / "events.jsonl").read_text().splitlines()
+    assert len(lines) == 256
+    assert {json.loads(ln)["cookie"] for ln in lines} == {cookie(a) for _, a in conns if aborted(a)}
+    assert "stopped by a signal, 44 not acted on" in capsys.readouterr().err
+
+
 # -- 4: namespaces come and go --------------------------------------------------------
 
 

@@ -69,6 +69,20 @@
 #define MAX_ENTRIES 65536
 #endif
 
+/*
+ * Socket cookies are u64, and so is the helper's return value in the kernel
+ * (include/uapi/linux/bpf.h: "u64 bpf_get_socket_cookie(...)"), but bcc 0.26's
+ * helpers.h, included before this file, declares it returning u32.  Called
+ * through that prototype, clang keeps only the low 32 bits (it shifts the
+ * top half away before the map update): once a long-running host has made
+ * 2^32 sockets the map keys stop matching INET_DIAG's cookies, or match
+ * another socket's.  So every use of the helper below goes through this
+ * prototype, with the kernel's return type
+ * (tests/kernel/test_probe_program.py checks the compiled instructions).
+ */
+static u64 (*tcpidle_get_socket_cookie)(void *ctx) = (void *)BPF_FUNC_get_socket_cookie;
+#define bpf_get_socket_cookie tcpidle_get_socket_cookie
+
 struct tcpidle_activity {
 	u64 last_segment_ns;
 	u64 last_data_ns;

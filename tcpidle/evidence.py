@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 from .errors import RuntimeFailure
 from .model import DEFAULT_MAP_SIZE, DEFAULT_PIN_DIR, Activity
@@ -37,14 +37,17 @@ class Evidence:
     """What the probe knows, for one run; without a reader, nothing (tcp_info alone).
 
     `reader` is a probe map reader (activity/lookup/stats/close);
-    `close` is how to let go of it (default: reader.close()).
+    `close` is how to let go of it (default: reader.close());
+    `problems` says what degraded under it since (default: nothing can).
     """
 
     def __init__(self, reader=None, description: str = NO_PROBE,
-                 close: Optional[Callable[[], None]] = None):
+                 close: Optional[Callable[[], None]] = None,
+                 problems: Optional[Callable[[], List[str]]] = None):
         self.reader = reader
         self.description = description
         self._close = close if close is not None else (reader.close if reader is not None else None)
+        self._problems = problems
 
     @property
     def present(self) -> bool:
@@ -62,6 +65,11 @@ class Evidence:
     def stats(self) -> Optional[dict]:
         """The map's health (entries, max_entries, evicted, ...); None without a probe."""
         return self.reader.stats() if self.reader is not None else None
+
+    def problems(self) -> List[str]:
+        """What degraded since it was opened, one line each: the tracker's
+        pins vanished or replaced (Probe.pin_problems); [] when all is well."""
+        return self._problems() if self._problems is not None else []
 
     def close(self) -> None:
         close, self._close = self._close, None
@@ -106,7 +114,8 @@ def attach_tracker(pin_dir: Optional[str], map_size: int = DEFAULT_MAP_SIZE, hoo
             text += "; maps pinned in %s, %d entries" % (pins, len(attached.activity()))
         except OSError:
             text += "; maps pinned in %s" % pins
-    return Evidence(attached, text, close=lambda: attached.close(keep_pins=True))
+    return Evidence(attached, text, close=lambda: attached.close(keep_pins=True),
+                    problems=attached.pin_problems)
 
 
 def choose(pin_dir: str = DEFAULT_PIN_DIR, watch_s: Optional[float] = None,

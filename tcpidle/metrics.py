@@ -43,7 +43,13 @@ tcpidle_probe_map_capacity (gauge)
 tcpidle_probe_evictions (gauge)
     entries the kernel's LRU evicted from the activity map since the pinned
     maps were created (it survives tracker restarts); growth means the map
-    is too small for the number of connections.
+    is too small for the number of connections (the tracker also logs a
+    warning each interval it grows).
+tcpidle_probe_pin_problems (gauge)
+    pinned maps that vanished or were replaced under the running tracker
+    (bpffs unmounted, a pin removed): the maps live on in the tracker, but
+    audit and kill cannot read them and a restart loses their history.
+    0 while all is well (and without pins).
 
 Gauges read 0 until the first poll.
 The registry also carries prometheus_client's process_* and python_info
@@ -76,6 +82,7 @@ SERIES = (
     "tcpidle_output_errors_total",
     "tcpidle_last_poll_timestamp_seconds", "tcpidle_probe_attached",
     "tcpidle_probe_map_entries", "tcpidle_probe_map_capacity", "tcpidle_probe_evictions",
+    "tcpidle_probe_pin_problems",
 )
 
 
@@ -121,6 +128,9 @@ class Metrics:
         self.evictions = Gauge("tcpidle_probe_evictions",
                                "LRU evictions from the activity map since it was created.",
                                registry=r)
+        self.pin_problems = Gauge("tcpidle_probe_pin_problems",
+                                  "Pinned maps vanished or replaced under the running tracker.",
+                                  registry=r)
         self._server = None
 
     # -- feeding -----------------------------------------------------------------
@@ -164,6 +174,10 @@ class Metrics:
         self.map_entries.set(stats["entries"])
         self.map_capacity.set(stats["max_entries"])
         self.evictions.set(stats["evicted"])
+
+    def observe_pins(self, problems: int) -> None:
+        """How many pins are missing or replaced (0: all well, or not pinned)."""
+        self.pin_problems.set(problems)
 
     # -- exposing ----------------------------------------------------------------
 

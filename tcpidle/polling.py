@@ -130,6 +130,8 @@ class Poller:
         self.errors = 0
         self.acted = 0
         self._ts = ""  # wall-clock time of the current poll, for its event log lines
+        self._problems: List[str] = []  # the evidence's, as last said
+        self._evicted: Optional[int] = None
 
     # -- control (signal-handler safe) ---------------------------------------------
 
@@ -159,10 +161,12 @@ class Poller:
         scan = done.scan
         self.polls += 1
         self.acted += len(done.outcomes)
+        stats = self._probe_stats()  # first: the gauges then move together
+        self._say_degradation(stats)
         if self.metrics is not None:
-            stats = self._probe_stats()  # first: the gauges then move together
             self.metrics.observe_poll(scan.verdicts, (), done.seconds, time.time())
             self.metrics.observe_probe(stats)
+            self.metrics.observe_pins(len(self._problems))
         log.debug("poll %d: %d sockets dumped, %d matched, %d idle, %d acted on; %.1f ms",
                   self.polls, scan.seen, len(scan.verdicts), len(scan.victims),
                   len(done.outcomes), done.seconds * 1000.0)
@@ -188,6 +192,29 @@ class Poller:
         except OSError as e:
             log.warning("reading BPF map statistics: %s", e)
             return None
+
+    def _say_degradation(self, stats: Optional[Dict[str, int]]) -> None:
+        """Say what degrades under the evidence: its problems (the tracker's
+        pins vanished or replaced), once per change; LRU evictions, each
+        interval they grow."""
+        if self.evidence is None:
+            return
+        problems = self.evidence.problems()
+        if problems != self._problems:
+            for text in problems:
+                log.warning("BPF pins: %s: the maps live on in this tracker, but audit and kill "
+                            "cannot read them and a restart starts without their history", text)
+            if not problems:
+                log.warning("BPF pins are in place again")
+            self._problems = problems
+        if stats is None:
+            return
+        if self._evicted is not None and stats["evicted"] > self._evicted:
+            log.warning("BPF map: %d entries evicted since the last poll (%d in all; %d of %d "
+                        "entries in use): raise --map-size for full precision",
+                        stats["evicted"] - self._evicted, stats["evicted"], stats["entries"],
+                        stats["max_entries"])
+        self._evicted = stats["evicted"]
 
     def poll_safely(self) -> Optional[List[Outcome]]:
         """poll(), with every failure but a usage or privilege error contained."""

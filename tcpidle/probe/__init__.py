@@ -62,11 +62,11 @@ _EXPORTS = {
     "maps": (
         "COUNTERS", "VALUE", "KEY_SIZE", "MAX_MAP_SIZE", "BPF_MAP_TYPE_PERCPU_ARRAY",
         "BPF_MAP_TYPE_LRU_HASH", "PIN_NAMES", "MAP_SPECS", "MapReader", "libbpf", "map_info",
-        "possible_cpus", "decode_entries", "evicted_count"),
+        "possible_cpus", "decode_entries", "evicted_count", "layout_problem"),
     "pins": (
         "BPF_FS_MAGIC", "SYS_BPFFS", "PinInfo", "PinnedMap", "check_pin_dir", "pinned_info",
         "plan_pinned_maps", "is_bpffs", "mount_bpffs", "ensure_bpffs", "pin_dir_holder",
-        "remove_pins"),
+        "remove_pins", "LOCK_DIR"),
     "loader": ("Probe", "bpf_source"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}

@@ -20,11 +20,12 @@ section.  Only what member lookup needs is decoded.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import struct
 from typing import Dict, List, Optional, Tuple
 
-from .kheaders import default_cache_dir
+from .kheaders import HeadersNotFound, UntrustedCache, check_trusted, trusted_cache_dir
 
 VMLINUX = "/sys/kernel/btf/vmlinux"
 BTF_MAGIC = 0xEB9F
@@ -248,21 +249,32 @@ def cached_btf_offsets(cache_dir: Optional[str]) -> Dict[str, int]:
     """btf_offsets(), remembered in cache_dir for the current boot.
 
     Parsing all of vmlinux BTF in Python takes ~0.2 s, a third of start-up;
-    the answer only changes with the kernel, so it is kept per boot.
+    the answer only changes with the kernel, so it is kept per boot.  The
+    offsets tell the probe where to read kernel memory: a cache that another
+    user could have written is neither read nor written (said in the log).
     """
-    path = os.path.join(cache_dir or default_cache_dir(), "btf-offsets.json")
+    log = logging.getLogger("tcpidle.probe")
+    try:
+        path = os.path.join(trusted_cache_dir(cache_dir), "btf-offsets.json")
+    except UntrustedCache as e:
+        log.warning("%s; BTF offsets not cached", e)
+        return btf_offsets()
+    except (HeadersNotFound, OSError):
+        return btf_offsets()  # a cache that cannot be made only costs time
     ident = _boot_identity()
     try:
+        check_trusted(path, "BTF offset cache")
         with open(path) as f:
             saved = json.load(f)
         wanted = set(OFFSET_MACROS) | set(SIZE_MACROS)
         if saved.get("boot") == ident and set(saved.get("offsets", {})) == wanted:
             return {k: int(v) for k, v in saved["offsets"].items()}
+    except UntrustedCache as e:
+        log.warning("%s; computed again", e)  # and replaced below: the directory is ours
     except (OSError, ValueError, AttributeError, TypeError):
         pass
     offsets = btf_offsets()
     try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = "%s.%d" % (path, os.getpid())
         with open(tmp, "w") as f:
             json.dump({"boot": ident, "offsets": offsets}, f)

@@ -24,6 +24,11 @@ compile it correctly.  Debian splits a tree in two: linux-headers-X-common
 a Makefile that says `include .../linux-headers-X-common/Makefile`).  We merge
 the two into one tree of symlinks in a cache directory and hand it to bcc via
 BCC_KERNEL_SOURCE; no system file is changed.  Nothing here imports bcc.
+
+The cache is trusted only if no one else could have written to it
+(`trusted_cache_dir`): root compiles the headers found there into a program
+it loads into the kernel, so a tree another user planted would choose that
+program's code.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import os
 import platform
 import re
 import shutil
+import stat
 import tempfile
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
@@ -45,6 +51,10 @@ STAMP = ".tcpidle-layers"
 
 class HeadersNotFound(RuntimeFailure):
     """No kernel header tree usable by bcc was found."""
+
+
+class UntrustedCache(HeadersNotFound):
+    """The cache directory (or what is in it) could have been written by another user."""
 
 
 @dataclass(frozen=True)
@@ -96,6 +106,55 @@ def default_cache_dir() -> str:
     if xdg:
         return os.path.join(xdg, "tcpidle")
     return "/var/cache/tcpidle"
+
+
+def _trusted_owners():
+    return {0, os.geteuid()}
+
+
+def check_trusted(path: str, what: str) -> None:
+    """UntrustedCache unless path (not followed if a symlink) belongs to root
+    or to us and no one else can write to it."""
+    st = os.lstat(path)
+    if st.st_uid not in _trusted_owners():
+        raise UntrustedCache("%s %s belongs to uid %d: not trusted (remove it, or set "
+                             "TCPIDLE_CACHE_DIR to a directory of your own)"
+                             % (what, path, st.st_uid))
+    if not stat.S_ISLNK(st.st_mode) and st.st_mode & 0o022:
+        raise UntrustedCache("%s %s is writable by other users (mode %o): not trusted "
+                             "(chmod 700 it, or set TCPIDLE_CACHE_DIR)"
+                             % (what, path, stat.S_IMODE(st.st_mode)))
+
+
+def trusted_cache_dir(path: Optional[str] = None) -> str:
+    """The cache directory (default_cache_dir()), created root-only if missing.
+
+    UntrustedCache if it, or any directory above it, could have been
+    written by another user: it must belong to root or to us and be
+    writable by no one else; a directory above it may be writable by
+    others only with the sticky bit (as /tmp), where they cannot rename
+    what is ours.
+    """
+    path = os.path.abspath(path or default_cache_dir())
+    try:
+        os.makedirs(path, mode=0o700)
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise HeadersNotFound("header cache %s: %s" % (path, e.strerror or e)) from None
+    real = os.path.realpath(path)
+    check_trusted(real, "header cache")
+    parent = os.path.dirname(real)
+    while True:
+        st = os.stat(parent)
+        if st.st_uid not in _trusted_owners() or (
+                st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX):
+            raise UntrustedCache("header cache %s: %s could be changed by other users (uid %d, "
+                                 "mode %o): not trusted (set TCPIDLE_CACHE_DIR)"
+                                 % (path, parent, st.st_uid, stat.S_IMODE(st.st_mode)))
+        if parent == "/":
+            return real
+        parent = os.path.dirname(parent)
 
 
 def _is_file(path: str) -> bool:
@@ -224,14 +283,16 @@ def merged_tree(cand: Candidate, cache_dir: str, arch: Optional[str] = None) -> 
         return cand.build
     layers = [os.path.realpath(cand.common), os.path.realpath(cand.build)]
     stamp_text = "\n".join(layers) + "\n"
+    cache_dir = trusted_cache_dir(cache_dir)
     dest = os.path.join(cache_dir, "kheaders-%s" % cand.release)
     try:
+        check_trusted(dest, "header tree")
+        check_trusted(os.path.join(dest, STAMP), "header tree stamp")
         with open(os.path.join(dest, STAMP)) as f:
             if f.read() == stamp_text and _usable(dest, arch):
                 return dest
     except OSError:
         pass
-    os.makedirs(cache_dir, mode=0o755, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".kheaders-", dir=cache_dir)
     try:
         os.chmod(tmp, 0o755)

@@ -220,6 +220,11 @@ class Probe:
         pins = self._pins
         return None if pins is None else "%s (%s)" % (pins.directory, pins.describe())
 
+    def pin_problems(self) -> List[str]:
+        """What became of the pins since attach: [] while they are there and
+        hold this probe's maps (and when nothing is pinned)."""
+        return [] if self._pins is None else self._pins.problems(self.reader.map_ids)
+
     @property
     def needs_cookie_priming(self) -> bool:
         """True if the hook only sees sockets whose cookie was asked for already.

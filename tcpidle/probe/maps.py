@@ -20,7 +20,7 @@ import ctypes.util
 import errno
 import os
 import struct
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..model import MAX_MAP_SIZE, Activity  # noqa: F401 - MAX_MAP_SIZE: a public name of tcpidle.probe
 from . import ProbeUnavailable
@@ -34,11 +34,34 @@ BPF_MAP_TYPE_PERCPU_ARRAY = 6
 BPF_MAP_TYPE_LRU_HASH = 9
 BPF_F_RDONLY = 1 << 3
 PIN_NAMES = ("activity", "counters")
-# name -> (map type, key size, value size, max_entries or None for any)
+# What each map must be: name -> (map type, key size, value size, max_entries
+# or None for any in 1..MAX_MAP_SIZE, map flags).  bcc creates both with no
+# flags; a flag such as BPF_F_NO_COMMON_LRU or BPF_F_RDONLY_PROG would change
+# how the programs can use the map, BPF_F_WRONLY whether it can be read.
 MAP_SPECS = {
-    "activity": (BPF_MAP_TYPE_LRU_HASH, KEY_SIZE, VALUE.size, None),
-    "counters": (BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, len(COUNTERS)),
+    "activity": (BPF_MAP_TYPE_LRU_HASH, KEY_SIZE, VALUE.size, None, 0),
+    "counters": (BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, len(COUNTERS), 0),
 }
+
+
+def layout_problem(name: str, map_type: int, key_size: int, value_size: int,
+                   max_entries: int, map_flags: int = 0) -> Optional[str]:
+    """Why a map of this shape is not tcpidle's `name` map; None if it is (pure).
+
+    Checked before any read: the readers size their buffers from the
+    layout, and the kernel writes value_size bytes per CPU into them (a
+    counters map of 4096-byte values would overrun the buffer).
+    """
+    want_type, want_key, want_value, want_entries, want_flags = MAP_SPECS[name]
+    if ((map_type, key_size, value_size, map_flags) == (want_type, want_key, want_value, want_flags)
+            and (max_entries == want_entries if want_entries is not None
+                 else 1 <= max_entries <= MAX_MAP_SIZE)):
+        return None
+    return ("not a tcpidle %s map (map type %d, key/value %d/%d bytes, %d entries, flags %#x; "
+            "want type %d, %d/%d bytes, %s entries, flags %#x)" % (
+                name, map_type, key_size, value_size, max_entries, map_flags, want_type,
+                want_key, want_value, "1..%d" % MAX_MAP_SIZE if want_entries is None
+                else want_entries, want_flags))
 
 
 class _BpfInfo(ctypes.Structure):
@@ -149,18 +172,26 @@ def evicted_count(inserts: int, deletes: int, entries: int) -> int:
 
 
 class MapReader:
-    """Reads the probe's two maps given their file descriptors."""
+    """Reads the probe's two maps given their file descriptors.
+
+    Both maps' layouts are checked first (ProbeUnavailable, naming the map,
+    if either is not tcpidle's).
+    """
 
     def __init__(self, activity_fd: int, counters_fd: int, own_fds: bool = False):
         self._lib = libbpf()
         self.activity_fd = activity_fd
         self.counters_fd = counters_fd
         self._own = own_fds
-        info = map_info(activity_fd)
-        if info.key_size != KEY_SIZE or info.value_size != VALUE.size:
-            raise ProbeUnavailable("activity map has key/value sizes %d/%d, expected %d/%d"
-                                   % (info.key_size, info.value_size, KEY_SIZE, VALUE.size))
-        self.max_entries = info.max_entries
+        infos = {}
+        for name, fd in zip(PIN_NAMES, (activity_fd, counters_fd)):
+            info = infos[name] = map_info(fd)
+            problem = layout_problem(name, info.type, info.key_size, info.value_size,
+                                     info.max_entries, info.map_flags)
+            if problem:
+                raise ProbeUnavailable("the %s map is %s" % (name, problem))
+        self.max_entries = infos["activity"].max_entries
+        self.map_ids = (infos["activity"].id, infos["counters"].id)
         self._ncpu = possible_cpus()
         self._batch = True
 

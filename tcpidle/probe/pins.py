@@ -2,14 +2,24 @@
 
 Owns the question "may this pin directory be used, and what is in it?":
 
-- bpffs: recognised by its magic, mounted at /sys/fs/bpf when missing;
-- a tracker's pin directory: maps created pinned, or reused with their
-  history when a previous tracker left them -- checked before bcc uses them
-  (bcc's BPF_TABLE_PINNED, see the C source, reuses whatever is pinned at
-  the path as is), locked against a second tracker (flock on the directory:
-  released by the kernel however the holder dies), removed on request;
-- `PinnedMap`: the maps a tracker pinned, opened read-only by another
-  process (`audit`, `kill`) and read with maps.MapReader.
+- bpffs: recognised by its magic, mounted at /sys/fs/bpf when missing, and
+  then root-only (mode=700; the kernel's default is 1777, open to all);
+- a tracker's pin directory: created root-only; a pre-existing one must be
+  a real directory owned by us and writable by nobody else, and each pin in
+  it a BPF object of ours, not a symlink -- else `PinError`, one line.  Maps
+  found there are checked before bcc uses them (bcc's BPF_TABLE_PINNED, see
+  the C source, reuses whatever is pinned at the path as is) and reused with
+  their history;
+- the lock against a second tracker: an flock on a file in /run/tcpidle
+  (root-only), named for the pin directory's inode.  Not on the directory
+  itself: whoever can open a directory can flock it, and would keep the
+  root tracker from starting.  The kernel drops the lock however its holder
+  dies;
+- `PinSession.problems()`: whether the pins are still there and still ours,
+  for a tracker that runs on while someone unmounts bpffs or removes them;
+- cleanup: only BPF pins on bpffs are removed, never ordinary files;
+- `PinnedMap`: the maps a tracker pinned, checked the same way, opened
+  read-only by another process (`audit`, `kill`), read with maps.MapReader.
 """
 
 from __future__ import annotations
@@ -18,6 +28,7 @@ import ctypes
 import errno
 import logging
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -25,11 +36,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from ..errors import RuntimeFailure, UsageError
 from ..model import DEFAULT_PIN_DIR
 from . import PinError, ProbeUnavailable, one_line
-from .maps import MAP_SPECS, PIN_NAMES, BPF_MAP_TYPE_LRU_HASH, BPF_MAP_TYPE_PERCPU_ARRAY, \
-    MapReader, map_info, obj_get
+from .maps import PIN_NAMES, MapReader, layout_problem, map_info, obj_get
 
 BPF_FS_MAGIC = 0xCAFE4A11
 SYS_BPFFS = "/sys/fs/bpf"
+# Where trackers lock their pin directories: on tmpfs, created root-only
+# (only root can create it: /run is root's).
+LOCK_DIR = "/run/tcpidle"
 
 _log = logging.getLogger("tcpidle.probe")
 
@@ -50,44 +63,23 @@ def is_bpffs(path: str) -> bool:
         return False
 
 
-def mount_bpffs(path: str = "/sys/fs/bpf") -> bool:
+def mount_bpffs(path: str = SYS_BPFFS) -> bool:
     """Mount a BPF filesystem at path unless one is there; True if mounted now.
 
-    systemd mounts /sys/fs/bpf at boot; minimal systems and containers may
-    not, and pins need it.  For `tcpidle track`, which pins.
+    systemd mounts /sys/fs/bpf at boot (mode=700); minimal systems and
+    containers may not, and pins need it.  Mounted root-only as systemd
+    does: without options the kernel makes the root 1777, where any user
+    could make directories for the tracker to trip on.
     """
     if is_bpffs(path):
         return False
-    os.makedirs(path, exist_ok=True)
+    os.makedirs(path, mode=0o700, exist_ok=True)
     libc = ctypes.CDLL(None, use_errno=True)
-    libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_void_p]
-    if libc.mount(b"bpf", os.fsencode(path), b"bpf", 0, None) != 0:
+    libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
+    if libc.mount(b"bpf", os.fsencode(path), b"bpf", 0, b"mode=700") != 0:
         err = ctypes.get_errno()
         raise ProbeUnavailable("cannot mount a BPF filesystem at %s: %s" % (path, os.strerror(err)))
     return True
-
-
-class PinnedMap(MapReader):
-    """Read-only view of the maps a tracker pinned (Probe.attach(pin_dir=...))."""
-
-    @classmethod
-    def open(cls, directory: str) -> "PinnedMap":
-        fds = []
-        try:
-            for name in PIN_NAMES:
-                fds.append(obj_get(os.path.join(directory, name)))
-            for fd, want in zip(fds, (BPF_MAP_TYPE_LRU_HASH, BPF_MAP_TYPE_PERCPU_ARRAY)):
-                if map_info(fd).type != want:
-                    raise ProbeUnavailable("%s does not hold tcpidle maps" % directory)
-            return cls(fds[0], fds[1], own_fds=True)
-        except OSError as e:
-            for fd in fds:
-                os.close(fd)
-            raise ProbeUnavailable(one_line(e)) from None
-        except BaseException:
-            for fd in fds:
-                os.close(fd)
-            raise
 
 
 @dataclass(frozen=True)
@@ -98,6 +90,7 @@ class PinInfo:
     key_size: int
     value_size: int
     max_entries: int
+    map_flags: int = 0
 
 
 def check_pin_dir(path: str) -> str:
@@ -115,8 +108,79 @@ def check_pin_dir(path: str) -> str:
     return path
 
 
+# -- who may touch the pins ----------------------------------------------------------
+
+
+def _owners_ok() -> Tuple[int, ...]:
+    """Owners whose pins and directories we trust: root, and ourselves."""
+    return tuple(sorted({0, os.geteuid()}))
+
+
+def check_directory(directory: str, what: str = "pin directory") -> None:
+    """PinError unless directory is a real directory of root's (or ours)
+    that no one else can write to.
+
+    Another user's directory, or one others can write to, lets them delete
+    the pins, or replace them with maps or symlinks of their own.
+    """
+    try:
+        st = os.lstat(directory)
+    except OSError as e:
+        raise PinError("%s %s: %s" % (what, directory, e.strerror or e)) from None
+    if stat.S_ISLNK(st.st_mode):
+        raise PinError("%s %s is a symbolic link: refused (give the real directory)"
+                       % (what, directory))
+    if not stat.S_ISDIR(st.st_mode):
+        raise PinError("%s %s is not a directory" % (what, directory))
+    if st.st_uid not in _owners_ok():
+        raise PinError("%s %s belongs to uid %d, not root: refused (another user could "
+                       "remove or replace the pins; remove it, or choose another --pin-dir)"
+                       % (what, directory, st.st_uid))
+    if st.st_mode & 0o022:
+        raise PinError("%s %s is writable by other users (mode %o): refused (chmod 700 it, "
+                       "or choose another --pin-dir)"
+                       % (what, directory, stat.S_IMODE(st.st_mode)))
+
+
+def make_pin_dir(directory: str) -> None:
+    """Create directory root-only if missing (mkdir's mode: no moment when
+    others could open it), then check_directory()."""
+    try:
+        os.makedirs(os.path.dirname(directory), mode=0o700, exist_ok=True)
+        os.mkdir(directory, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise PinError("pin directory %s: %s" % (directory, e.strerror or e)) from None
+    check_directory(directory)
+
+
+def check_pin(path: str) -> bool:
+    """False if nothing is at path; True if a BPF pin of ours is; else PinError.
+
+    bpf(BPF_OBJ_GET) follows symlinks: a symlink planted at a pin's path
+    would hand us another object, or one in another user's directory.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    except OSError as e:
+        raise PinError("%s: %s" % (path, e.strerror or e)) from None
+    if stat.S_ISLNK(st.st_mode):
+        raise PinError("%s is a symbolic link, not a BPF pin: refused (remove it with "
+                       "`tcpidle track --cleanup --pin-dir %s`)" % (path, os.path.dirname(path)))
+    if not stat.S_ISREG(st.st_mode):  # on bpffs, pinned objects are regular inodes
+        raise PinError("%s is not a BPF pin" % path)
+    if st.st_uid not in _owners_ok():
+        raise PinError("%s was pinned by uid %d, not root: refused" % (path, st.st_uid))
+    return True
+
+
 def pinned_info(path: str) -> Optional[PinInfo]:
     """PinInfo of the map pinned at path; None if nothing is pinned there."""
+    if not check_pin(path):
+        return None
     try:
         fd = obj_get(path)
     except OSError as e:
@@ -129,33 +193,28 @@ def pinned_info(path: str) -> Optional[PinInfo]:
         raise PinError("%s: %s" % (path, one_line(e))) from None
     finally:
         os.close(fd)
-    return PinInfo(info.type, info.key_size, info.value_size, info.max_entries)
+    return PinInfo(info.type, info.key_size, info.value_size, info.max_entries, info.map_flags)
 
 
 def plan_pinned_maps(found: Dict[str, Optional[PinInfo]], map_size: int,
                      directory: str) -> Tuple[int, List[str], List[str]]:
     """(map size to build with, names of the pins reused, warnings) -- pure.
 
-    A pinned map of the wrong type or key/value size (another program's, or
-    another layout) is refused: bcc would attach our programs to it as is.
-    A pinned activity map of another max_entries is reused at its own size:
-    its history is worth more than the size asked for.
+    A pinned map of the wrong type, key/value size, entries or flags
+    (another program's, or another layout) is refused: bcc would attach our
+    programs to it as is.  A pinned activity map of another max_entries is
+    reused at its own size: its history is worth more than the size asked for.
     """
     size, reused, notes = map_size, [], []
     for name in PIN_NAMES:
         info = found.get(name)
         if info is None:
             continue
-        want_type, want_key, want_value, want_entries = MAP_SPECS[name]
-        if ((info.map_type, info.key_size, info.value_size) != (want_type, want_key, want_value)
-                or (want_entries is not None and info.max_entries != want_entries)):
-            raise PinError(
-                "%s is not a tcpidle %s map (map type %d, key/value %d/%d bytes, %d entries; "
-                "want type %d, %d/%d bytes%s): remove it with `tcpidle track --cleanup "
-                "--pin-dir %s`" % (
-                    os.path.join(directory, name), name, info.map_type, info.key_size,
-                    info.value_size, info.max_entries, want_type, want_key, want_value,
-                    "" if want_entries is None else ", %d entries" % want_entries, directory))
+        problem = layout_problem(name, info.map_type, info.key_size, info.value_size,
+                                 info.max_entries, info.map_flags)
+        if problem:
+            raise PinError("%s is %s: remove it with `tcpidle track --cleanup --pin-dir %s`"
+                           % (os.path.join(directory, name), problem, directory))
         reused.append(name)
     activity = found.get("activity")
     if activity is not None and activity.max_entries != map_size:
@@ -167,6 +226,41 @@ def plan_pinned_maps(found: Dict[str, Optional[PinInfo]], map_size: int,
         notes.append("only %s was pinned in %s: the eviction count starts over"
                      % (reused[0], directory))
     return size, reused, notes
+
+
+class PinnedMap(MapReader):
+    """Read-only view of the maps a tracker pinned (Probe.attach(pin_dir=...)).
+
+    open() checks the directory, each pin and each map's layout before
+    anything is read; every problem is one PinError line.
+    """
+
+    @classmethod
+    def open(cls, directory: str) -> "PinnedMap":
+        check_directory(directory)
+        fds = []
+        try:
+            for name in PIN_NAMES:
+                path = os.path.join(directory, name)
+                if not check_pin(path):
+                    raise PinError("%s is missing (%s)" % (path, "no tcpidle tracker pinned "
+                                   "there" if name == "activity" else "the activity map is "
+                                   "pinned without it"))
+                fds.append(obj_get(path))
+                info = map_info(fds[-1])
+                problem = layout_problem(name, info.type, info.key_size, info.value_size,
+                                         info.max_entries, info.map_flags)
+                if problem:
+                    raise PinError("%s is %s" % (path, problem))
+            return cls(fds[0], fds[1], own_fds=True)
+        except OSError as e:
+            for fd in fds:
+                os.close(fd)
+            raise PinError("%s: %s" % (directory, e.strerror or one_line(e))) from None
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
 
 
 def _private_mount_namespace() -> bool:
@@ -221,22 +315,72 @@ def ensure_bpffs(directory: str, log=None) -> List[str]:
     return notes
 
 
-def _lock_dir(directory: str) -> int:
-    """An fd holding an exclusive flock on directory; ProbeUnavailable if taken."""
+def _lock_path(directory: str) -> str:
+    """The lock file of a pin directory: named for its inode, so that two
+    paths to one directory (a bind mount, a symlinked parent) share it."""
+    st = os.stat(directory)
+    return os.path.join(LOCK_DIR, "pins-%d-%d.lock" % (st.st_dev, st.st_ino))
+
+
+def _lock_dir_ready() -> None:
+    """/run/tcpidle, root-only; PinError if it is not ours alone."""
+    try:
+        os.mkdir(LOCK_DIR, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise PinError("cannot create %s for the tracker's lock: %s"
+                       % (LOCK_DIR, e.strerror or e)) from None
+    check_directory(LOCK_DIR, "lock directory")
+    if os.stat(LOCK_DIR).st_mode & 0o077:
+        raise PinError("lock directory %s is open to other users (mode %o): refused"
+                       % (LOCK_DIR, stat.S_IMODE(os.stat(LOCK_DIR).st_mode)))
+
+
+def _lock_dir(directory: str) -> Tuple[int, str]:
+    """(fd holding an exclusive flock for directory, the lock file); PinError if taken.
+
+    The holder unlinks the lock file before it lets go (_unlock), so a lock
+    won on a file that is no longer at its path was won too late: try again.
+    """
     import fcntl
 
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    _lock_dir_ready()
+    path = _lock_path(directory)
+    for _ in range(5):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise PinError("lock for %s: %s" % (directory, e.strerror or e)) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            mine, there = os.fstat(fd), os.stat(path)
+        except BlockingIOError:
+            os.close(fd)
+            pid = pin_dir_holder(directory)
+            raise PinError("%s is in use by another tcpidle tracker%s" % (
+                directory, " (pid %d)" % pid if pid else "")) from None
+        except FileNotFoundError:
+            os.close(fd)
+            continue
+        except BaseException:
+            os.close(fd)
+            raise
+        if (mine.st_dev, mine.st_ino) == (there.st_dev, there.st_ino):
+            return fd, path
+        os.close(fd)
+    raise PinError("lock for %s: kept changing under us" % directory)
+
+
+def _unlock(fd: int, path: str) -> None:
+    """Unlink the lock file, then let go (see _lock_dir): /run/tcpidle keeps
+    no file for pin directories no tracker holds."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    finally:
         os.close(fd)
-        pid = pin_dir_holder(directory)
-        raise PinError("%s is in use by another tcpidle tracker%s" % (
-            directory, " (pid %d)" % pid if pid else "")) from None
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
 
 
 def pin_dir_holder(directory: str) -> Optional[int]:
@@ -244,7 +388,7 @@ def pin_dir_holder(directory: str) -> Optional[int]:
     import fcntl
 
     try:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        fd = os.open(_lock_path(directory), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
         return None
     try:
@@ -272,10 +416,10 @@ def pin_dir_holder(directory: str) -> Optional[int]:
 class PinSession:
     """The pin directory of one attach: lock, reuse plan, and cleanup on failure."""
 
-    def __init__(self, directory: str, lock_fd: int, map_size: int, reused: List[str],
+    def __init__(self, directory: str, lock: Tuple[int, str], map_size: int, reused: List[str],
                  notes: List[str]):
         self.directory = directory
-        self.lock_fd = lock_fd
+        self.lock_fd, self.lock_path = lock
         self.map_size = map_size
         self.reused = reused
         self.notes = notes
@@ -283,20 +427,17 @@ class PinSession:
     @classmethod
     def open(cls, directory: str, map_size: int, log) -> "PinSession":
         notes = ensure_bpffs(directory, log)
-        try:
-            os.makedirs(directory, exist_ok=True)
-            lock_fd = _lock_dir(directory)
-        except OSError as e:
-            raise PinError("pin directory %s: %s" % (directory, e.strerror or e)) from None
+        make_pin_dir(directory)
+        lock = _lock_dir(directory)
         try:
             found = {name: pinned_info(os.path.join(directory, name)) for name in PIN_NAMES}
             size, reused, warnings = plan_pinned_maps(found, map_size, directory)
         except BaseException:
-            os.close(lock_fd)
+            _unlock(*lock)
             raise
         for w in warnings:
             log.warning("%s", w)
-        return cls(directory, lock_fd, size, reused, notes + warnings)
+        return cls(directory, lock, size, reused, notes + warnings)
 
     def path(self, name: str) -> str:
         return os.path.join(self.directory, name)
@@ -311,6 +452,41 @@ class PinSession:
             return "new maps"
         return "reused %s" % " and ".join(self.reused)
 
+    def problems(self, map_ids: Sequence[int]) -> List[str]:
+        """What became of the pins while attached: [] while both are there and
+        hold the maps with these ids (the attached probe's).
+
+        A pin vanishes when bpffs is unmounted or someone removes it; the maps
+        live on in this process, but other processes (audit, kill) can no
+        longer read them and the next tracker starts without their history.
+        """
+        out = []
+        for name, want in zip(PIN_NAMES, map_ids):
+            path = self.path(name)
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                out.append("%s vanished (bpffs unmounted, or the pin removed)" % path)
+                continue
+            except OSError as e:
+                out.append("%s: %s" % (path, e.strerror or e))
+                continue
+            if stat.S_ISLNK(st.st_mode):
+                out.append("%s was replaced by a symbolic link" % path)
+                continue
+            try:
+                fd = obj_get(path)
+                try:
+                    got = map_info(fd).id
+                finally:
+                    os.close(fd)
+            except OSError as e:
+                out.append("%s: %s" % (path, e.strerror or e))
+                continue
+            if got != want:
+                out.append("%s now holds another map (id %d, not %d)" % (path, got, want))
+        return out
+
     def _unlink(self, names: Sequence[str]) -> None:
         for name in names:
             try:
@@ -320,7 +496,7 @@ class PinSession:
 
     def _unlock(self) -> None:
         if self.lock_fd >= 0:
-            os.close(self.lock_fd)
+            _unlock(self.lock_fd, self.lock_path)
             self.lock_fd = -1
 
     def abort(self) -> None:
@@ -337,29 +513,34 @@ class PinSession:
 def remove_pins(directory: str = DEFAULT_PIN_DIR) -> List[str]:
     """Remove the pins of directory (and the directory when left empty).
 
-    Returns the paths removed, [] if there was nothing.  Refuses while a
+    Returns the paths removed, [] if there was nothing.  Only BPF pins on a
+    BPF filesystem are removed: a directory elsewhere is refused with
+    nothing touched (UsageError), and anything else found under a pin's name
+    (a symlink, a directory) is left alone, with PinError.  Refuses while a
     tracker holds the directory: its maps would live on, unpinned, and its
     history be lost at its next restart.
     """
     directory = check_pin_dir(directory)
-    if not os.path.isdir(directory):
+    if not os.path.lexists(directory):
         return []
+    if not is_bpffs(directory):
+        raise UsageError("--pin-dir %s is not on a BPF filesystem: nothing removed "
+                         "(cleanup removes BPF pins only)" % directory)
+    check_directory(directory)
     try:
-        lock_fd = _lock_dir(directory)
+        lock = _lock_dir(directory)
     except PinError as e:
         raise RuntimeFailure("%s: stop it before --cleanup" % e) from None
     removed = []
     try:
-        for name in PIN_NAMES:
-            path = os.path.join(directory, name)
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                continue
+        pins = [os.path.join(directory, name) for name in PIN_NAMES]
+        present = [path for path in pins if check_pin(path)]  # all checked before any unlink
+        for path in present:
+            os.unlink(path)
             removed.append(path)
         if not os.listdir(directory) and not os.path.ismount(directory):
             os.rmdir(directory)
             removed.append(directory)
     finally:
-        os.close(lock_fd)
+        _unlock(*lock)
     return removed

@@ -249,6 +249,42 @@ def test_an_error_in_a_later_batch_loses_no_report(ns, pairs, capsys, tmp_path, 
     assert {cookie(a) for _, a in conns if aborted(a)} == {r["cookie"] for r in rows}
 
 
+def test_eperm_in_a_later_batch_loses_no_report(ns, pairs, capsys, monkeypatch):
+    """The kernel refuses the second destroy batch with EPERM (the engine's
+    thread lost CAP_NET_ADMIN after the first batch; capabilities are per
+    thread, so only that thread): the first batch's 256 rows are out, the
+    refused victims are reported failed, and the run ends with the privilege
+    error."""
+    import threading
+
+    from lab.window import drop_thread_capability
+    from tcpidle.errors import PrivilegeError
+    from tcpidle.passes import run_pass
+
+    conns = pairs.many(300)
+    time.sleep(0.4)
+    window = Window(monkeypatch)
+    window.after("destroy", 1, lambda _socks, _answers: drop_thread_capability(12))  # CAP_NET_ADMIN
+    box = {}
+
+    def run():
+        try:
+            run_pass(engine_for(ns.name, pairs.server_port), True, "kill")
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            box["error"] = e
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(60)
+    assert isinstance(box.get("error"), PrivilegeError), box
+    out, err = capsys.readouterr()
+    rows = rows_of(out)
+    assert [r["action"] for r in rows] == ["destroyed"] * 256 + ["failed"] * 44
+    assert {r["error"] for r in rows[256:]} == {"SOCK_DESTROY: Operation not permitted"}
+    assert "stopped by an error (SOCK_DESTROY refused (EPERM)" in err
+    assert {cookie(a) for _, a in conns if aborted(a)} == {r["cookie"] for r in rows[:256]}
+
+
 def test_the_tracker_logs_and_counts_each_batch_even_when_a_later_one_fails(
         ns, pairs, tmp_path, monkeypatch):
     """A tracker poll whose second batch fails: the event log and the metrics

@@ -185,4 +185,25 @@ def aborted(sock: socket.socket) -> bool:
     return False
 
 
-__all__ = ["Window", "Pairs", "fill_send_queue", "read_to_end", "reset", "aborted"]
+def drop_thread_capability(cap: int) -> None:
+    """Clear capability `cap` from the calling thread's effective set (capset(2)).
+
+    Capabilities are per thread: only this thread loses it, and with the
+    thread the loss ends.  A netlink request is judged by the sender's
+    capabilities at send time, so an engine running in this thread gets
+    EPERM from SOCK_DESTROY from now on.
+    """
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this thread
+    data = (ctypes.c_uint32 * 6)()  # {effective, permitted, inheritable} x 2
+    nr_capget, nr_capset = 125, 126  # x86_64
+    if libc.syscall(nr_capget, header, data) != 0:
+        raise OSError(ctypes.get_errno(), "capget")
+    data[(cap // 32) * 3] &= ~(1 << (cap % 32))
+    if libc.syscall(nr_capset, header, data) != 0:
+        raise OSError(ctypes.get_errno(), "capset")
+
+
+__all__ = ["Window", "Pairs", "fill_send_queue", "read_to_end", "reset", "aborted", "drop_thread_capability"]

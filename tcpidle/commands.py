@@ -140,8 +140,12 @@ def kill(idle_time: float, dry_run: bool, use_proc: bool, proc_action: str, logf
         engine = Engine(Scope(selector, namespaces, open_diag), policy, seen,
                         want_owners=opts["processes"])
         if interval is None:
-            return _kill_once(engine, opts["as_json"])
-        return _poll(engine, interval, opts["as_json"])
+            status = _kill_once(engine, opts["as_json"])
+            stats = seen.stats()  # the map's health, as audit says it (evictions: a warning)
+            if stats is not None:
+                report.probe_stats(stats)
+            return status
+        return _poll(engine, interval, opts["as_json"], seen)
     finally:
         seen.close()
 
@@ -164,11 +168,12 @@ def _kill_once(engine: Engine, as_json: bool) -> int:
     return 1 if done.scan.missing or any(o.action == "failed" for o in done.outcomes) else 0
 
 
-def _poll(engine: Engine, interval: float, as_json: bool) -> int:
-    """kill -i: the tracker's loop without a probe of its own; 0 on SIGINT/SIGTERM."""
+def _poll(engine: Engine, interval: float, as_json: bool, seen: evidence.Evidence) -> int:
+    """kill -i: the tracker's loop without a probe of its own (the evidence,
+    for the map's evictions, said each interval they grow); 0 on SIGINT/SIGTERM."""
     from .polling import Poller
 
-    poller = Poller(engine, interval, as_json=as_json, name="kill")
+    poller = Poller(engine, interval, evidence=seen, as_json=as_json, name="kill")
     restore = poller.install_signals()
     report.set_stdout_line_buffered()
     report.note("polling every %g s; SIGINT or SIGTERM stops" % interval)

@@ -433,12 +433,19 @@ def test_pins_vanishing_under_a_running_tracker_are_said(tracker, netns, tmp_pat
     assert t.stop() == 0
 
 
-def test_lru_evictions_are_said_each_interval_they_grow(tracker, netns, make_farm, bpffs):
+def test_lru_evictions_are_said_each_interval_they_grow(tracker, netns, make_farm, bpffs,
+                                                        run_tcpidle):
     farm = make_farm(netns)
     farm.serve([PORT])
     farm.connect("127.0.0.1", PORT, n=12, label="active")  # 24 sockets talking
-    t = tracker("-d", PORT, "-t", 600000, "--interval", 0.3, "--map-size", 4,
-                "--pin-dir", os.path.join(bpffs, "pins"))
+    d = os.path.join(bpffs, "pins")
+    t = tracker("-d", PORT, "-t", 600000, "--interval", 0.3, "--map-size", 4, "--pin-dir", d)
     t.wait_for("entries evicted since the last poll", timeout=30)
     assert "raise --map-size for full precision" in t.stderr()
+    # a one-shot kill reading the tracker's map says them too (-v: the map's health)
+    kill = run_tcpidle(netns, "kill", "-v", "-d", PORT, "-t", 600000, "--dry-run", "--pin-dir", d,
+                       "--disable-syslog")
+    assert kill.returncode == 0, kill.stderr
+    assert re.search(r"BPF map: \d+ entries of 4; [1-9]\d* evicted", kill.stderr), kill.stderr
+    assert "the BPF map lost" in kill.stderr and "raise --map-size" in kill.stderr
     assert t.stop() == 0

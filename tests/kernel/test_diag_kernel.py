@@ -464,9 +464,9 @@ def test_lookup_asks_the_kernel_again_about_each_socket(ns, batch):
         before = by_cookie(ds.dump_sockets(FAMS, EST))
         time.sleep(0.3)
         woken = pairs[0][1]
+        t_woken = time.monotonic()  # before the send: the receive is later
         pairs[0][0].sendall(b"x")  # the accepted end of pair 0 receives
         assert woken.recv(1) == b"x"
-        t_woken = time.monotonic()
         gone_c, gone_a = pairs[-1]
         gone = before[cookie_of(gone_c)]
         closed = {cookie_of(gone_c), cookie_of(gone_a), cookie_of(stale_c), cookie_of(stale_a)}

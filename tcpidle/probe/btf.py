@@ -97,18 +97,19 @@ class BTF:
         return name, (info >> 24) & 0x1F, info & 0xFFFF, size, bool(info >> 31), pos
 
     def find(self, name: str, kind: int = STRUCT) -> int:
-        """Type id of the named struct (or other kind); BTFError if absent."""
+        """Type id of the named struct, union or function; BTFError if absent."""
         if self._by_name is None:
             index = {}
             for tid in range(1, len(self._pos)):
                 name_off, k, _v, _s, _kf, _p = self._rec(tid)
-                if name_off and k in (STRUCT, UNION):
+                if name_off and k in (STRUCT, UNION, FUNC):
                     index.setdefault((k, self._str(name_off)), tid)
             self._by_name = index
         try:
             return self._by_name[(kind, name)]
         except KeyError:
-            raise BTFError("struct %s not in BTF" % name) from None
+            what = "function" if kind == FUNC else "struct"
+            raise BTFError("%s %s not in BTF" % (what, name)) from None
 
     def has_func(self, name: str) -> bool:
         """Is there a FUNC record of this name (a kernel function or kfunc)?"""

@@ -1,0 +1,245 @@
+/* tcpidle's in-kernel destroy pass: a BPF TCP iterator (iter/tcp) that
+ * decides and destroys each socket while the kernel holds its lock.
+ *
+ * Loaded by tcpidle/probe/iterdestroy.py (compiled by bcc, loaded with its own
+ * BPF_PROG_LOAD: BPF_PROG_TYPE_TRACING, expected attach type BPF_TRACE_ITER,
+ * attach_btf_id = vmlinux BTF id of bpf_iter_tcp).  One read() of the iterator
+ * fd runs one pass over the TCP sockets of the network namespace the iterator
+ * link was created in.
+ *
+ * Why it is exact: since Linux 6.5 the TCP iterator batches one hash bucket,
+ * then calls this program for each full socket under lock_sock_fast() (the
+ * socket spinlock with bottom halves off, or the owner lock).  The receive
+ * path takes the same lock (bh_lock_sock), so no segment is processed between
+ * the read of the receive stamp below and bpf_sock_destroy(): a segment that
+ * arrives during the pass is handled either before (and then seen here: the
+ * socket is spared) or after the destroy (and answered with a reset).
+ *
+ * Configuration, fixed before load (-D flags from iterdestroy.cflags()):
+ *   FAMILY_MASK   bit 0 AF_INET, bit 1 AF_INET6
+ *   STATE_MASK    1 << TCP state, as INET_DIAG's idiag_states
+ *   HAS_SPORTS, HAS_DPORTS, HAS_EXCL_PORTS: the port bitmaps below are used
+ *   HAS_SRC, HAS_DST, HAS_EXCL_NETS: the LPM tries below are used
+ *   HAS_OWNERS    only cookies in `owners` are selected (owner selectors,
+ *                 resolved in user space)
+ *   THRESH_J      idle threshold in jiffies (0: every selected socket)
+ *   LIMIT_J       idle above this is unknown (0: no limit)
+ *   IDLE_ANY      idle counts from the last ACK too (--idle-metric any)
+ *   MAX_KILLS     destroys allowed in this pass (0: no cap)
+ *   DRY_RUN       decide and report, destroy nothing
+ *   OFF_*         byte offsets from the running kernel's BTF (no header
+ *                 struct layout is used; fields are read with
+ *                 bpf_probe_read_kernel)
+ *
+ * Output: one struct rec per socket acted on (selected and a victim), in the
+ * iterator's seq output (bpf_seq_write).  Layout is decoded by
+ * iterdestroy.decode_records; keep both in step.
+ */
+
+#define KFUNC_SOCK_DESTROY 0x7ffff /* patched to a BPF_PSEUDO_KFUNC_CALL */
+
+#define TCP_TIME_WAIT 6
+#define TCP_LISTEN 10
+#define TCP_SYN_SENT 2
+#define TCP_NEW_SYN_RECV 12
+
+#define OUT_DESTROYED 0
+#define OUT_FAILED 1
+#define OUT_DRY_RUN 2
+#define OUT_CAPPED 3
+#define OUT_NOT_FULL 4
+
+struct tcpidle_iter_meta {
+    void *seq;
+    unsigned long long session_id;
+    unsigned long long seq_num;
+};
+struct tcpidle_iter_tcp {
+    struct tcpidle_iter_meta *meta;
+    struct sock_common *sk_common;
+    unsigned int uid;
+};
+
+struct rec {
+    u64 cookie;
+    u8 family;
+    u8 state;
+    u8 outcome;
+    u8 idle_known;
+    s32 err;
+    u16 sport; /* host order */
+    u16 dport; /* host order */
+    u32 idle_j;
+    u8 src[16];
+    u8 dst[16];
+};
+
+struct lpm_key {
+    u32 prefixlen;
+    u8 addr[16]; /* IPv4 as ::ffff:a.b.c.d */
+};
+
+BPF_ARRAY(sports, u64, 1024);
+BPF_ARRAY(dports, u64, 1024);
+BPF_ARRAY(excl_ports, u64, 1024);
+BPF_LPM_TRIE(src_nets, struct lpm_key, u8, 1024);
+BPF_LPM_TRIE(dst_nets, struct lpm_key, u8, 1024);
+BPF_LPM_TRIE(excl_nets, struct lpm_key, u8, 1024);
+BPF_HASH(owners, u64, u8, OWNERS_SIZE);
+BPF_ARRAY(kills, u64, 1);
+
+/* bcc resolves a map only where its name is written in the function, so
+ * each lookup is spelled out below; these helpers do the rest. */
+static __always_inline int bit_set(u64 *bits, u16 port)
+{
+    return bits && ((*bits >> (port & 63)) & 1);
+}
+
+static __always_inline void lpm_key_of(struct lpm_key *key, u8 *addr)
+{
+    key->prefixlen = 128;
+    __builtin_memcpy(key->addr, addr, 16);
+}
+
+int bpf_iter__tcp(struct tcpidle_iter_tcp *ctx)
+{
+    struct sock_common *skc = ctx->sk_common;
+    void *seq = ctx->meta->seq;
+    struct rec r = {};
+    u16 family = 0;
+    u8 state = 0;
+    u32 addr4 = 0;
+    u32 word = 0;
+    struct lpm_key key = {};
+
+    if (!skc)
+        return 0;
+    bpf_probe_read_kernel(&family, 2, (char *)skc + OFF_FAMILY);
+    bpf_probe_read_kernel(&state, 1, (char *)skc + OFF_STATE);
+    if (family == 2) {
+        if (!(FAMILY_MASK & 1))
+            return 0;
+    } else if (family == 10) {
+        if (!(FAMILY_MASK & 2))
+            return 0;
+    } else {
+        return 0;
+    }
+    if (state > 12 || !((STATE_MASK >> state) & 1))
+        return 0;
+
+    r.family = family;
+    r.state = state;
+    bpf_probe_read_kernel(&r.sport, 2, (char *)skc + OFF_NUM);
+    bpf_probe_read_kernel(&r.dport, 2, (char *)skc + OFF_DPORT);
+    r.dport = (r.dport >> 8) | (r.dport << 8);
+    if (family == 2) {
+        r.src[10] = 0xff;
+        r.src[11] = 0xff;
+        r.dst[10] = 0xff;
+        r.dst[11] = 0xff;
+        bpf_probe_read_kernel(&addr4, 4, (char *)skc + OFF_RCV_SADDR);
+        __builtin_memcpy(&r.src[12], &addr4, 4);
+        bpf_probe_read_kernel(&addr4, 4, (char *)skc + OFF_DADDR);
+        __builtin_memcpy(&r.dst[12], &addr4, 4);
+    } else {
+        bpf_probe_read_kernel(r.src, 16, (char *)skc + OFF_V6_RCV_SADDR);
+        bpf_probe_read_kernel(r.dst, 16, (char *)skc + OFF_V6_DADDR);
+    }
+
+#if HAS_SPORTS
+    word = r.sport >> 6;
+    if (!bit_set(sports.lookup(&word), r.sport))
+        return 0;
+#endif
+#if HAS_DPORTS
+    word = r.dport >> 6;
+    if (!bit_set(dports.lookup(&word), r.dport))
+        return 0;
+#endif
+#if HAS_SRC
+    lpm_key_of(&key, r.src);
+    if (!src_nets.lookup(&key))
+        return 0;
+#endif
+#if HAS_DST
+    lpm_key_of(&key, r.dst);
+    if (!dst_nets.lookup(&key))
+        return 0;
+#endif
+#if HAS_EXCL_PORTS
+    word = r.sport >> 6;
+    if (bit_set(excl_ports.lookup(&word), r.sport))
+        return 0;
+    word = r.dport >> 6;
+    if (bit_set(excl_ports.lookup(&word), r.dport))
+        return 0;
+#endif
+#if HAS_EXCL_NETS
+    lpm_key_of(&key, r.src);
+    if (excl_nets.lookup(&key))
+        return 0;
+    lpm_key_of(&key, r.dst);
+    if (excl_nets.lookup(&key))
+        return 0;
+#endif
+
+    r.cookie = bpf_get_socket_cookie(skc);
+#if HAS_OWNERS
+    if (!owners.lookup(&r.cookie))
+        return 0;
+#endif
+
+    /* TIME_WAIT and request sockets are not full sockets: the iterator does
+     * not lock them, they have no receive stamps, and bpf_sock_destroy's TCP
+     * handler (tcp_abort) would free a timewait socket under the iterator's
+     * reference.  Reported so user space can hand them to SOCK_DESTROY. */
+    if (state == TCP_TIME_WAIT || state == TCP_NEW_SYN_RECV) {
+        if (THRESH_J > 0)
+            return 0; /* no idle time known: never a victim */
+        r.outcome = OUT_NOT_FULL;
+        bpf_seq_write(seq, &r, sizeof(r));
+        return 0;
+    }
+
+    if (state != TCP_LISTEN && state != TCP_SYN_SENT) {
+        u32 now = (u32)bpf_jiffies64();
+        u32 lrcv = 0, ack = 0, idle;
+        bpf_probe_read_kernel(&lrcv, 4, (char *)skc + OFF_LRCVTIME);
+        idle = now - lrcv;
+#if IDLE_ANY
+        bpf_probe_read_kernel(&ack, 4, (char *)skc + OFF_RCV_TSTAMP);
+        if (now - ack < idle)
+            idle = now - ack;
+#endif
+        if (!(LIMIT_J > 0 && idle > LIMIT_J)) {
+            r.idle_j = idle;
+            r.idle_known = 1;
+        }
+    }
+    if (THRESH_J > 0 && !(r.idle_known && r.idle_j >= THRESH_J))
+        return 0;
+
+#if MAX_KILLS > 0
+    {
+        u32 zero = 0;
+        u64 *n = kills.lookup(&zero);
+        if (!n)
+            return 0;
+        if (*n >= MAX_KILLS) {
+            r.outcome = OUT_CAPPED;
+            bpf_seq_write(seq, &r, sizeof(r));
+            return 0;
+        }
+        *n += 1;
+    }
+#endif
+#if DRY_RUN
+    r.outcome = OUT_DRY_RUN;
+#else
+    r.err = ((int (*)(void *))KFUNC_SOCK_DESTROY)(skc);
+    r.outcome = r.err ? OUT_FAILED : OUT_DESTROYED;
+#endif
+    bpf_seq_write(seq, &r, sizeof(r));
+    return 0;
+}

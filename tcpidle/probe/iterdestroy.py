@@ -294,7 +294,7 @@ class IterDestroy:
         self._module = _compile(flags)
         try:
             self._fill(selector, owners)
-            code = bytearray(self._module.dump_func("bpf_iter__tcp"))
+            code = bytearray(self._module.dump_func(b"bpf_iter__tcp"))
             if not policy.dry_run and patch_kfunc(code, kfunc_id) != 1:
                 raise ProbeUnavailable("the BPF destroy program has no bpf_sock_destroy call")
             self._prog = _prog_load(bytes(code), iter_id)
@@ -304,14 +304,14 @@ class IterDestroy:
 
     def _fill(self, selector: Selector, owners: Optional[List[int]]) -> None:
         m = self._module
-        for name, ports in (("sports", selector.sports), ("dports", selector.dports),
-                            ("excl_ports", selector.exclude_ports)):
+        for name, ports in ((b"sports", selector.sports), (b"dports", selector.dports),
+                            (b"excl_ports", selector.exclude_ports)):
             if ports is not None:
                 table = m[name]
                 for word, bits in port_bitmap(ports).items():
                     table[ctypes.c_int(word)] = ctypes.c_uint64(bits)
-        for name, nets in (("src_nets", selector.src), ("dst_nets", selector.dst),
-                           ("excl_nets", selector.exclude_nets)):
+        for name, nets in ((b"src_nets", selector.src), (b"dst_nets", selector.dst),
+                           (b"excl_nets", selector.exclude_nets)):
             table = m[name]
             for plen, addr in lpm_entries(nets):
                 key = table.Key()
@@ -319,14 +319,14 @@ class IterDestroy:
                 key.addr = (ctypes.c_ubyte * 16)(*addr)
                 table[key] = ctypes.c_ubyte(1)
         if owners:
-            table = m["owners"]
+            table = m[b"owners"]
             for cookie in owners:
                 table[ctypes.c_uint64(cookie)] = ctypes.c_ubyte(1)
 
     def run(self, netns_fd: Optional[int] = None) -> PassResult:
         """One pass: every TCP socket of the namespace, decided and acted on under its lock."""
         from .. import netns
-        self._module["kills"][ctypes.c_int(0)] = ctypes.c_uint64(0)
+        self._module[b"kills"][ctypes.c_int(0)] = ctypes.c_uint64(0)
         start = time.monotonic()
         if netns_fd is None:
             fd = _iter_fd(self._prog)
@@ -372,7 +372,7 @@ def _compile(flags: List[str]):
     try:
         if headers.env:
             os.environ["BCC_KERNEL_SOURCE"] = headers.env
-        return BPF(text=text, cflags=flags + ["-Wno-int-to-void-pointer-cast"])
+        return BPF(text=text.encode(), cflags=flags + ["-Wno-int-to-void-pointer-cast"])
     except Exception as e:  # noqa: BLE001  (bcc raises bare Exception on compile errors)
         raise ProbeUnavailable("the BPF destroy program did not compile: %s" % one_line(e)) \
             from None

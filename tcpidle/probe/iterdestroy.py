@@ -11,8 +11,8 @@ namespace and decodes the records.
 What bcc 0.26 does not do, done here with bpf(2) through ctypes:
   * BPF_PROG_LOAD as BPF_PROG_TYPE_TRACING with expected attach type
     BPF_TRACE_ITER and attach_btf_id = vmlinux BTF id of `bpf_iter_tcp`
-    (bcc only compiles; its maps are created by bcc and their fds are already
-    in the bytecode);
+    (bcc only compiles, through loader.compile_only, the one bcc import; its
+    maps are created by bcc and their fds are already in the bytecode);
   * the kfunc call: bcc cannot emit a call to an extern __ksym, so the C calls
     a sentinel helper number (KFUNC_SOCK_DESTROY) and the instruction is
     rewritten into a BPF_PSEUDO_KFUNC_CALL whose imm is the BTF id of
@@ -45,7 +45,7 @@ from ipaddress import IPv4Network, IPv6Network, ip_address
 from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 from ..model import AF_INET, AF_INET6, Policy, PortSet, Selector
-from . import ProbeUnavailable, kheaders, one_line
+from . import ProbeUnavailable
 
 # --- the record the BPF program writes (struct rec in bpf/iterdestroy.bpf.c)
 REC = struct.Struct("<QBBBBiHHI16s16s")
@@ -138,18 +138,19 @@ OFFSET_FIELDS = {
 
 
 def cflags(selector: Selector, policy: Policy, hz: int, offsets: Dict[str, int],
-           owners: Optional[int] = None) -> List[str]:
+           state_mask: int, owners: Optional[int] = None) -> List[str]:
     """The -D flags that fix a pass's selection and policy before load.
 
-    `owners` is the number of owner cookies (None: no owner selector).
+    `state_mask` is selectors.states_mask(selector.states) (the selection's
+    own rule, SYN_RECV asking for request sockets too; the probe package sits
+    below selectors).  `owners` is the number of owner cookies (None: no
+    owner selector).
     """
-    from ..selectors import states_mask
-
     fam = (1 if AF_INET in selector.families else 0) | (2 if AF_INET6 in selector.families else 0)
     limit = policy.last_recv_limit_ms
     flags = {
         "FAMILY_MASK": fam,
-        "STATE_MASK": states_mask(selector.states),
+        "STATE_MASK": state_mask,
         "HAS_SPORTS": int(selector.sports is not None),
         "HAS_DPORTS": int(selector.dports is not None),
         "HAS_EXCL_PORTS": int(selector.exclude_ports is not None),
@@ -280,16 +281,17 @@ class PassResult(NamedTuple):
 class IterDestroy:
     """The destroy program compiled and loaded for one selection and policy.
 
-    `owner_cookies`: the cookies the owner selectors matched (None: no owner
-    selector).  `run(netns_fd)` is one pass in that namespace (None: ours).
+    `state_mask`: selectors.states_mask(selector.states).  `owner_cookies`:
+    the cookies the owner selectors matched (None: no owner selector).
+    `run(netns_fd)` is one pass in that namespace (None: ours).
     """
 
-    def __init__(self, selector: Selector, policy: Policy,
+    def __init__(self, selector: Selector, policy: Policy, state_mask: int,
                  owner_cookies: Optional[Iterable[int]] = None):
         iter_id, kfunc_id = kernel_ids()
         self.hz = kernel_hz()
         owners = None if owner_cookies is None else sorted(set(owner_cookies))
-        flags = cflags(selector, policy, self.hz, btf_offsets(),
+        flags = cflags(selector, policy, self.hz, btf_offsets(), state_mask,
                        None if owners is None else len(owners))
         self._module = _compile(flags)
         try:
@@ -299,7 +301,7 @@ class IterDestroy:
                 raise ProbeUnavailable("the BPF destroy program has no bpf_sock_destroy call")
             self._prog = _prog_load(bytes(code), iter_id)
         except BaseException:
-            self._module.cleanup()
+            _dispose(self._module)
             raise
 
     def _fill(self, selector: Selector, owners: Optional[List[int]]) -> None:
@@ -348,7 +350,7 @@ class IterDestroy:
         if self._prog is not None:
             os.close(self._prog)
             self._prog = None
-            self._module.cleanup()
+            _dispose(self._module)
 
     def __enter__(self) -> "IterDestroy":
         return self
@@ -358,26 +360,11 @@ class IterDestroy:
 
 
 def _compile(flags: List[str]):
-    """bcc compiles bpf/iterdestroy.bpf.c (and creates its maps); nothing is loaded."""
-    try:
-        from bcc import BPF
-    except ImportError:
-        raise ProbeUnavailable("the BPF destroy needs bcc (python3-bpfcc)") from None
-    from .. import bpf as _pkg
-    src_path = os.path.join(os.path.dirname(_pkg.__file__), "iterdestroy.bpf.c")
-    with open(src_path) as f:
-        text = f.read()
-    headers = kheaders.find_headers()
-    old = os.environ.get("BCC_KERNEL_SOURCE")
-    try:
-        if headers.env:
-            os.environ["BCC_KERNEL_SOURCE"] = headers.env
-        return BPF(text=text.encode(), cflags=flags + ["-Wno-int-to-void-pointer-cast"])
-    except Exception as e:  # noqa: BLE001  (bcc raises bare Exception on compile errors)
-        raise ProbeUnavailable("the BPF destroy program did not compile: %s" % one_line(e)) \
-            from None
-    finally:
-        if old is None:
-            os.environ.pop("BCC_KERNEL_SOURCE", None)
-        else:
-            os.environ["BCC_KERNEL_SOURCE"] = old
+    """bcc compiles bpf/iterdestroy.bpf.c and creates its maps (through loader.py)."""
+    from .loader import compile_only
+    return compile_only("iterdestroy.bpf.c", flags + ["-Wno-int-to-void-pointer-cast"])
+
+
+def _dispose(module) -> None:
+    from .loader import dispose
+    dispose(module)

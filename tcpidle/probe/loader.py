@@ -389,3 +389,35 @@ def _first_error(diag: Sequence[str]) -> Optional[str]:
             if " error: " in line or line.startswith("error: "):
                 return " ".join(line.split())
     return None
+
+
+def compile_only(source_name: str, cflags: Sequence[str], log=None):
+    """Compile bpf/<source_name> with bcc and create its maps; load and attach nothing.
+
+    For programs bcc cannot load itself (the destroy iterator: iterdestroy.py
+    loads its bytecode with its own bpf(2) calls).  Release with dispose().
+    """
+    log = log or logging.getLogger("tcpidle")
+    try:
+        tree = kheaders.find_headers()
+    except (kheaders.HeadersNotFound, OSError) as e:
+        raise ProbeUnavailable(one_line(e)) from None
+    path = os.path.join(os.path.dirname(bpf_source()), source_name)
+    diag: List[str] = []
+    try:
+        with _env("BCC_KERNEL_SOURCE", tree.env), _captured_stderr(diag):
+            module = _module_class()(src_file=path.encode(), cflags=list(cflags))
+    except ImportError:
+        raise ProbeUnavailable("bcc (python3-bpfcc) is not installed") from None
+    except Exception as e:  # noqa: BLE001 - bcc raises bare Exception
+        for d in diag:
+            log.debug("bcc: %s", d)
+        raise ProbeUnavailable("BPF compile of %s failed with headers %s: %s"
+                               % (source_name, tree.source, _first_error(diag) or one_line(e))) \
+            from None
+    return module
+
+
+def dispose(module) -> None:
+    """Free what compile_only made (its maps)."""
+    _dispose(module)

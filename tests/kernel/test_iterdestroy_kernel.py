@@ -19,7 +19,7 @@ import pytest
 from lab.netns import cookie_of, in_netns
 from tcpidle.model import AF_INET, AF_INET6, Policy, Selector, TcpState
 from tcpidle.probe import ProbeUnavailable
-from tcpidle.selectors import parse_networks, parse_ports
+from tcpidle.selectors import parse_networks, parse_ports, states_mask
 
 pytestmark = pytest.mark.kernel
 
@@ -111,7 +111,7 @@ def run_pass(ns, selector, policy, owners=None, before=None):
     iterdestroy = _iterdestroy()
     fd = nsfd(ns)
     try:
-        with iterdestroy.IterDestroy(selector, policy, owners) as it:
+        with iterdestroy.IterDestroy(selector, policy, states_mask(selector.states), owners) as it:
             if before:
                 before()
             return it.run(fd).records
@@ -252,8 +252,9 @@ def test_a_victim_receiving_data_during_the_pass_is_never_destroyed(netns, pairs
     fd = nsfd(netns)
     both = {"destroyed": 0, "spared": 0}
     try:
-        with iterdestroy.IterDestroy(Selector(dports=parse_ports(["7071"])),
-                                     Policy(idle_time_ms=IDLE_MS)) as it:
+        sel = Selector(dports=parse_ports(["7071"]))
+        with iterdestroy.IterDestroy(sel, Policy(idle_time_ms=IDLE_MS),
+                                     states_mask(sel.states)) as it:
             for _ in range(rounds):
                 p = pairs(netns, 7071, n)
                 time.sleep(IDLE_MS / 1000 + 0.1)

@@ -1,0 +1,112 @@
+"""Pure parts of the BPF iterator destroy backend (no root, no BPF).
+
+The record decoder against records packed as the C struct lays them out, the
+-D flags a selection and a policy become, the port bitmap and LPM keys the
+maps are filled with, and the kfunc call patch.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from tcpidle.model import AF_INET, AF_INET6, Policy, Selector, TcpState
+from tcpidle.probe import iterdestroy as it
+from tcpidle.selectors import parse_networks, parse_ports, states_mask
+
+OFFSETS = {k: i for i, k in enumerate(sorted(it.OFFSET_FIELDS), start=100)}
+
+
+def flags_of(selector, policy, hz=250, owners=None):
+    out = {}
+    for flag in it.cflags(selector, policy, hz, OFFSETS, states_mask(selector.states), owners):
+        name, _, value = flag[2:].partition("=")
+        out[name] = int(value)
+    return out
+
+
+def test_records_decode_as_the_c_struct_lays_them_out():
+    v4 = b"\0" * 10 + b"\xff\xff" + bytes([10, 0, 0, 1])
+    v4b = b"\0" * 10 + b"\xff\xff" + bytes([10, 0, 0, 2])
+    v6 = bytes.fromhex("fd000231000000000000000000000001")
+    data = (it.REC.pack(7, AF_INET, 1, 0, 1, 0, 40000, 443, 1234, v4, v4b)
+            + it.REC.pack(2 ** 63 + 5, AF_INET6, 8, 1, 0, -103, 22, 50000, 99, v6, v6)
+            + it.REC.pack(9, AF_INET, 6, 4, 0, 0, 1, 2, 0, v4, v4))
+    assert it.REC.size == 56
+    a, b, c = it.decode_records(data)
+    assert a == it.Record(7, AF_INET, TcpState.ESTABLISHED, "destroyed", 0, "10.0.0.1", 40000,
+                          "10.0.0.2", 443, 1234)
+    assert (b.cookie, b.outcome, b.err, b.src, b.sport, b.dport, b.idle_jiffies) == \
+        (2 ** 63 + 5, "failed", -103, "fd00:231::1", 22, 50000, None)
+    assert (c.state, c.outcome) == (TcpState.TIME_WAIT, "not-full-socket")
+    assert it.decode_records(b"") == []
+
+
+def test_a_torn_record_is_an_error():
+    with pytest.raises(ValueError):
+        it.decode_records(b"\0" * 57)
+
+
+def test_threshold_in_jiffies_is_the_first_age_tcp_info_would_call_that_idle():
+    assert it.ms_to_jiffies(0, 250) == 0
+    assert it.ms_to_jiffies(1000, 250) == 250
+    assert it.ms_to_jiffies(1001, 250) == 251  # 250 jiffies = 1000 ms < 1001
+    assert it.ms_to_jiffies(3, 250) == 1
+    assert it.ms_to_jiffies(1000, 1000) == 1000
+
+
+def test_cflags_from_a_selection_and_a_policy():
+    sel = Selector(families=frozenset({AF_INET6}),
+                   states=frozenset({TcpState.ESTABLISHED, TcpState.SYN_RECV}),
+                   dports=parse_ports(["443"]),
+                   exclude_nets=parse_networks(["10.0.0.0/8"], "--exclude-cidr"))
+    f = flags_of(sel, Policy(idle_time_ms=60000, idle_metric="any", max_kills=5,
+                             last_recv_limit_ms=1000.0), owners=3)
+    assert f["FAMILY_MASK"] == 2
+    assert f["STATE_MASK"] == (1 << 1) | (1 << 3) | (1 << 12)  # SYN_RECV asks for requests too
+    assert (f["HAS_SPORTS"], f["HAS_DPORTS"], f["HAS_EXCL_PORTS"]) == (0, 1, 0)
+    assert (f["HAS_SRC"], f["HAS_DST"], f["HAS_EXCL_NETS"]) == (0, 0, 1)
+    assert (f["HAS_OWNERS"], f["OWNERS_SIZE"]) == (1, 3)
+    assert (f["THRESH_J"], f["LIMIT_J"], f["IDLE_ANY"]) == (15000, 250, 1)
+    assert (f["MAX_KILLS"], f["DRY_RUN"]) == (5, 0)
+    assert {k: f[k] for k in OFFSETS} == OFFSETS
+
+
+def test_cflags_defaults_select_everything_established_with_no_cap():
+    f = flags_of(Selector(), Policy(dry_run=True))
+    assert f["FAMILY_MASK"] == 3 and f["STATE_MASK"] == 1 << 1
+    assert f["HAS_OWNERS"] == 0 and f["OWNERS_SIZE"] == 1
+    assert (f["THRESH_J"], f["LIMIT_J"], f["IDLE_ANY"], f["MAX_KILLS"], f["DRY_RUN"]) == \
+        (0, 0, 0, 0, 1)
+
+
+def test_cflags_say_which_lists_are_given():
+    f = flags_of(Selector(src=parse_networks(["10.0.0.0/8"], "--src"),
+                          sports=parse_ports(["1"]), exclude_ports=parse_ports(["2"])), Policy())
+    assert (f["HAS_SRC"], f["HAS_DST"], f["HAS_EXCL_NETS"]) == (1, 0, 0)
+    assert (f["HAS_SPORTS"], f["HAS_DPORTS"], f["HAS_EXCL_PORTS"]) == (1, 0, 1)
+    f = flags_of(Selector(dst=parse_networks(["::1/128"], "--dst")), Policy())
+    assert (f["HAS_SRC"], f["HAS_DST"]) == (0, 1)
+
+
+def test_port_bitmap():
+    words = it.port_bitmap(parse_ports(["22", "63-65", "65535"]))
+    assert words == {0: (1 << 22) | (1 << 63), 1: 0b11, 1023: 1 << 63}
+
+
+def test_lpm_keys_put_ipv4_in_the_mapped_range():
+    keys = it.lpm_entries(parse_networks(["10.1.0.0/16", "fd00::/8"], "--src"))
+    assert keys == [(112, b"\0" * 10 + b"\xff\xff" + bytes([10, 1, 0, 0])),
+                    (8, b"\xfd" + b"\0" * 15)]
+
+
+def test_the_sentinel_call_becomes_a_kfunc_call_and_nothing_else_changes():
+    call = struct.pack("<BBhi", 0x85, 0, 0, it.KFUNC_SENTINEL)
+    helper = struct.pack("<BBhi", 0x85, 0, 0, 6)       # bpf_trace_printk, untouched
+    mov = struct.pack("<BBhi", 0xB7, 0x01, 0, it.KFUNC_SENTINEL)  # r1 = sentinel, not a call
+    local = struct.pack("<BBhi", 0x85, 0x10, 0, it.KFUNC_SENTINEL)  # a BPF-to-BPF call
+    code = bytearray(helper + call + mov + local)
+    assert it.patch_kfunc(code, 65741) == 1
+    assert code[:8] == helper and code[16:] == mov + local
+    assert struct.unpack_from("<BBhi", code, 8) == (0x85, it.BPF_PSEUDO_KFUNC_CALL << 4, 0, 65741)

@@ -49,6 +49,12 @@
 #define OUT_CAPPED 3
 #define OUT_NOT_FULL 4
 
+/* bcc 0.26's helpers.h declares bpf_get_socket_cookie() returning u32; the
+ * kernel's returns u64.  Through bcc's prototype clang keeps the low 32 bits
+ * only, and cookies past 2^32 would name other sockets: call it with the
+ * kernel's type (as bpf/tcpidle.bpf.c does). */
+static u64 (*tcpidle_get_socket_cookie)(void *ctx) = (void *)BPF_FUNC_get_socket_cookie;
+
 struct tcpidle_iter_meta {
     void *seq;
     unsigned long long session_id;
@@ -184,7 +190,7 @@ int bpf_iter__tcp(struct tcpidle_iter_tcp *ctx)
         return 0;
 #endif
 
-    r.cookie = bpf_get_socket_cookie(skc);
+    r.cookie = tcpidle_get_socket_cookie(skc);
 #if HAS_OWNERS
     if (!owners.lookup(&r.cookie))
         return 0;

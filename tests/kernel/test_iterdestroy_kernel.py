@@ -291,3 +291,13 @@ def test_a_victim_receiving_data_during_the_pass_is_never_destroyed(netns, pairs
     # the race was really run: both sides of it happened
     print("race outcomes", both)
     assert both["destroyed"] > 0 and both["spared"] > 0, both
+
+
+def test_the_cookie_is_kept_whole_64_bits():
+    """bcc's u32 prototype of bpf_get_socket_cookie would truncate the record's cookie."""
+    from test_probe_program import cookie_truncations, decode
+    iterdestroy = _iterdestroy()
+    sel = Selector()
+    with iterdestroy.IterDestroy(sel, Policy(), states_mask(sel.states)) as it:
+        insns = decode(it._module.dump_func(b"bpf_iter__tcp"))
+    assert cookie_truncations(insns) == []

@@ -81,6 +81,19 @@ evidence_options = _options(
     click.option("-p", "--processes", is_flag=True,
                  help="Show the owning processes (pids, names, cgroups): one pass over /proc, as ss -p."),
     click.option("-v", "--verbose", count=True, help="More detail on stderr (-vv: debug)."),
+    click.option("--verdict", "verdicts", type=options.Verdicts(), default=None, metavar="LIST",
+                 help="Only connections with these verdicts: active, quiet, dead, zero-window, "
+                      "close-wait, orphan, unknown (comma list). With kill: what is destroyed."),
+    click.option("--active-within", type=options.milliseconds(), default=None, metavar="MS", help="Data received within MS is 'active'; past it a connection is quiet, "
+                 "dead or unknown by its evidence. Default: -t / --min-idle when given, else 60000."),
+    click.option("--middlebox", type=options.Middlebox(), default=None, metavar="PRESET|SECONDS",
+                 help="A load balancer's or NAT's idle timeout: aws-nlb, aws-nat (350 s), azure-lb "
+                      "(240 s), gcp-nat (1200 s), gce-lb (600 s), or seconds. audit lists the "
+                      "connections past it and at risk; kill destroys those past it."),
+    click.option("--risk-fraction", type=options.Number(0, 1, positive=True, metavar="F"), default=0.5,
+                 show_default=True,
+                 help="With --middlebox: idle for more than F x the timeout with no keep-alive "
+                      "armed in time is 'at risk'."),
 )
 
 kill_options = _options(
@@ -136,7 +149,8 @@ def cli():
 @click.option("--hist", is_flag=True,
               help="Print a log2 histogram of idle times (ms, as bcc's tools) instead of the connections.")
 @click.option("--by", type=click.Choice(groups.BY), default=None,
-              help="With --hist: one histogram per remote port, local port, namespace or owner.")
+              help="One line per remote port, local port, namespace or owner, with counts per "
+                   "verdict; with --hist: one histogram per group.")
 def audit(min_idle, watch, map_size, hist, by, **opts):
     """Report matching connections and their idle time. Never kills.
 

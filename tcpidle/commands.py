@@ -18,7 +18,7 @@ import time
 from dataclasses import replace
 from typing import Optional
 
-from . import evidence, groups, netns, privilege, report, selectors
+from . import evidence, groups, health, middlebox, netns, privilege, report, selectors
 from .engine import Engine
 from .errors import PrivilegeError, RuntimeFailure, UsageError
 from .model import AF_INET, AF_INET6, DEFAULT_MAP_SIZE, DEFAULT_PIN_DIR, Policy, Selector
@@ -61,8 +61,26 @@ def build_namespaces(opts) -> Optional[netns.Watch]:
 
 
 def build_policy(opts, idle_time: float, **extra) -> Policy:
+    """The Policy: the idle threshold, and the health window, verdict filter and middlebox."""
+    window = opts["active_within"]
+    if window is None or window <= 0:
+        window = idle_time if idle_time > 0 else health.DEFAULT_WINDOW_MS
+    verdicts = health.parse_verdicts(opts["verdicts"]) if opts["verdicts"] is not None else None
+    box = (middlebox.parse(opts["middlebox"], opts["risk_fraction"])
+           if opts["middlebox"] is not None else None)
     return Policy(idle_time_ms=idle_time, idle_metric=opts["idle_metric"],
-                  last_recv_limit_ms=opts["last_recv_limit"], **extra)
+                  last_recv_limit_ms=opts["last_recv_limit"], window_ms=window, verdicts=verdicts,
+                  middlebox=box, **extra)
+
+
+def audit_shown(scan, policy: Policy, min_idle: float):
+    """What audit shows: every match, or the victims of --min-idle / --verdict; with
+    --middlebox, the connections past its timeout or at risk (within those filters)."""
+    if policy.middlebox is None:
+        return scan.victims
+    return [v for v in scan.verdicts if v.exposure in (middlebox.PAST, middlebox.AT_RISK)
+            and (policy.verdicts is None or v.health.verdict in policy.verdicts)
+            and (min_idle <= 0 or (v.idle_ms is not None and v.idle_ms >= min_idle))]
 
 
 def require_privilege(what: str) -> None:
@@ -93,9 +111,8 @@ def _evidence(opts, watch: Optional[float] = None, map_size: Optional[int] = Non
 
 def audit(min_idle: float, watch: Optional[float], map_size: int, open_diag: OpenDiag = open_diag,
           hist: bool = False, by: Optional[str] = None, **opts) -> int:
-    """Report matching connections and their idle time (or their histogram); never kills."""
-    if by is not None and not hist:
-        raise UsageError("--by needs --hist")
+    """Report matching connections and their idle time (or their histogram, or counts per
+    group and verdict); never kills."""
     selector = build_selector(opts)
     namespaces = build_namespaces(opts)
     policy = build_policy(opts, min_idle)
@@ -107,7 +124,8 @@ def audit(min_idle: float, watch: Optional[float], map_size: int, open_diag: Ope
     try:
         engine = Engine(scope, policy, seen, want_owners=opts["processes"] or by == "owner")
         started = time.monotonic()
-        scan = engine.survey()
+        scan = engine.survey(lambda sc: audit_shown(sc, policy, min_idle),
+                             owners_needed=by == "owner" or policy.middlebox is not None)
         stats = seen.stats()
         if stats is not None:
             report.probe_stats(stats)
@@ -116,11 +134,13 @@ def audit(min_idle: float, watch: Optional[float], map_size: int, open_diag: Ope
     scan.close()
     elapsed_ms = (time.monotonic() - started) * 1000
     if hist:
-        report.histograms(groups.group(scan.victims, by, scan.owners), by, opts["as_json"])
+        report.histograms(groups.group(audit_shown(scan, policy, min_idle), by, scan.owners), by,
+                          opts["as_json"])
         report.summary_audit(scan.verdicts, len(scan.victims), scan.seen, elapsed_ms, min_idle,
                              seen.description)
     else:
-        report.audit_pass(scan, opts["as_json"], elapsed_ms, min_idle, seen.description)
+        report.audit_pass(scan, opts["as_json"], elapsed_ms, min_idle, seen.description,
+                          shown=audit_shown(scan, policy, min_idle), by=by, box=policy.middlebox)
     return 0
 
 

@@ -51,12 +51,14 @@ from .scope import NamespaceFds, Scope
 
 log = logging.getLogger("tcpidle")
 
+_EXPOSED = ("past", "at-risk")  # middlebox.PAST, middlebox.AT_RISK
 GONE = object()  # a re-check's answer: the kernel no longer has that cookie at that 4-tuple
 # Why the re-check spared a victim (Spare.reason starts with one of these).
 RECEIVED = "received data after the scan"
 LEFT_SELECTION = "left the selection (now %s)"
 LEFT_SELECTION_OTHER = "left the selection"
 NOT_RECHECKED = "not asked about again"
+VERDICT_CHANGED = "its verdict changed (now %s)"  # --verdict / --middlebox no longer holds
 ACKED_BUT_REMAINS = ("the kernel acked SOCK_DESTROY but the socket remains (%s; an orphaned "
                      "socket on a kernel before 6.11, whose tcp_abort skips them)")
 
@@ -75,6 +77,8 @@ class Spare(NamedTuple):
             return "received-data"
         if self.reason.startswith(LEFT_SELECTION_OTHER):
             return "left-selection"
+        if self.reason.startswith(VERDICT_CHANGED[:18]):
+            return "verdict-changed"
         return "not-rechecked"
 
 
@@ -178,12 +182,20 @@ class Engine:
             self._attribute(scan, scan.verdicts, force=True)
             scan.verdicts = [v for v in scan.verdicts
                              if selectors.owned_by(selector, scan.owners.get(v.socket.inode, NO_OWNERS))]
+        if self.policy.middlebox is not None:
+            # Whose connections a middlebox dropped or will: the report and the
+            # tracker's gauges name them.  Only those, so a quiet host walks
+            # /proc for nothing.
+            self._attribute(scan, [v for v in scan.verdicts if v.exposure in _EXPOSED], force=True)
         return scan
 
-    def survey(self) -> Scan:
-        """audit's pass: scan, and with owners wanted, the owners of the victims (those shown)."""
+    def survey(self, shown: Optional[Callable[[Scan], List[Verdict]]] = None,
+               owners_needed: bool = False) -> Scan:
+        """audit's pass: scan, and with owners wanted (or needed: grouping by owner), the
+        owners of those shown -- the victims, or `shown(scan)`."""
         scan = self.scan()
-        self._attribute(scan, scan.victims)
+        self._attribute(scan, shown(scan) if shown is not None else scan.victims,
+                        force=owners_needed)
         return scan
 
     def _attribute(self, scan: Scan, verdicts: Sequence[Verdict], force: bool = False) -> None:
@@ -325,6 +337,7 @@ class Engine:
             except OSError as exc:
                 probe_failed = "not asked about again: re-reading the BPF map failed (%s)" % why(exc)
         policy = self.policy
+        judged = policy.verdicts is not None or policy.middlebox is not None
         out: List[Tuple[Optional[Socket], object]] = []
         for v, fresh in zip(part, now):
             if fresh == errno.ENOENT:
@@ -342,6 +355,13 @@ class Engine:
             elif idle_check and idle.received_since(scan.records.get(v.socket.cookie),
                                                     probe_now.get(v.socket.cookie), policy):
                 out.append((fresh, RECEIVED))
+            elif judged and not (again := idle.decide(fresh, probe_now.get(fresh.cookie),
+                                                      time.monotonic_ns(), policy)).victim:
+                # Chosen for its verdict (or for being past a middlebox's
+                # timeout), which the fresh evidence no longer gives: a "dead"
+                # peer whose ACK arrived since the scan is alive.
+                out.append((fresh, VERDICT_CHANGED % (
+                    again.health.verdict if policy.verdicts is not None else again.exposure)))
             else:
                 out.append((fresh, None))
         return out

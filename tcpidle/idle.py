@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Optional, Tuple
 
+from . import health, middlebox
 from .model import Activity, Policy, Socket, TcpState, Verdict
 
 # One jiffy at the slowest common HZ (100) plus rounding: the most tcp_info's
@@ -75,18 +76,29 @@ def _age_ms(now_ns: int, stamp_ns: int) -> Optional[float]:
 
 
 def decide(sock: Socket, activity: Optional[Activity], now_ns: int, policy: Policy) -> Verdict:
-    """Decide whether `sock` is idle enough to act on under `policy`.
+    """Decide whether `sock` is idle enough to act on under `policy`, and its health.
 
     `idle_time_ms == 0` selects every matched socket, as tcp_closer's `-t 0`,
     including those whose idle time is unknown (TIME_WAIT has no tcp_info).
-    Otherwise the socket must be known to be idle at least that long.
+    Otherwise the socket must be known to be idle at least that long.  Both
+    filters below narrow that further: `policy.verdicts` (only connections
+    whose health verdict is listed) and `policy.middlebox` (only those past
+    the middlebox's timeout).
     """
     idle_ms, source, last_rx_ms = merge(sock, activity, now_ns, policy)
     if policy.idle_time_ms <= 0:
         victim = True
     else:
         victim = idle_ms is not None and idle_ms >= policy.idle_time_ms
-    return Verdict(sock, idle_ms, source, last_rx_ms, victim)
+    verdict = health.assess(sock, idle_ms, last_rx_ms, policy.window_ms)
+    if policy.verdicts is not None and verdict.verdict not in policy.verdicts:
+        victim = False
+    exposure = None
+    if policy.middlebox is not None:
+        exposure = middlebox.exposure(sock, last_rx_ms, policy.middlebox)
+        if exposure != middlebox.PAST:
+            victim = False
+    return Verdict(sock, idle_ms, source, last_rx_ms, victim, verdict, exposure)
 
 
 def received_since(before: Optional[Activity], after: Optional[Activity], policy: Policy) -> bool:

@@ -22,7 +22,17 @@ tcpidle_spared_total{reason} (counter)
     victims left alone by the re-check right before their destroy:
     received-data (since the scan), left-selection (its state, typically:
     an owner exited and it went FIN-WAIT-1), not-rechecked (the lookup
-    failed: a verdict that cannot be confirmed is not acted on).
+    failed: a verdict that cannot be confirmed is not acted on),
+    verdict-changed (chosen by --verdict or --middlebox, which the fresh
+    evidence no longer gives).
+tcpidle_connections{verdict} (gauge)
+    connections matched in the last poll, by health verdict: active, quiet,
+    dead, zero-window, close-wait, orphan, unknown (README, "Dead or just
+    quiet").  Every verdict is exported from the start, at 0.
+tcpidle_middlebox_at_risk{comm}, tcpidle_middlebox_past{comm} (gauge)
+    with --middlebox: connections at risk of (past) the middlebox's idle
+    timeout in the last poll, by the owning process's name ("-" for none);
+    only the names seen in the last poll are exported.
 tcpidle_poll_duration_seconds (histogram)
     wall time of one poll: dump, merge, decide, act.
 tcpidle_poll_errors_total (counter)
@@ -59,19 +69,22 @@ series.
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Sequence
+from typing import Dict, Mapping, Optional, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client import PlatformCollector, ProcessCollector, generate_latest
 
-from .model import Action, Outcome, Verdict
+from . import groups
+from .health import VERDICTS
+from .middlebox import AT_RISK, PAST
+from .model import Action, Outcome, OwnerSummary, Verdict
 from .sinks import OUTPUTS
 
 IDLE_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 43200, 86400, math.inf)
 POLL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
                 30.0, math.inf)
 # engine.Spare.kind values
-SPARED_REASONS = ("received-data", "left-selection", "not-rechecked")
+SPARED_REASONS = ("received-data", "left-selection", "not-rechecked", "verdict-changed")
 OUTCOMES = (Action.DESTROYED, Action.WOULD_DESTROY, Action.SHUTDOWN, Action.PROCESS_KILLED,
             Action.GONE, Action.FAILED)
 
@@ -83,6 +96,7 @@ SERIES = (
     "tcpidle_last_poll_timestamp_seconds", "tcpidle_probe_attached",
     "tcpidle_probe_map_entries", "tcpidle_probe_map_capacity", "tcpidle_probe_evictions",
     "tcpidle_probe_pin_problems",
+    "tcpidle_connections", "tcpidle_middlebox_at_risk", "tcpidle_middlebox_past",
 )
 
 
@@ -131,6 +145,16 @@ class Metrics:
         self.pin_problems = Gauge("tcpidle_probe_pin_problems",
                                   "Pinned maps vanished or replaced under the running tracker.",
                                   registry=r)
+        self.connections = Gauge("tcpidle_connections",
+                                 "Connections matched in the last poll, by health verdict.",
+                                 ["verdict"], registry=r)
+        for name in VERDICTS:
+            self.connections.labels(name)
+        self.at_risk = Gauge("tcpidle_middlebox_at_risk", "With --middlebox: connections at risk "
+                             "of its idle timeout in the last poll, by owner comm.", ["comm"],
+                             registry=r)
+        self.past = Gauge("tcpidle_middlebox_past", "With --middlebox: connections past its idle "
+                          "timeout in the last poll, by owner comm.", ["comm"], registry=r)
         self._server = None
 
     # -- feeding -----------------------------------------------------------------
@@ -144,13 +168,28 @@ class Metrics:
             self.spared.labels(kind).inc()
 
     def observe_poll(self, verdicts: Sequence[Verdict], outcomes: Sequence[Outcome],
-                     seconds: float, wall_time: float, spared: int = 0) -> None:
+                     seconds: float, wall_time: float, spared: int = 0,
+                     owners: Optional[Mapping[int, OwnerSummary]] = None) -> None:
         """The end of a poll; `outcomes` and `spared` (received data) are counted
-        here only if no observe_batch counted them."""
+        here only if no observe_batch counted them.  `owners` (by inode) name the
+        processes of the connections a middlebox policy found exposed."""
         self.sockets_seen.set(len(verdicts))
+        by_verdict = dict.fromkeys(VERDICTS, 0)
         for v in verdicts:
             if v.idle_ms is not None:
                 self.idle_seconds.observe(v.idle_ms / 1000.0)
+            if v.health is not None:
+                by_verdict[v.health.verdict] = by_verdict.get(v.health.verdict, 0) + 1
+        for name, n in by_verdict.items():
+            self.connections.labels(name).set(n)
+        self.at_risk.clear()
+        self.past.clear()
+        exposed = [v for v in verdicts if v.exposure in (PAST, AT_RISK)]
+        if exposed:
+            for g in groups.count(exposed, "comm", owners or {}, label=lambda v: v.exposure,
+                                  columns=(PAST, AT_RISK)):
+                self.past.labels(g.key).set(g.counts[PAST])
+                self.at_risk.labels(g.key).set(g.counts[AT_RISK])
         self.observe_batch(outcomes, ["received-data"] * spared)
         self.poll_duration.observe(seconds)
         self.last_poll.set(wall_time)

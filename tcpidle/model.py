@@ -1,9 +1,10 @@
 """The records that flow through tcpidle, as frozen dataclasses.
 
 Owns the vocabulary shared by every module: a `Socket` (one decoded INET_DIAG
-record, identified by its cookie), an `Activity` (what the BPF probe saw of
-that cookie), the user's `Selector` and `Policy`, the `Verdict` of the idle
-decision, the `OwnerSummary` of the processes holding a socket and the
+record, identified by its cookie, with its `Vitals`), an `Activity` (what the
+BPF probe saw of that cookie), the user's `Selector` and `Policy`, the
+`Verdict` of the decision (idle time, `Health`, middlebox exposure), the
+`OwnerSummary` of the processes holding a socket and the
 `Outcome` of acting on it.  Nothing past the decoder sees a
 raw netlink message, and nothing here does I/O.
 """
@@ -200,10 +201,25 @@ class Policy:
     use_proc: bool = False
     proc_action: str = "shutdown"  # "shutdown" or "kill"
     max_kills: Optional[int] = None
+    # Health (tcpidle/health.py): data received within window_ms is "active";
+    # past it a connection is quiet, dead or unknown by the evidence.
+    window_ms: float = 60_000.0
+    # Act only on these verdicts (kill --verdict); None = whatever the verdict.
+    verdicts: Optional[frozenset] = None
+    # A middlebox's idle timeout (tcpidle/middlebox.py): connections are judged
+    # past it / at risk, and only those past it are victims.  None = no middlebox.
+    middlebox: Optional[object] = None
+
+
+class Health(NamedTuple):
+    """A connection's health verdict (tcpidle/health.py) and the rule that gave it, in words."""
+
+    verdict: str  # "active", "quiet", "dead", "zero-window", "close-wait", "orphan", "unknown"
+    reason: str
 
 
 class Verdict(NamedTuple):
-    """The idle decision for one socket.
+    """The decision for one socket: its idle time, its health, whether to act.
 
     A NamedTuple, not a frozen dataclass: one is made per socket scanned,
     and this is a third of the cost (0.2 us against 0.6 us).
@@ -214,6 +230,9 @@ class Verdict(NamedTuple):
     idle_source: Optional[str]  # "bpf", "tcp_info" or None
     last_rx_ms: Optional[float]  # any segment, probe only
     victim: bool  # True when the policy acts on the socket (idle long enough, or -t 0)
+    health: Optional[Health] = None
+    # With a middlebox policy: "past", "at-risk", "safe", or None (unknown / none).
+    exposure: Optional[str] = None
 
 
 class Action:

@@ -175,6 +175,31 @@ class _Delegated(click.ParamType):
         raise NotImplementedError
 
 
+class Verdicts(_Delegated):
+    """--verdict: a comma list of health verdicts (see health.parse_verdicts)."""
+
+    name = "verdicts"
+
+    def check(self, text, option):
+        from . import health
+
+        health.parse_verdicts(text, option)
+
+
+class Middlebox(_Delegated):
+    """--middlebox: a preset's name or a positive number of seconds (see middlebox.parse)."""
+
+    name = "middlebox"
+
+    def check(self, text, option):
+        from . import middlebox
+
+        if not _DECIMAL.match(text) and text.strip().lower() not in middlebox.PRESETS:
+            raise UsageError("%s %r: neither a preset (%s) nor a number of seconds in ASCII digits"
+                             % (option, text, ", ".join(sorted(middlebox.PRESETS))))
+        middlebox.parse(text, option=option)
+
+
 class Ports(_Delegated):
     """-s/--sport, -d/--dport, --exclude-port: comma lists and ranges of 1-65535."""
 

@@ -164,7 +164,8 @@ class Poller:
         stats = self._probe_stats()  # first: the gauges then move together
         self._say_degradation(stats)
         if self.metrics is not None:
-            self.metrics.observe_poll(scan.verdicts, (), done.seconds, time.time())
+            self.metrics.observe_poll(scan.verdicts, (), done.seconds, time.time(),
+                                      owners=scan.owners)
             self.metrics.observe_probe(stats)
             self.metrics.observe_pins(len(self._problems))
         log.debug("poll %d: %d sockets dumped, %d matched, %d idle, %d acted on; %.1f ms",

@@ -4,7 +4,7 @@ Owns the output contract of DESIGN.md: JSON Lines (one object per
 connection, the contract's keys exactly) or a human table on stdout; a
 summary on stderr; the log (stderr with -v, a log file with -f, syslog
 unless --disable-syslog), where every kill is a line carrying cookie,
-4-tuple, idle time, idle source and outcome; and the tracker's event log.
+4-tuple, idle time, idle source, verdict and outcome; and the tracker's event log.
 The commands hand it what a pass returned (`audit_pass`; kill's batches
 one by one as they are done, `log_batch`, `show`, `summary_kill`).
 """
@@ -122,10 +122,10 @@ def log_outcome(outcome: Outcome) -> None:
         return
     log.log(
         level,
-        "%s cookie=%d %s %s -> %s state=%s idle_ms=%s source=%s owners=%s%s",
+        "%s cookie=%d %s %s -> %s state=%s idle_ms=%s source=%s verdict=%s owners=%s%s",
         outcome.action, s.cookie, FAMILY_NAMES.get(s.family, "?"), endpoint(s.src, s.sport),
         endpoint(s.dst, s.dport), s.state_name, _ms(v.idle_ms), v.idle_source or "-",
-        owners_text(outcome.pids, outcome.comms),
+        v.health.verdict if v.health else "-", owners_text(outcome.pids, outcome.comms),
         (" error=%s" % outcome.error) if outcome.error else "",
     )
 
@@ -142,6 +142,12 @@ def log_outcome(outcome: Outcome) -> None:
 _ROW = ('{"cookie":%d,"netns":%s,"family":%s,"state":%s,"src":"%s","sport":%d,"dst":"%s",'
         '"dport":%d,"idle_ms":%s,"idle_source":%s,"last_rx_ms":%s,"inode":%d,"uid":%d,'
         '"pids":%s,"comms":%s,"cgroups":%s')
+# The evidence of health (issue 11), appended after the keys above.
+_HEALTH = (',"verdict":%s,"verdict_reason":%s,"keepalive":%s,"unacked":%s,"retrans":%s,'
+           '"backoff":%s,"last_ack_ms":%s,"last_send_ms":%s,"send_q":%s,"recv_q":%s,'
+           '"middlebox":%s')
+_NO_VITALS = ("null",) * 6
+_BOOL_JSON = {True: "true", False: "false"}
 _ACTED = ',"action":%s,"error":%s}'
 _FAMILY_JSON = {f: '"%s"' % name for f, name in FAMILY_NAMES.items()}
 _STATE_JSON = {int(st): '"%s"' % st.name for st in TcpState}
@@ -177,11 +183,39 @@ def json_line(verdict: Verdict, outcome: Optional[Outcome] = None, owners: Optio
         _number(verdict.idle_ms), _SOURCE_JSON.get(verdict.idle_source) or _dumps(verdict.idle_source),
         _number(verdict.last_rx_ms), s.inode, s.uid,
         _list(pids), _list(comms), _list(cgroups),
-    )
+    ) + _health_json(verdict)
     if outcome is None:
         return text + "}"
     return text + _ACTED % (_quoted[outcome.action], _quoted[outcome.error] if outcome.error is None
                             else _dumps(outcome.error))
+
+
+def _health_json(verdict: Verdict) -> str:
+    """The health keys of one row: the verdict, its reason, and the evidence behind it."""
+    s = verdict.socket
+    h = verdict.health
+    v = s.vitals
+    if v is None:
+        keepalive, unacked, retrans, backoff, send_q, recv_q = _NO_VITALS
+    else:
+        keepalive = _BOOL_JSON[v.timer == 2]  # model.TIMER_KEEPALIVE
+        unacked, retrans, backoff = _int(v.unacked), _int(v.retransmits), _int(v.backoff)
+        send_q, recv_q = _int(v.send_q), _int(v.recv_q)
+    if h is None:
+        name = reason = "null"
+    else:
+        name = _quoted[h.verdict]
+        # Reasons are health.py's words and numbers; quote-free text is
+        # inserted as is, anything else goes through the encoder.
+        r = h.reason
+        reason = _dumps(r) if ('"' in r or "\\" in r or not r.isprintable()) else '"%s"' % r
+    return _HEALTH % (name, reason, keepalive, unacked, retrans, backoff,
+                      _int(s.last_ack_recv_ms), _int(s.last_data_sent_ms), send_q, recv_q,
+                      _quoted[verdict.exposure])
+
+
+def _int(value: Optional[int]) -> str:
+    return "null" if value is None else "%d" % value
 
 
 def owners_text(pids: Sequence[int], comms: Sequence[str]) -> str:
@@ -232,15 +266,19 @@ def write_table(rows: Sequence[Dict], out: TextIO) -> None:
         return
     with_action = "action" in rows[0]
     with_netns = any(r["netns"] is not None for r in rows)
+    with_middlebox = any(r.get("middlebox") is not None for r in rows)
     header = (["NETNS"] if with_netns else []) + [
-        "STATE", "LOCAL", "PEER", "IDLE_MS", "SOURCE", "OWNER", "COOKIE",
-    ] + (["ACTION"] if with_action else [])
+        "STATE", "LOCAL", "PEER", "IDLE_MS", "SOURCE", "VERDICT",
+    ] + (["MIDDLEBOX"] if with_middlebox else []) + ["OWNER", "COOKIE"] + (
+        ["ACTION"] if with_action else [])
     table = [header]
     for r in rows:
         owner = owners_text(r["pids"], r["comms"])
         line = ([str(r["netns"] or "-")] if with_netns else []) + [
             r["state"], endpoint(r["src"], r["sport"]), endpoint(r["dst"], r["dport"]),
-            _ms(r["idle_ms"]), r["idle_source"] or "-", owner, str(r["cookie"]),
+            _ms(r["idle_ms"]), r["idle_source"] or "-", r.get("verdict") or "-",
+        ] + ([r["middlebox"] or "-"] if with_middlebox else []) + [
+            owner, str(r["cookie"]),
         ]
         if with_action:
             line.append(r["action"] + (" (%s)" % r["error"] if r["error"] else ""))
@@ -256,16 +294,56 @@ def write_table(rows: Sequence[Dict], out: TextIO) -> None:
     out.flush()
 
 
+def show_groups(groups: Sequence, as_json: bool, out: TextIO = None) -> None:
+    """One line per group (groups.Count): its key, total, and a count per column."""
+    out = out or sys.stdout
+    if as_json:
+        for g in groups:
+            out.write(_dumps({"by": g.by, "group": g.key, "pids": list(g.pids), "comms": list(g.comms),
+                              "total": g.total, "counts": g.counts}) + "\n")
+        out.flush()
+        return
+    if not groups:
+        return
+    columns = list(groups[0].counts)
+    table = [[groups[0].by.upper(), "TOTAL"] + [c.upper() for c in columns]]
+    for g in groups:
+        table.append([g.key, str(g.total)] + [str(g.counts.get(c, 0)) for c in columns])
+    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
+    for line in table:
+        cells = [cell.ljust(widths[0]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(line)]
+        out.write("  ".join(cells).rstrip() + "\n")
+    out.flush()
+
+
 # --------------------------------------------------------------------------
 # audit's pass (kill's are reported batch by batch: passes.run_pass)
 
 
 def audit_pass(scan, as_json: bool, elapsed_ms: float, min_idle_ms: float,
-               evidence_note: str) -> None:
-    """audit's output of an engine.Scan: the victims (every match with --min-idle 0),
-    idlest first; the summary."""
-    shown = sorted(scan.victims, key=lambda v: (v.idle_ms is None, -(v.idle_ms or 0.0)))
-    show(shown, as_json, owners=scan.owners)
+               evidence_note: str, shown: Optional[Sequence[Verdict]] = None,
+               by: Optional[str] = None, box=None) -> None:
+    """audit's output of an engine.Scan: `shown` (default: the victims, every match with
+    --min-idle 0), idlest first -- one line per group with `by`; with a middlebox `box`,
+    each owner's connections together and a line per owner on stderr; the summary."""
+    from . import groups, middlebox
+
+    shown = sorted(scan.victims if shown is None else shown,
+                   key=lambda v: (v.idle_ms is None, -(v.idle_ms or 0.0)))
+    if by is not None:
+        show_groups(groups.count(shown, by, scan.owners), as_json)
+    elif box is not None:
+        exposed = groups.count(shown, "owner", scan.owners, label=lambda v: v.exposure,
+                               columns=(middlebox.PAST, middlebox.AT_RISK))
+        order = {g.key: i for i, g in enumerate(exposed)}
+        shown.sort(key=lambda v: (order[groups.key(v, "owner", scan.owners)[1]],
+                                  v.exposure != middlebox.PAST))
+        show(shown, as_json, owners=scan.owners)
+        for g in exposed:
+            note("middlebox %s: %s: %d past the timeout, %d at risk" % (
+                box.name, g.key, g.counts[middlebox.PAST], g.counts[middlebox.AT_RISK]))
+    else:
+        show(shown, as_json, owners=scan.owners)
     summary_audit(scan.verdicts, len(shown), scan.seen, elapsed_ms, min_idle_ms, evidence_note)
 
 
@@ -337,7 +415,8 @@ def summary_audit(verdicts: Sequence[Verdict], shown: int, seen: int, elapsed_ms
 
 # How the summary names the re-check's reasons (engine.Spare.kind).
 SPARED_TEXT = {"received-data": "data received after the scan",
-               "left-selection": "left the selection", "not-rechecked": "not asked about again"}
+               "left-selection": "left the selection", "not-rechecked": "not asked about again",
+               "verdict-changed": "verdict changed since the scan"}
 
 
 def summary_kill(outcomes: Sequence[Outcome], matched: int, victims: int, elapsed_ms: float,

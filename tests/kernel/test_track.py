@@ -534,3 +534,42 @@ def test_systemd_unit_verifies(tmp_path):
                          stderr=subprocess.STDOUT, text=True, timeout=60)
     assert res.returncode == 0, res.stdout
     assert "tcpidle.service" not in res.stdout, res.stdout  # no complaint about the unit
+
+
+def test_metrics_count_verdicts_and_middlebox_exposure_by_owner(netns, make_farm, trackers, pin_dir):
+    """track --middlebox: the owners of the exposed connections are walked each poll and
+    counted by process name; every connection is counted under its verdict."""
+    def free_port():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    port = in_netns(netns.name, free_port)
+
+    def scrape():
+        url = "http://127.0.0.1:%d/metrics" % port
+        return in_netns(netns.name, lambda: urllib.request.urlopen(url, timeout=5).read().decode())
+
+    def value(text, series):
+        for line in text.splitlines():
+            if line.startswith(series + " "):
+                return float(line.split()[-1])
+        return None
+
+    farm = make_farm(netns)
+    farm.serve([PORT])
+    farm.connect("127.0.0.1", PORT, label="idle")
+    with open("/proc/%d/comm" % farm.pid_or_none()) as f:
+        comm = f.read().strip()
+    t = trackers(netns, "-d", PORT, "--middlebox", 2, "--active-within", 1000, "--dry-run",
+                 "--interval", 0.3, "--pin-dir", pin_dir, "--metrics-port", port)
+    t.wait_ready()
+    past = 'tcpidle_middlebox_past{comm="%s"}' % comm
+    text = wait_for(lambda: (lambda x: x if value(x, past) == 1.0 else None)(scrape()), timeout=15)
+    assert text, scrape()
+    assert value(text, 'tcpidle_middlebox_at_risk{comm="%s"}' % comm) == 0.0
+    assert 'comm="-"' not in text  # the owner was found
+    assert value(text, 'tcpidle_connections{verdict="unknown"}') == 1.0
+    assert value(text, 'tcpidle_connections{verdict="active"}') == 0.0
+    assert value(text, 'tcpidle_kills_total{outcome="would-destroy"}') >= 1.0  # past it: a victim
+    assert t.stop()[0] == 0

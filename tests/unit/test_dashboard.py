@@ -36,8 +36,14 @@ def _fed_metrics():
     """Metrics as a tracker would after one poll, with a probe attached."""
     m = Metrics()
 
-    class V:  # only the attribute observe_poll reads
+    class S:
+        inode = 0  # no owner: counted under comm "-"
+
+    class V:  # only the attributes observe_poll reads
         idle_ms = 1500.0
+        health = None
+        exposure = "at-risk"  # a middlebox policy found it exposed: its gauges have samples
+        socket = S()
 
     class Done:  # likewise
         action = Action.DESTROYED

@@ -25,6 +25,7 @@ FLOORS = [
     ["engine"],
     ["evidence", "scope", "fallback", "signals"],
     ["owners", "idle", "selectors", "report", "metrics", "privilege", "groups", "histogram"],
+    ["health", "middlebox"],
     ["diag", "netns", "probe", "sinks"],
     ["safetext"],
     ["model", "errors", "bpf"],

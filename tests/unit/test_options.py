@@ -64,6 +64,12 @@ def bad_table(paths):
         "--idle-metric": ["", "bogus", "DATA"],
         "--last-recv-limit": MS_BAD,
         "--pin-dir": ["", " ", paths["file"], paths["fifo"], paths["sock"]],
+        # issue 11
+        "--verdict": ["", " ", ",", "deadd", "dead,", "DEAD", "dead,bogus"],
+        "--active-within": MS_BAD,
+        "--middlebox": ["", " ", "aws", "0", "-3", "nan", "inf", "1e300", "١٠", "１０", "3s",
+                        str(7 * 86400 + 1)],
+        "--risk-fraction": ["", "0", "-0.5", "1.5", "nan", "inf", "٠.5", "half"],
     }
     logs = ["", " ", paths["dir"], paths["fifo"], paths["sock"], paths["missing_dir_file"],
             paths["trailing_slash"]]
@@ -71,7 +77,7 @@ def bad_table(paths):
     table = {
         "audit": dict(selectors, **{"--min-idle": MS_BAD, "--watch": S_BAD,
                                     "--map-size": _int_bad(1, 1 << 24),
-                                    "--by": ["", "bogus", "DPORT"]}),
+                                    "--by": ["", "bogus", "DPORT", "OWNER", "uid"]}),
         "kill": dict(selectors, **kill, **{"--interval": S_BAD}),
         "track": dict(selectors, **kill, **{
             "--interval": S_BAD, "--map-size": _int_bad(1, 1 << 24),
@@ -104,6 +110,12 @@ def good_table(paths):
         "--exclude-port": ["22"], "--exclude-cidr": ["10.0.0.0/8"],
         "--event-log": [paths["new"]], "--metrics-port": ["1", "9733", "65535"],
         "--metrics-addr": ["127.0.0.1", "::1", "0.0.0.0", "localhost", "node-1.example"],
+        "--verdict": ["dead", "dead,zero-window", "close-wait", " quiet , unknown "],
+        "--active-within": ["0", "60000", "1.5e3"],
+        "--middlebox": ["aws-nlb", "aws-nat", "azure-lb", "gcp-nat", "gce-lb", "AWS-NLB", "3", "2.5",
+                        str(7 * 86400)],
+        "--risk-fraction": ["0.5", "1", ".25"],
+        "--by": ["owner", "dport", "netns"],
     }
 
 

@@ -5,11 +5,14 @@ import json
 import logging
 
 from tcpidle import report
-from tcpidle.model import AF_INET6, Outcome, Socket, Verdict
+from tcpidle.model import AF_INET6, Health, Outcome, Socket, Verdict, Vitals
 from tcpidle.owners import Owner, summarize
 
 CONTRACT_KEYS = ["cookie", "netns", "family", "state", "src", "sport", "dst", "dport", "idle_ms",
-                 "idle_source", "last_rx_ms", "inode", "uid", "pids", "comms", "cgroups"]
+                 "idle_source", "last_rx_ms", "inode", "uid", "pids", "comms", "cgroups",
+                 # issue 11: the verdict and its evidence
+                 "verdict", "verdict_reason", "keepalive", "unacked", "retrans", "backoff",
+                 "last_ack_ms", "last_send_ms", "send_q", "recv_q", "middlebox"]
 
 
 def nginx(pid, fd=3):
@@ -51,6 +54,10 @@ def test_json_lines_round_trip():
         "src": "fd00::1", "sport": 5000, "dst": "fd00::2", "dport": 443,
         "idle_ms": 1234.568, "idle_source": "bpf", "last_rx_ms": 3.25, "inode": 999, "uid": 1000,
         "pids": [], "comms": [], "cgroups": [],
+        # verdict() has no evidence of health: every key of it is null
+        "verdict": None, "verdict_reason": None, "keepalive": None, "unacked": None,
+        "retrans": None, "backoff": None, "last_ack_ms": None, "last_send_ms": None,
+        "send_q": None, "recv_q": None, "middlebox": None,
     }
     second = json.loads(lines[1])
     assert (second["idle_ms"], second["idle_source"]) == (None, None)
@@ -70,7 +77,8 @@ def test_table_brackets_ipv6_and_aligns():
     o = Outcome(verdict(netns=4026532000), "destroyed", None, (5, 9), ("redis",))
     report.show([o], False, out=out)
     header, line = out.getvalue().splitlines()
-    assert header.split() == ["NETNS", "STATE", "LOCAL", "PEER", "IDLE_MS", "SOURCE", "OWNER", "COOKIE", "ACTION"]
+    assert header.split() == ["NETNS", "STATE", "LOCAL", "PEER", "IDLE_MS", "SOURCE", "VERDICT", "OWNER",
+                              "COOKIE", "ACTION"]
     assert "[fd00::1]:5000" in line and "[fd00::2]:443" in line and "redis[5,9]" in line
     assert line.split()[0] == "4026532000" and line.endswith("destroyed")
 
@@ -124,3 +132,47 @@ def test_spared_victims_are_logged_with_their_reason(caplog):
     (line,) = [r.getMessage() for r in caplog.records]
     assert line.startswith("spared cookie=%d " % v.socket.cookie)
     assert line.endswith(": left the selection (now FIN_WAIT1)")
+
+
+def evidenced(reason="2 segments unacknowledged after 3 retransmission timeouts", exposure=None):
+    s = Socket(cookie=43, family=AF_INET6, state=1, src="fd00::1", sport=5000, dst="fd00::2",
+               dport=443, inode=999, uid=0, raw_id=b"\0" * 48, last_data_recv_ms=70000,
+               last_ack_recv_ms=61000, last_data_sent_ms=250,
+               vitals=Vitals(2, 0, 4000, 17, 4096, 2, 3, 11, 4, 0, 65535))
+    return Verdict(s, 70000.0, "tcp_info", None, True, Health("dead", reason), exposure)
+
+
+def test_health_keys_carry_the_verdict_and_its_evidence():
+    obj = report.row(evidenced(exposure="past"))
+    assert list(obj) == CONTRACT_KEYS
+    assert obj["verdict"] == "dead"
+    assert obj["verdict_reason"] == "2 segments unacknowledged after 3 retransmission timeouts"
+    assert (obj["keepalive"], obj["unacked"], obj["retrans"], obj["backoff"]) == (True, 2, 3, 4)
+    assert (obj["last_ack_ms"], obj["last_send_ms"]) == (61000, 250)
+    assert (obj["send_q"], obj["recv_q"], obj["middlebox"]) == (4096, 17, "past")
+
+
+def test_health_keys_are_null_without_evidence():
+    obj = report.row(verdict())
+    assert all(obj[k] is None for k in CONTRACT_KEYS[16:]), obj
+    no_info = evidenced()._replace(socket=evidenced().socket.__class__(
+        **{**evidenced().socket.__dict__, "vitals": Vitals(0, 0, 0, 0, 0)}))
+    obj = report.row(no_info)
+    assert obj["keepalive"] is False and obj["send_q"] == 0
+    assert obj["unacked"] is None and obj["retrans"] is None and obj["backoff"] is None
+
+
+def test_a_reason_that_needs_escaping_is_escaped():
+    obj = report.row(evidenced(reason='odd "quoted" \\ text\n'))
+    assert obj["verdict_reason"] == 'odd "quoted" \\ text\n'
+
+
+def test_table_shows_the_verdict_and_the_middlebox_column_only_with_one():
+    out = io.StringIO()
+    report.show([evidenced()], False, out=out)
+    header, line = out.getvalue().splitlines()
+    assert header.split()[4:7] == ["SOURCE", "VERDICT", "OWNER"] and " dead " in line
+    out = io.StringIO()
+    report.show([evidenced(exposure="at-risk")], False, out=out)
+    header, line = out.getvalue().splitlines()
+    assert header.split()[4:8] == ["SOURCE", "VERDICT", "MIDDLEBOX", "OWNER"] and "at-risk" in line

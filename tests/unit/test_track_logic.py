@@ -244,6 +244,7 @@ class Scripted:
             victims = verdicts
             seen = step
             missing = []
+            owners = {}
 
             def close(self):
                 pass
@@ -357,3 +358,37 @@ def test_signals_stop_and_reopen_in_the_main_thread(tmp_path):
     # polls keep their pace across the SIGHUP: about one per 0.2 s
     gaps = [b - a for a, b in zip(eng.scans, eng.scans[1:])]
     assert all(g > 0.15 for g in gaps), gaps
+
+
+# -- the verdicts and the middlebox (issue 11) ------------------------------------------
+
+
+def test_connections_by_verdict_and_middlebox_exposure_by_comm():
+    from tcpidle.model import AF_INET, Health, OwnerSummary, Socket, Verdict
+
+    def v(inode, verdict, exposure=None):
+        s = Socket(cookie=inode, family=AF_INET, state=1, src="a", sport=1, dst="b", dport=2,
+                   inode=inode, uid=0, raw_id=b"\0" * 48)
+        return Verdict(s, 1000.0, "tcp_info", None, False, Health(verdict, "r"), exposure)
+
+    owners = {1: OwnerSummary((10,), ("nginx",)), 2: OwnerSummary((11,), ("nginx",)),
+              3: OwnerSummary((12,), ("redis",))}
+    m = Metrics(process=False)
+    text = m.render().decode()
+    for name in ("active", "quiet", "dead", "zero-window", "close-wait", "orphan", "unknown"):
+        assert 'tcpidle_connections{verdict="%s"} 0.0' % name in text
+    m.observe_poll([v(1, "dead", "past"), v(2, "unknown", "at-risk"), v(3, "quiet", "at-risk"),
+                    v(4, "dead", "safe"), v(5, "active")], (), 0.01, 1.0, owners=owners)
+    text = m.render().decode()
+    assert 'tcpidle_connections{verdict="dead"} 2.0' in text
+    assert 'tcpidle_connections{verdict="quiet"} 1.0' in text
+    assert 'tcpidle_connections{verdict="zero-window"} 0.0' in text
+    assert 'tcpidle_middlebox_at_risk{comm="nginx"} 1.0' in text
+    assert 'tcpidle_middlebox_past{comm="nginx"} 1.0' in text
+    assert 'tcpidle_middlebox_at_risk{comm="redis"} 1.0' in text
+    assert 'tcpidle_middlebox_past{comm="redis"} 0.0' in text
+    # The next poll replaces the gauges: names no longer exposed disappear.
+    m.observe_poll([v(3, "quiet", "at-risk")], (), 0.01, 2.0, owners=owners)
+    text = m.render().decode()
+    assert 'comm="nginx"' not in text and 'tcpidle_middlebox_at_risk{comm="redis"} 1.0' in text
+    assert 'tcpidle_connections{verdict="dead"} 0.0' in text

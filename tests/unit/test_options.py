@@ -115,7 +115,6 @@ def good_table(paths):
         "--middlebox": ["aws-nlb", "aws-nat", "azure-lb", "gcp-nat", "gce-lb", "AWS-NLB", "3", "2.5",
                         str(7 * 86400)],
         "--risk-fraction": ["0.5", "1", ".25"],
-        "--by": ["owner", "dport", "netns"],
     }
 
 

@@ -195,6 +195,8 @@ def prepare_active(farm: common.Farm, active: int, period: float) -> List[str]:
 def kill_commands(tcpidle: List[str], port: int, idle_ms: int):
     return {
         "tcpidle": tcpidle + ["kill", "-d", str(port), "-t", str(idle_ms), "--json", "--disable-syslog"],
+        "tcpidle-bpf": tcpidle + ["kill", "-d", str(port), "-t", str(idle_ms), "--destroy-with", "bpf",
+                                  "--json", "--disable-syslog"],
         "ss": ["ss", "-K", "-tn", "state", "established", "dport", "=", ":%s" % port],
     }
 
@@ -265,9 +267,13 @@ def kill_phase(farm, ns, args, tcpidle: List[str], results: Dict) -> None:
     log("control: tcpidle kill -d %d-%d -t %d --dry-run would destroy %d active connections (want 0)"
         % (lo, hi, idle_ms, would))
     runs = []
-    for i in range(2 * args.kill_runs):
-        first, second = ("tcpidle", "ss") if (i // 2) % 2 == 0 else ("ss", "tcpidle")
-        tool = first if i % 2 == 0 else second
+    tools = ["tcpidle", "ss"] + (["tcpidle-bpf"] if args.kill_bpf else [])
+    for i in range(len(tools) * args.kill_runs):
+        rnd, k = divmod(i, len(tools))
+        if len(tools) == 2:  # ABBA
+            tool = tools[k] if rnd % 2 == 0 else tools[1 - k]
+        else:  # each round starts with the next tool: ABC, BCA, CAB
+            tool = tools[(rnd + k) % len(tools)]
         runs.append(one_kill_run(farm, ns, i, tool, lambda p: kill_commands(tcpidle, p, idle_ms),
                                  args.kill_idle, idle_ms, bystanders))
     results["kill"] = runs
@@ -595,6 +601,7 @@ def summary(results: Dict) -> str:
         ks = results["kill_setup"]
         mine = [r for r in kill if r["tool"] == "tcpidle"]
         theirs = [r for r in kill if r["tool"] == "ss"]
+        in_kernel = [r for r in kill if r["tool"] == "tcpidle-bpf"]
         t, s = stats(mine, "wall"), stats(theirs, "wall")
         w("### Find and kill: %d idle among %d connections (median of %d runs each, ABBA order)"
           % (ks["idle"], ks["idle"] + ks["active_connections"], len(mine)))
@@ -607,14 +614,16 @@ def summary(results: Dict) -> str:
         w("")
         w("| tool | command | ms (median) | runs (ms) | MB | idle left alive per run | bystanders lost |")
         w("|---|---|---:|---|---:|---|---:|")
-        for tool, rs in (("tcpidle", mine), ("ss", theirs)):
+        for tool, rs in (("tcpidle", mine), ("ss", theirs), ("tcpidle-bpf", in_kernel)):
+            if not rs:
+                continue
             argv = kill_commands(["tcpidle"], "PORT", ks["idle_ms"])[tool]
             w("| %s | `%s` | %s | %s | %s | %s | %d |" % (
                 tool, " ".join(argv).replace(":PORT", ":PORT"), ms(stats(rs, "wall")),
                 "/".join(ms(r["wall"]) for r in rs), mb(stats(rs, "maxrss_kb")),
                 "/".join(str(r["left"]) for r in rs), sum(r["bystanders_lost"] for r in rs)))
         w("")
-        bad_ours = [r for r in mine if r["left"] or r["rc"] != 0 or r["bystanders_lost"]]
+        bad_ours = [r for r in mine + in_kernel if r["left"] or r["rc"] != 0 or r["bystanders_lost"]]
         ss_left = [r["left"] for r in theirs if r["left"]]
         w("Ratio tcpidle / ss -K: **%.2f** (target < 1.0: %s). tcpidle left no idle socket alive "
           "and killed no bystander in any run: %s. ss -K left idle sockets alive in %d of %d runs%s."
@@ -622,6 +631,11 @@ def summary(results: Dict) -> str:
              % json.dumps(bad_ours), len(ss_left), len(theirs),
              (" (%s)" % ", ".join(map(str, ss_left))) if ss_left else ""))
         w("")
+        if in_kernel:
+            b = stats(in_kernel, "wall")
+            w("Ratio tcpidle --destroy-with bpf / ss -K: **%.2f** (target <= 0.5: %s)."
+              % (b / s, "met" if b / s <= 0.5 else "**missed**"))
+            w("")
     race = results.get("race")
     if race:
         mine = [r for r in race["runs"] if r["tool"] == "tcpidle"]
@@ -700,6 +714,8 @@ def parse_args(argv=None):
     ap.add_argument("--kill-total", type=int, help="connections in the kill phase (default 50000)")
     ap.add_argument("--kill-idle", type=int, help="of which idle (default 10000)")
     ap.add_argument("--kill-runs", type=int, help="runs per tool (default 5)")
+    ap.add_argument("--kill-bpf", action="store_true",
+                    help="also time `tcpidle kill --destroy-with bpf` (the in-kernel destroy)")
     ap.add_argument("--idle-ms", type=int, help="idle threshold (default 6000)")
     ap.add_argument("--race-runs", type=int, help="runs per tool with a small established hash (default 3)")
     ap.add_argument("--race-idle", type=int, default=10000, help="connections destroyed per race run")
@@ -794,7 +810,7 @@ def main(argv=None) -> int:
             json.dump(results, f, indent=1, default=str)
     log("done in %.0f s" % results["elapsed_s"])
     bad = [r for r in results.get("kill", []) + (results.get("race") or {}).get("runs", [])
-           if r["tool"] == "tcpidle" and (r["left"] or r["rc"] or r["bystanders_lost"])]
+           if r["tool"].startswith("tcpidle") and (r["left"] or r["rc"] or r["bystanders_lost"])]
     return 1 if bad else 0
 
 

@@ -20,8 +20,9 @@
  *   STATE_MASK    1 << TCP state, as INET_DIAG's idiag_states
  *   HAS_SPORTS, HAS_DPORTS, HAS_EXCL_PORTS: the port bitmaps below are used
  *   HAS_SRC, HAS_DST, HAS_EXCL_NETS: the LPM tries below are used
- *   HAS_OWNERS    only cookies in `owners` are selected (owner selectors,
- *                 resolved in user space)
+ *   HAS_OWNERS    only socket inodes in `owners` are selected (owner
+ *                 selectors, resolved in user space by the /proc walk)
+ *   HAS_UIDS      only socket uids in `uids` are selected (--uid)
  *   THRESH_J      idle threshold in jiffies (0: every selected socket)
  *   LIMIT_J       idle above this is unknown (0: no limit)
  *   IDLE_ANY      idle counts from the last ACK too (--idle-metric any)
@@ -33,7 +34,8 @@
  *
  * Output: one struct rec per socket acted on (selected and a victim), in the
  * iterator's seq output (bpf_seq_write).  Layout is decoded by
- * iterdestroy.decode_records; keep both in step.
+ * iterdestroy.decode_records; keep both in step.  counts[1] is the number of
+ * sockets the selection matched, counts[0] the destroys against MAX_KILLS.
  */
 
 #define KFUNC_SOCK_DESTROY 0x7ffff /* patched to a BPF_PSEUDO_KFUNC_CALL */
@@ -78,6 +80,9 @@ struct rec {
     u32 idle_j;
     u8 src[16];
     u8 dst[16];
+    u32 uid;
+    u32 pad;
+    u64 inode; /* 0: no file holds it (orphan, TIME_WAIT, request) */
 };
 
 struct lpm_key {
@@ -92,7 +97,8 @@ BPF_LPM_TRIE(src_nets, struct lpm_key, u8, 1024);
 BPF_LPM_TRIE(dst_nets, struct lpm_key, u8, 1024);
 BPF_LPM_TRIE(excl_nets, struct lpm_key, u8, 1024);
 BPF_HASH(owners, u64, u8, OWNERS_SIZE);
-BPF_ARRAY(kills, u64, 1);
+BPF_HASH(uids, u32, u8, UIDS_SIZE);
+BPF_ARRAY(counts, u64, 2);
 
 /* bcc resolves a map only where its name is written in the function, so
  * each lookup is spelled out below; these helpers do the rest. */
@@ -116,6 +122,9 @@ int bpf_iter__tcp(struct tcpidle_iter_tcp *ctx)
     u8 state = 0;
     u32 addr4 = 0;
     u32 word = 0;
+    u32 one = 1;
+    u64 *n;
+    void *sock_ptr = 0;
     struct lpm_key key = {};
 
     if (!skc)
@@ -190,23 +199,42 @@ int bpf_iter__tcp(struct tcpidle_iter_tcp *ctx)
         return 0;
 #endif
 
-    r.cookie = tcpidle_get_socket_cookie(skc);
-#if HAS_OWNERS
-    if (!owners.lookup(&r.cookie))
+    r.uid = ctx->uid;
+#if HAS_UIDS
+    if (!uids.lookup(&r.uid))
         return 0;
 #endif
+    r.cookie = tcpidle_get_socket_cookie(skc);
 
     /* TIME_WAIT and request sockets are not full sockets: the iterator does
-     * not lock them, they have no receive stamps, and bpf_sock_destroy's TCP
-     * handler (tcp_abort) would free a timewait socket under the iterator's
-     * reference.  Reported so user space can hand them to SOCK_DESTROY. */
+     * not lock them, they have no receive stamps, and bpf_sock_destroy()
+     * reads sk->sk_protocol, a member of the full struct sock that these
+     * mini sockets do not have.  Never passed to it: reported, so user space
+     * can hand them to SOCK_DESTROY. */
     if (state == TCP_TIME_WAIT || state == TCP_NEW_SYN_RECV) {
+        if (HAS_OWNERS)
+            return 0; /* no file holds them: no owner matches */
+        n = counts.lookup(&one);
+        if (n)
+            *n += 1;
         if (THRESH_J > 0)
             return 0; /* no idle time known: never a victim */
         r.outcome = OUT_NOT_FULL;
         bpf_seq_write(seq, &r, sizeof(r));
         return 0;
     }
+
+    /* sk->sk_socket, then the inode of the socket_alloc around it */
+    bpf_probe_read_kernel(&sock_ptr, sizeof(sock_ptr), (char *)skc + OFF_SK_SOCKET);
+    if (sock_ptr)
+        bpf_probe_read_kernel(&r.inode, 8, (char *)sock_ptr + OFF_SOCKET_INO);
+#if HAS_OWNERS
+    if (!owners.lookup(&r.inode))
+        return 0;
+#endif
+    n = counts.lookup(&one);
+    if (n)
+        *n += 1;
 
     if (state != TCP_LISTEN && state != TCP_SYN_SENT) {
         u32 now = (u32)bpf_jiffies64();
@@ -229,7 +257,7 @@ int bpf_iter__tcp(struct tcpidle_iter_tcp *ctx)
 #if MAX_KILLS > 0
     {
         u32 zero = 0;
-        u64 *n = kills.lookup(&zero);
+        n = counts.lookup(&zero);
         if (!n)
             return 0;
         if (*n >= MAX_KILLS) {

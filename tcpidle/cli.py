@@ -172,6 +172,11 @@ def audit(min_idle, watch, map_size, hist, by, **opts):
 @evidence_options
 @kill_options
 @click.option("-i", "--interval", type=options.seconds(), default=None, metavar="S", help="Poll every S seconds until SIGINT/SIGTERM instead of once.")
+@click.option("--destroy-with", type=click.Choice(["auto", "netlink", "bpf", "proc"]), default="auto",
+              show_default=True,
+              help="netlink: SOCK_DESTROY; bpf: decide and destroy inside the kernel (BPF TCP "
+                   "iterator, Linux >= 6.5; one-shot only); proc: the /proc fallback; auto: "
+                   "netlink, /proc where the kernel lacks SOCK_DESTROY.")
 def kill(idle_time, dry_run, use_proc, proc_action, logfile, disable_syslog, all_, interval, **opts):
     """Destroy matching connections idle for at least --idle-time.
 
@@ -190,6 +195,7 @@ def kill(idle_time, dry_run, use_proc, proc_action, logfile, disable_syslog, all
       tcpidle kill -d 443 --dst 10.0.0.0/8 -t 60000 -i 10   poll every 10 s
       tcpidle kill --all-netns -d 6379 -t 300000            in every container too
       tcpidle kill -d 22 --use-proc            without SOCK_DESTROY: shut down in the owner
+      tcpidle kill -d 6379 -t 60000 --destroy-with bpf   decide and destroy in the kernel
     """
     sys.exit(commands.kill(idle_time, dry_run, use_proc, proc_action, logfile, disable_syslog, all_,
                            interval, **opts))

@@ -146,8 +146,13 @@ def audit(min_idle: float, watch: Optional[float], map_size: int, open_diag: Ope
 
 def kill(idle_time: float, dry_run: bool, use_proc: bool, proc_action: str, logfile: Optional[str],
          disable_syslog: bool, all_: bool, interval: Optional[float],
-         open_diag: OpenDiag = open_diag, **opts) -> int:
+         open_diag: OpenDiag = open_diag, destroy_with: str = "auto", **opts) -> int:
     """Destroy matching connections idle for at least idle_time, once or every interval."""
+    if use_proc and destroy_with not in ("auto", "proc"):
+        raise UsageError("--use-proc and --destroy-with %s exclude each other" % destroy_with)
+    if destroy_with == "bpf" and interval is not None:
+        raise UsageError("--destroy-with bpf: a one-shot kill only (not with -i/--interval)")
+    use_proc = use_proc or destroy_with == "proc"
     selector = build_selector(opts)
     namespaces = build_namespaces(opts)
     _require_narrowing(selector, all_, "kill")
@@ -155,6 +160,10 @@ def kill(idle_time: float, dry_run: bool, use_proc: bool, proc_action: str, logf
     if not dry_run:
         require_privilege("kill")
     report.setup_logging(opts["verbose"], logfile, syslog=not disable_syslog)
+    if destroy_with == "bpf":
+        return _kill_in_kernel(selector, namespaces, policy, opts)
+    if opts["verbose"]:
+        report.log.info("destroy: %s", _destroy_note(use_proc))
     seen = _evidence(opts)
     try:
         engine = Engine(Scope(selector, namespaces, open_diag), policy, seen,
@@ -168,6 +177,58 @@ def kill(idle_time: float, dry_run: bool, use_proc: bool, proc_action: str, logf
         return _poll(engine, interval, opts["as_json"], seen)
     finally:
         seen.close()
+
+
+def _destroy_note(use_proc: bool) -> str:
+    """What -v says about the destroy backend of a netlink or /proc run."""
+    from . import kdestroy
+
+    first = ("the /proc fallback (--use-proc)" if use_proc else
+             "netlink SOCK_DESTROY, cookie-checked, re-checked before each batch (the /proc "
+             "fallback if the kernel answers EOPNOTSUPP)")
+    reason = kdestroy.unavailable()
+    return "%s; the BPF iterator (--destroy-with bpf): %s" % (
+        first, "available" if reason is None else "unavailable: %s" % reason)
+
+
+def _kill_in_kernel(selector: Selector, namespaces, policy: Policy, opts) -> int:
+    """kill --destroy-with bpf: one iterator pass per namespace, decided and destroyed in
+    the kernel under each socket's lock; reported as a netlink pass is."""
+    from . import kdestroy, owners
+    from .probe import ProbeUnavailable
+
+    started = time.monotonic()
+    reason = kdestroy.unavailable()
+    if reason is not None:
+        raise RuntimeFailure("--destroy-with bpf: %s" % reason)
+    owner_inodes = None
+    if selectors.needs_owners(selector):
+        found = owners.owners_by_inode()
+        owner_inodes = [ino for ino, holders in found.items()
+                        if selectors.owned_by(selector, owners.summarize(holders))]
+    try:
+        done = kdestroy.run(Scope(selector, namespaces), policy, owner_inodes)
+    except ProbeUnavailable as e:
+        raise RuntimeFailure("--destroy-with bpf: %s" % e) from None
+    report.log.info("destroy: in the kernel (BPF TCP iterator + bpf_sock_destroy, no re-check "
+                    "needed): %s", ", ".join("%s %.0f ms" % ("own namespace" if k is None else k, v)
+                                             for k, v in done.ms_by_namespace.items()))
+    outcomes = done.outcomes
+    if opts["processes"] or owner_inodes is not None:
+        held = owners.summaries_by_inode(o.verdict.socket.inode for o in outcomes
+                                         if o.verdict.socket.inode)
+        outcomes = [replace(o, pids=s.pids, comms=s.comms, cgroups=s.cgroups) if s else o
+                    for o, s in ((o, held.get(o.verdict.socket.inode)) for o in outcomes)]
+    if done.capped:
+        report.log.warning("%d more idle connections over the kill cap were left alone",
+                           done.capped)
+    report.log_batch(outcomes, [])
+    report.show(outcomes, opts["as_json"])
+    report.summary_kill(outcomes, done.matched, len(outcomes) + done.capped,
+                        (time.monotonic() - started) * 1000.0, policy.dry_run)
+    for text in done.missing:
+        report.error(text)
+    return 1 if done.missing or any(o.action == "failed" for o in outcomes) else 0
 
 
 def _kill_once(engine: Engine, as_json: bool) -> int:

@@ -62,7 +62,14 @@ class Scope:
     # -- dumping ---------------------------------------------------------------
 
     def _each_namespace(self, scan) -> Iterator[diag.DiagSocket]:
-        """A DiagSocket for each namespace of this scan in turn, its descriptor kept in `scan`.
+        """A DiagSocket for each namespace of this scan in turn, its descriptor kept in `scan`."""
+        for fd, label in self.namespace_fds(scan):
+            yield self._open(fd, label)
+
+    def namespace_fds(self, scan) -> Iterator[Tuple[Optional[int], object]]:
+        """(descriptor, label) of each namespace of this scan in turn, the descriptor kept
+        in `scan`; (None, None) is our own.  Also for the BPF destroy (kdestroy), which
+        makes its iterator inside each.
 
         One that cannot be entered is skipped: said in the log, and in
         `scan.missing` when the user named it.
@@ -73,7 +80,7 @@ class Scope:
             log.warning("%s: skipped", text)
         for ns in listing.found:
             if ns.path is None:
-                yield self._open(None, None)
+                yield None, None
                 continue
             try:
                 fd = netns.open_fd(ns)
@@ -85,7 +92,7 @@ class Scope:
                     log.info("%s: skipped", exc)
                 continue
             scan.keep_fd(ns.label, fd)
-            yield self._open(fd, ns.label)
+            yield fd, ns.label
 
     def dump(self, scan) -> List[Tuple[Socket, int]]:
         """Every socket the kernel returns, with the CLOCK_MONOTONIC ns taken just before

@@ -48,7 +48,7 @@ from ..model import AF_INET, AF_INET6, Policy, PortSet, Selector
 from . import ProbeUnavailable
 
 # --- the record the BPF program writes (struct rec in bpf/iterdestroy.bpf.c)
-REC = struct.Struct("<QBBBBiHHI16s16s")
+REC = struct.Struct("<QBBBBiHHI16s16sI4xQ")
 OUTCOMES = {0: "destroyed", 1: "failed", 2: "dry-run", 3: "capped", 4: "not-full-socket"}
 KFUNC_SENTINEL = 0x7FFFF
 
@@ -72,6 +72,8 @@ class Record(NamedTuple):
     dst: str
     dport: int
     idle_jiffies: Optional[int]
+    uid: int
+    inode: int  # 0: no file holds it
 
 
 def _addr(raw: bytes, family: int) -> str:
@@ -87,10 +89,10 @@ def decode_records(data: bytes) -> List[Record]:
                          "records" % (len(data), REC.size))
     out = []
     for fields in REC.iter_unpack(data):
-        cookie, fam, state, outcome, known, err, sport, dport, idle, src, dst = fields
+        cookie, fam, state, outcome, known, err, sport, dport, idle, src, dst, uid, ino = fields
         out.append(Record(cookie, fam, state, OUTCOMES.get(outcome, "unknown(%d)" % outcome),
                           err, _addr(src, fam), sport, _addr(dst, fam), dport,
-                          idle if known else None))
+                          idle if known else None, uid, ino))
     return out
 
 
@@ -134,7 +136,11 @@ OFFSET_FIELDS = {
     "OFF_V6_RCV_SADDR": ("sock_common", "skc_v6_rcv_saddr"),
     "OFF_LRCVTIME": ("inet_connection_sock", "icsk_ack.lrcvtime"),
     "OFF_RCV_TSTAMP": ("tcp_sock", "rcv_tstamp"),
+    "OFF_SK_SOCKET": ("sock", "sk_socket"),
 }
+# Not a plain member: from a struct socket to its inode's i_ino (both live in
+# one struct socket_alloc; SOCK_INODE() in the kernel).
+SOCKET_INO = "OFF_SOCKET_INO"
 
 
 def cflags(selector: Selector, policy: Policy, hz: int, offsets: Dict[str, int],
@@ -143,8 +149,8 @@ def cflags(selector: Selector, policy: Policy, hz: int, offsets: Dict[str, int],
 
     `state_mask` is selectors.states_mask(selector.states) (the selection's
     own rule, SYN_RECV asking for request sockets too; the probe package sits
-    below selectors).  `owners` is the number of owner cookies (None: no
-    owner selector).
+    below selectors).  `owners` is the number of owner socket inodes (None:
+    no owner selector).
     """
     fam = (1 if AF_INET in selector.families else 0) | (2 if AF_INET6 in selector.families else 0)
     limit = policy.last_recv_limit_ms
@@ -159,6 +165,8 @@ def cflags(selector: Selector, policy: Policy, hz: int, offsets: Dict[str, int],
         "HAS_EXCL_NETS": int(bool(selector.exclude_nets)),
         "HAS_OWNERS": int(owners is not None),
         "OWNERS_SIZE": max(1, owners or 0),
+        "HAS_UIDS": int(bool(selector.uids)),
+        "UIDS_SIZE": max(1, len(selector.uids)),
         "THRESH_J": ms_to_jiffies(policy.idle_time_ms, hz),
         # "above the limit": floor, so limit_ms itself stays known
         "LIMIT_J": int(limit * hz // 1000) if limit is not None else 0,
@@ -166,7 +174,7 @@ def cflags(selector: Selector, policy: Policy, hz: int, offsets: Dict[str, int],
         "MAX_KILLS": policy.max_kills or 0,
         "DRY_RUN": int(policy.dry_run),
     }
-    flags.update({k: offsets[k] for k in OFFSET_FIELDS})
+    flags.update({k: offsets[k] for k in list(OFFSET_FIELDS) + [SOCKET_INO]})
     return ["-D%s=%d" % kv for kv in sorted(flags.items())]
 
 
@@ -208,7 +216,11 @@ def btf_offsets() -> Dict[str, int]:
     from .btf import BTF, BTFError
     try:
         btf = BTF.load()
-        return {k: btf.offsetof(s, m) for k, (s, m) in OFFSET_FIELDS.items()}
+        out = {k: btf.offsetof(s, m) for k, (s, m) in OFFSET_FIELDS.items()}
+        out[SOCKET_INO] = (btf.offsetof("socket_alloc", "vfs_inode")
+                           - btf.offsetof("socket_alloc", "socket")
+                           + btf.offsetof("inode", "i_ino"))
+        return out
     except BTFError as e:
         raise ProbeUnavailable("BTF offsets for the BPF destroy: %s" % e) from None
 
@@ -275,22 +287,23 @@ def _iter_fd(prog_fd: int) -> int:
 
 class PassResult(NamedTuple):
     records: List[Record]
+    matched: int  # sockets the selection matched (victims or not)
     elapsed_ms: float
 
 
 class IterDestroy:
     """The destroy program compiled and loaded for one selection and policy.
 
-    `state_mask`: selectors.states_mask(selector.states).  `owner_cookies`:
-    the cookies the owner selectors matched (None: no owner selector).
+    `state_mask`: selectors.states_mask(selector.states).  `owner_inodes`:
+    the socket inodes the owner selectors matched (None: no owner selector).
     `run(netns_fd)` is one pass in that namespace (None: ours).
     """
 
     def __init__(self, selector: Selector, policy: Policy, state_mask: int,
-                 owner_cookies: Optional[Iterable[int]] = None):
+                 owner_inodes: Optional[Iterable[int]] = None):
         iter_id, kfunc_id = kernel_ids()
         self.hz = kernel_hz()
-        owners = None if owner_cookies is None else sorted(set(owner_cookies))
+        owners = None if owner_inodes is None else sorted(set(owner_inodes))
         flags = cflags(selector, policy, self.hz, btf_offsets(), state_mask,
                        None if owners is None else len(owners))
         self._module = _compile(flags)
@@ -322,13 +335,18 @@ class IterDestroy:
                 table[key] = ctypes.c_ubyte(1)
         if owners:
             table = m[b"owners"]
-            for cookie in owners:
-                table[ctypes.c_uint64(cookie)] = ctypes.c_ubyte(1)
+            for inode in owners:
+                table[ctypes.c_uint64(inode)] = ctypes.c_ubyte(1)
+        table = m[b"uids"]
+        for uid in selector.uids:
+            table[ctypes.c_uint32(uid)] = ctypes.c_ubyte(1)
 
     def run(self, netns_fd: Optional[int] = None) -> PassResult:
         """One pass: every TCP socket of the namespace, decided and acted on under its lock."""
         from .. import netns
-        self._module[b"kills"][ctypes.c_int(0)] = ctypes.c_uint64(0)
+        counts = self._module[b"counts"]
+        counts[ctypes.c_int(0)] = ctypes.c_uint64(0)
+        counts[ctypes.c_int(1)] = ctypes.c_uint64(0)
         start = time.monotonic()
         if netns_fd is None:
             fd = _iter_fd(self._prog)
@@ -344,7 +362,9 @@ class IterDestroy:
                 chunks.append(data)
         finally:
             os.close(fd)
-        return PassResult(decode_records(b"".join(chunks)), (time.monotonic() - start) * 1000)
+        matched = counts[ctypes.c_int(1)].value
+        return PassResult(decode_records(b"".join(chunks)), matched,
+                          (time.monotonic() - start) * 1000)
 
     def close(self) -> None:
         if self._prog is not None:

@@ -107,14 +107,16 @@ def nsfd(ns):
     return os.open("/run/netns/%s" % ns.name, os.O_RDONLY | os.O_CLOEXEC)
 
 
-def run_pass(ns, selector, policy, owners=None, before=None):
+def run_pass(ns, selector, policy, owners=None, before=None, full=False):
+    """One pass in `ns`: its records (full: the PassResult, with `matched`)."""
     iterdestroy = _iterdestroy()
     fd = nsfd(ns)
     try:
         with iterdestroy.IterDestroy(selector, policy, states_mask(selector.states), owners) as it:
             if before:
                 before()
-            return it.run(fd).records
+            result = it.run(fd)
+            return result if full else result.records
     finally:
         os.close(fd)
 
@@ -137,13 +139,17 @@ def test_only_idle_selected_sockets_of_the_namespace_die(make_netns, pairs):
             c.recv(1)
 
     sel = Selector(dports=parse_ports(["7001"]))
-    recs = run_pass(ns, sel, Policy(idle_time_ms=IDLE_MS), before=wake)
+    result = run_pass(ns, sel, Policy(idle_time_ms=IDLE_MS), before=wake, full=True)
+    assert result.matched == 8  # every client end to port 7001, active ones included
+    recs = result.records
     idle_clients = target.clients[3:]
     assert sorted(r.cookie for r in recs) == sorted(cookie_of(c) for c in idle_clients)
     assert {r.outcome for r in recs} == {"destroyed"}
     assert all(r.err == 0 and r.state == TcpState.ESTABLISHED for r in recs)
     assert all(r.dport == 7001 and r.dst == "127.0.0.1" for r in recs)
     assert all(r.idle_jiffies is not None for r in recs)
+    assert all(r.inode == os.fstat(c.fileno()).st_ino for r, c in
+               zip(sorted(recs, key=lambda r: r.cookie), sorted(idle_clients, key=cookie_of)))
     by_cookie = {r.cookie: r for r in recs}
     for c in idle_clients:
         assert by_cookie[cookie_of(c)].sport == c.getsockname()[1]
@@ -202,13 +208,25 @@ def test_kill_cap_destroys_that_many_and_reports_the_rest(netns, pairs):
     assert sum(closed(p.clients)) == 3
 
 
-def test_owner_cookies_limit_the_pass(netns, pairs):
+def test_owner_inodes_limit_the_pass(netns, pairs):
     p = pairs(netns, 7041, 6)
-    chosen = [cookie_of(c) for c in p.clients[1:3]]
+    chosen = [os.fstat(c.fileno()).st_ino for c in p.clients[1:3]]
     recs = run_pass(netns, Selector(dports=parse_ports(["7041"])), Policy(idle_time_ms=0),
                     owners=chosen)
-    assert sorted(r.cookie for r in recs) == sorted(chosen)
+    assert sorted(r.inode for r in recs) == sorted(chosen)
+    assert sorted(r.cookie for r in recs) == sorted(cookie_of(c) for c in p.clients[1:3])
     assert closed(p.clients) == [False, True, True, False, False, False]
+
+
+def test_uid_selection(netns, pairs):
+    p = pairs(netns, 7045, 2)
+    sel = Selector(dports=parse_ports(["7045"]), uids=frozenset({54321}))
+    assert run_pass(netns, sel, Policy(idle_time_ms=0)) == []
+    assert not any(closed(p.clients))
+    recs = run_pass(netns, Selector(dports=parse_ports(["7045"]), uids=frozenset({0})),
+                    Policy(idle_time_ms=0))
+    assert sorted(r.cookie for r in recs) == sorted(cookie_of(c) for c in p.clients)
+    assert all(r.uid == 0 for r in recs)
 
 
 def test_states_time_wait_is_reported_not_destroyed_close_wait_is(netns, pairs):
@@ -289,6 +307,8 @@ def test_a_victim_receiving_data_during_the_pass_is_never_destroyed(netns, pairs
     finally:
         os.close(fd)
     # the race was really run: both sides of it happened
+    print("race outcomes", both)
+    assert both["destroyed"] > 0 and both["spared"] > 0, both
     print("race outcomes", both)
     assert both["destroyed"] > 0 and both["spared"] > 0, both
 

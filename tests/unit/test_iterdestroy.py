@@ -15,7 +15,7 @@ from tcpidle.model import AF_INET, AF_INET6, Policy, Selector, TcpState
 from tcpidle.probe import iterdestroy as it
 from tcpidle.selectors import parse_networks, parse_ports, states_mask
 
-OFFSETS = {k: i for i, k in enumerate(sorted(it.OFFSET_FIELDS), start=100)}
+OFFSETS = {k: i for i, k in enumerate(sorted(it.OFFSET_FIELDS) + [it.SOCKET_INO], start=100)}
 
 
 def flags_of(selector, policy, hz=250, owners=None):
@@ -30,22 +30,43 @@ def test_records_decode_as_the_c_struct_lays_them_out():
     v4 = b"\0" * 10 + b"\xff\xff" + bytes([10, 0, 0, 1])
     v4b = b"\0" * 10 + b"\xff\xff" + bytes([10, 0, 0, 2])
     v6 = bytes.fromhex("fd000231000000000000000000000001")
-    data = (it.REC.pack(7, AF_INET, 1, 0, 1, 0, 40000, 443, 1234, v4, v4b)
-            + it.REC.pack(2 ** 63 + 5, AF_INET6, 8, 1, 0, -103, 22, 50000, 99, v6, v6)
-            + it.REC.pack(9, AF_INET, 6, 4, 0, 0, 1, 2, 0, v4, v4))
-    assert it.REC.size == 56
+    data = (it.REC.pack(7, AF_INET, 1, 0, 1, 0, 40000, 443, 1234, v4, v4b, 1000, 2 ** 40 + 3)
+            + it.REC.pack(2 ** 63 + 5, AF_INET6, 8, 1, 0, -103, 22, 50000, 99, v6, v6, 0, 0)
+            + it.REC.pack(9, AF_INET, 6, 4, 0, 0, 1, 2, 0, v4, v4, 0, 0))
+    assert it.REC.size == 72
     a, b, c = it.decode_records(data)
     assert a == it.Record(7, AF_INET, TcpState.ESTABLISHED, "destroyed", 0, "10.0.0.1", 40000,
-                          "10.0.0.2", 443, 1234)
+                          "10.0.0.2", 443, 1234, 1000, 2 ** 40 + 3)
     assert (b.cookie, b.outcome, b.err, b.src, b.sport, b.dport, b.idle_jiffies) == \
         (2 ** 63 + 5, "failed", -103, "fd00:231::1", 22, 50000, None)
     assert (c.state, c.outcome) == (TcpState.TIME_WAIT, "not-full-socket")
     assert it.decode_records(b"") == []
 
 
+def test_socket_of_a_record_is_what_inet_diag_would_say():
+    from tcpidle import diag, kdestroy
+    v6 = bytes.fromhex("fd000231000000000000000000000001")
+    rec, = it.decode_records(it.REC.pack(2 ** 33 + 7, AF_INET6, 1, 0, 1, 0, 40000, 443, 250,
+                                         v6, v6, 1000, 77))
+    sock = kdestroy.socket_of(rec, "ns1", 250)
+    assert (sock.cookie, sock.src, sock.sport, sock.dport, sock.inode, sock.uid, sock.netns) == \
+        (2 ** 33 + 7, "fd00:231::1", 40000, 443, 77, 1000, "ns1")
+    assert sock.last_data_recv_ms == 1000  # 250 jiffies at HZ=250
+    # the inet_diag_sockid SOCK_DESTROY sends back: network-order ports, cookie halves
+    sport, dport, src, dst, c0, c1 = diag._SOCKID.unpack(sock.raw_id)
+    assert (sport, dport, src, dst, c0 | c1 << 32) == (
+        struct.unpack("=H", struct.pack(">H", 40000))[0],
+        struct.unpack("=H", struct.pack(">H", 443))[0], v6, v6, 2 ** 33 + 7)
+    v4 = b"\0" * 10 + b"\xff\xff" + bytes([10, 0, 0, 1])
+    rec, = it.decode_records(it.REC.pack(1, AF_INET, 6, 4, 0, 0, 1, 2, 0, v4, v4, 0, 0))
+    sock = kdestroy.socket_of(rec, None, 250)
+    assert sock.raw_id[4:8] == bytes([10, 0, 0, 1]) and sock.raw_id[8:20] == b"\0" * 12
+    assert sock.last_data_recv_ms is None
+
+
 def test_a_torn_record_is_an_error():
     with pytest.raises(ValueError):
-        it.decode_records(b"\0" * 57)
+        it.decode_records(b"\0" * 73)
 
 
 def test_threshold_in_jiffies_is_the_first_age_tcp_info_would_call_that_idle():
@@ -68,6 +89,7 @@ def test_cflags_from_a_selection_and_a_policy():
     assert (f["HAS_SPORTS"], f["HAS_DPORTS"], f["HAS_EXCL_PORTS"]) == (0, 1, 0)
     assert (f["HAS_SRC"], f["HAS_DST"], f["HAS_EXCL_NETS"]) == (0, 0, 1)
     assert (f["HAS_OWNERS"], f["OWNERS_SIZE"]) == (1, 3)
+    assert (f["HAS_UIDS"], f["UIDS_SIZE"]) == (0, 1)
     assert (f["THRESH_J"], f["LIMIT_J"], f["IDLE_ANY"]) == (15000, 250, 1)
     assert (f["MAX_KILLS"], f["DRY_RUN"]) == (5, 0)
     assert {k: f[k] for k in OFFSETS} == OFFSETS
@@ -86,8 +108,10 @@ def test_cflags_say_which_lists_are_given():
                           sports=parse_ports(["1"]), exclude_ports=parse_ports(["2"])), Policy())
     assert (f["HAS_SRC"], f["HAS_DST"], f["HAS_EXCL_NETS"]) == (1, 0, 0)
     assert (f["HAS_SPORTS"], f["HAS_DPORTS"], f["HAS_EXCL_PORTS"]) == (1, 0, 1)
-    f = flags_of(Selector(dst=parse_networks(["::1/128"], "--dst")), Policy())
+    f = flags_of(Selector(dst=parse_networks(["::1/128"], "--dst"),
+                          uids=frozenset({0, 1000})), Policy())
     assert (f["HAS_SRC"], f["HAS_DST"]) == (0, 1)
+    assert (f["HAS_UIDS"], f["UIDS_SIZE"]) == (1, 2)
 
 
 def test_port_bitmap():

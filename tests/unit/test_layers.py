@@ -22,7 +22,7 @@ FLOORS = [
     ["commands", "options"],
     ["polling", "doctor"],
     ["passes"],
-    ["engine"],
+    ["engine", "kdestroy"],
     ["evidence", "scope", "fallback", "signals"],
     ["owners", "idle", "selectors", "report", "metrics", "privilege", "groups", "histogram"],
     ["health", "middlebox"],

@@ -78,7 +78,8 @@ def bad_table(paths):
         "audit": dict(selectors, **{"--min-idle": MS_BAD, "--watch": S_BAD,
                                     "--map-size": _int_bad(1, 1 << 24),
                                     "--by": ["", "bogus", "DPORT", "OWNER", "uid"]}),
-        "kill": dict(selectors, **kill, **{"--interval": S_BAD}),
+        "kill": dict(selectors, **kill, **{"--interval": S_BAD,
+                                           "--destroy-with": ["", "bogus", "BPF", "ebpf"]}),
         "track": dict(selectors, **kill, **{
             "--interval": S_BAD, "--map-size": _int_bad(1, 1 << 24),
             "--bpf-hook": ["", "bogus"], "--max-kills-per-interval": _int_bad(0, options.MAX_KILLS),
@@ -102,6 +103,7 @@ def good_table(paths):
         "--pin-dir": [paths["dir"], paths["new"]],
         "--idle-time": ["0", "600000", "0.5", ".5", "1e3", "+7", str(options.MAX_MS)],
         "--proc-action": ["shutdown", "kill"],
+        "--destroy-with": ["auto", "netlink", "bpf", "proc"],
         "--logfile": [paths["new"], paths["file"], "/dev/null"],
         "--min-idle": ["0", "1.5"], "--watch": ["0.01", "10", "86400"],
         "--by": ["dport", "sport", "netns", "owner"],

@@ -1,0 +1,147 @@
+"""Destroying inside the kernel: `kill --destroy-with bpf`, one iterator pass per namespace.
+
+Owns turning the BPF iterator's pass (tcpidle.probe.iterdestroy: selection,
+idle decision and bpf_sock_destroy() under each socket's lock) into what the
+rest of tcpidle reports: one `Outcome` per socket acted on, with the same
+actions as the netlink path (destroyed, would-destroy, failed, gone).
+
+No dump and no re-check happen here: the decision and the destroy are one
+step in the kernel (see the README, "How connections are destroyed").  The
+sockets the kfunc cannot take (TIME_WAIT, request sockets: not full sockets)
+come back unacted on and are handed to SOCK_DESTROY in the same namespace;
+where the kernel has no SOCK_DESTROY either they are `failed` with that said.
+Owner selectors (--pid, --comm, --cgroup, --uid) are resolved first by the
+/proc walk (owners.py) into the socket inodes those processes hold; the
+program only acts on those.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import struct
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+from . import diag, selectors
+from .model import Action, Outcome, Policy, Selector, Socket, Verdict
+from .probe import ProbeUnavailable
+from .scope import NamespaceFds, Scope
+
+log = logging.getLogger("tcpidle")
+
+_SOCKID = struct.Struct("=HH16s16s4xII")
+NOT_FULL = "not a full socket (TIME_WAIT or request): bpf_sock_destroy cannot take it"
+
+
+def unavailable() -> Optional[str]:
+    """Why this kernel cannot destroy from a BPF iterator, or None when it can."""
+    from .probe import iterdestroy
+    try:
+        iterdestroy.kernel_ids()
+        iterdestroy.kernel_hz()
+    except ProbeUnavailable as e:
+        return str(e)
+    return None
+
+
+def socket_of(rec, label, hz: int) -> Socket:
+    """A Socket as INET_DIAG would have reported it, from an iterator record."""
+    fam = rec.family
+    src = socket.inet_pton(fam, rec.src).ljust(16, b"\0")
+    dst = socket.inet_pton(fam, rec.dst).ljust(16, b"\0")
+    raw = _SOCKID.pack(socket.htons(rec.sport), socket.htons(rec.dport), src, dst,
+                       rec.cookie & 0xFFFFFFFF, rec.cookie >> 32)
+    idle_ms = None if rec.idle_jiffies is None else rec.idle_jiffies * 1000 // hz
+    return Socket(rec.cookie, fam, rec.state, rec.src, rec.sport, rec.dst, rec.dport,
+                  rec.inode, rec.uid, raw, last_data_recv_ms=idle_ms, netns=label)
+
+
+@dataclass
+class KernelPass:
+    """What the iterator passes did: outcomes, and how many sockets each selection matched."""
+
+    outcomes: List[Outcome] = field(default_factory=list)
+    matched: int = 0
+    capped: int = 0
+    missing: List[str] = field(default_factory=list)
+    ms_by_namespace: Dict[object, float] = field(default_factory=dict)
+
+
+def run(scope: Scope, policy: Policy, owner_inodes: Optional[Sequence[int]] = None) -> KernelPass:
+    """One iterator pass in every namespace of `scope`; ProbeUnavailable when it cannot load."""
+    from .probe.iterdestroy import IterDestroy
+
+    selector: Selector = scope.selector
+    done = KernelPass()
+    fds = NamespaceFds()
+    with IterDestroy(selector, policy, selectors.states_mask(selector.states),
+                     owner_inodes) as prog:
+        try:
+            for fd, label in scope.namespace_fds(fds):
+                started = time.monotonic()
+                result = prog.run(fd)
+                done.ms_by_namespace[label] = (time.monotonic() - started) * 1000
+                done.matched += result.matched
+                _outcomes(done, result.records, label, fd, prog.hz, policy)
+        finally:
+            done.missing = list(fds.missing)
+            fds.close()
+    return done
+
+
+def _outcomes(done: KernelPass, records, label, fd: Optional[int], hz: int,
+              policy: Policy) -> None:
+    not_full: List[Verdict] = []
+    for rec in records:
+        sock = socket_of(rec, label, hz)
+        verdict = Verdict(sock, None if sock.last_data_recv_ms is None
+                          else float(sock.last_data_recv_ms),
+                          "tcp_info" if rec.idle_jiffies is not None else None, None, True)
+        if rec.outcome == "destroyed":
+            done.outcomes.append(Outcome(verdict, Action.DESTROYED))
+        elif rec.outcome == "dry-run":
+            done.outcomes.append(Outcome(verdict, Action.WOULD_DESTROY))
+        elif rec.outcome == "failed":
+            err = -rec.err
+            if err == errno.ENOENT:
+                done.outcomes.append(Outcome(verdict, Action.GONE))
+            else:
+                done.outcomes.append(Outcome(verdict, Action.FAILED,
+                                             "bpf_sock_destroy: %s" % os.strerror(err)))
+        elif rec.outcome == "capped":
+            done.capped += 1
+        elif rec.outcome == "not-full-socket":
+            not_full.append(verdict)
+        else:
+            done.outcomes.append(Outcome(verdict, Action.FAILED, "unknown iterator outcome %s"
+                                         % rec.outcome))
+    if not_full:
+        done.outcomes.extend(_by_netlink(not_full, label, fd, policy))
+
+
+def _by_netlink(victims: List[Verdict], label, fd: Optional[int],
+                policy: Policy) -> List[Outcome]:
+    """TIME_WAIT and request sockets: SOCK_DESTROY, cookie-checked, where the kernel has it."""
+    if policy.dry_run:
+        return [Outcome(v, Action.WOULD_DESTROY) for v in victims]
+    with (diag.DiagSocket() if fd is None
+          else diag.DiagSocket(netns_fd=fd, netns_label=label)) as nl:
+        errs = nl.destroy([v.socket for v in victims])
+    out = []
+    for v, err in zip(victims, errs):
+        if err == 0:
+            out.append(Outcome(v, Action.DESTROYED))
+        elif err == errno.ENOENT:
+            out.append(Outcome(v, Action.GONE))
+        elif err == errno.EOPNOTSUPP:
+            out.append(Outcome(v, Action.FAILED, NOT_FULL + ", and this kernel has no "
+                               "SOCK_DESTROY"))
+        else:
+            out.append(Outcome(v, Action.FAILED, "SOCK_DESTROY: %s" % os.strerror(err)))
+    return out
+
+

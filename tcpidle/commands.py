@@ -228,7 +228,8 @@ def _kill_in_kernel(selector: Selector, namespaces, policy: Policy, opts) -> int
                         (time.monotonic() - started) * 1000.0, policy.dry_run)
     for text in done.missing:
         report.error(text)
-    return 1 if done.missing or any(o.action == "failed" for o in outcomes) else 0
+    return 1 if done.missing or done.untold_failures or any(o.action == "failed" for o in outcomes) \
+        else 0
 
 
 def _kill_once(engine: Engine, as_json: bool) -> int:

@@ -67,6 +67,7 @@ class KernelPass:
     outcomes: List[Outcome] = field(default_factory=list)
     matched: int = 0
     capped: int = 0
+    untold_failures: int = 0
     missing: List[str] = field(default_factory=list)
     ms_by_namespace: Dict[object, float] = field(default_factory=dict)
 
@@ -86,6 +87,11 @@ def run(scope: Scope, policy: Policy, owner_inodes: Optional[Sequence[int]] = No
                 result = prog.run(fd)
                 done.ms_by_namespace[label] = (time.monotonic() - started) * 1000
                 done.matched += result.matched
+                if result.untold_failures:
+                    log.error("%d destroys in namespace %s failed without their error being kept; "
+                              "they are reported as destroyed", result.untold_failures,
+                              "(own)" if label is None else label)
+                    done.untold_failures += result.untold_failures
                 _outcomes(done, result.records, label, fd, prog.hz, policy)
         finally:
             done.missing = list(fds.missing)

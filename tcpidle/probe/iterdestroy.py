@@ -289,6 +289,18 @@ class PassResult(NamedTuple):
     records: List[Record]
     matched: int  # sockets the selection matched (victims or not)
     elapsed_ms: float
+    # destroys that failed but whose error the program could not keep (its
+    # errors map full): their records say "destroyed"; said as a failure
+    untold_failures: int = 0
+
+
+def with_errors(records: List[Record], errors: Dict[int, int]) -> List[Record]:
+    """The records with each failed destroy's outcome: the program writes a record
+    before its destroy (see bpf/iterdestroy.bpf.c) and keeps failures aside."""
+    if not errors:
+        return records
+    return [r._replace(outcome="failed", err=errors[r.cookie])
+            if r.outcome == "destroyed" and r.cookie in errors else r for r in records]
 
 
 class IterDestroy:
@@ -345,8 +357,10 @@ class IterDestroy:
         """One pass: every TCP socket of the namespace, decided and acted on under its lock."""
         from .. import netns
         counts = self._module[b"counts"]
-        counts[ctypes.c_int(0)] = ctypes.c_uint64(0)
-        counts[ctypes.c_int(1)] = ctypes.c_uint64(0)
+        for i in range(3):
+            counts[ctypes.c_int(i)] = ctypes.c_uint64(0)
+        errors = self._module[b"errors"]
+        errors.clear()
         start = time.monotonic()
         if netns_fd is None:
             fd = _iter_fd(self._prog)
@@ -362,9 +376,10 @@ class IterDestroy:
                 chunks.append(data)
         finally:
             os.close(fd)
-        matched = counts[ctypes.c_int(1)].value
-        return PassResult(decode_records(b"".join(chunks)), matched,
-                          (time.monotonic() - start) * 1000)
+        failed = {k.value: v.value for k, v in errors.items()}
+        records = with_errors(decode_records(b"".join(chunks)), failed)
+        return PassResult(records, counts[ctypes.c_int(1)].value,
+                          (time.monotonic() - start) * 1000, counts[ctypes.c_int(2)].value)
 
     def close(self) -> None:
         if self._prog is not None:

@@ -134,3 +134,14 @@ def test_the_sentinel_call_becomes_a_kfunc_call_and_nothing_else_changes():
     assert it.patch_kfunc(code, 65741) == 1
     assert code[:8] == helper and code[16:] == mov + local
     assert struct.unpack_from("<BBhi", code, 8) == (0x85, it.BPF_PSEUDO_KFUNC_CALL << 4, 0, 65741)
+
+
+def test_failed_destroys_are_told_apart_by_the_errors_map():
+    v4 = b"\0" * 10 + b"\xff\xff" + bytes([10, 0, 0, 1])
+    recs = it.decode_records(it.REC.pack(1, AF_INET, 1, 0, 1, 0, 1, 2, 3, v4, v4, 0, 0)
+                             + it.REC.pack(2, AF_INET, 1, 0, 1, 0, 1, 2, 3, v4, v4, 0, 0)
+                             + it.REC.pack(3, AF_INET, 1, 2, 1, 0, 1, 2, 3, v4, v4, 0, 0))
+    out = it.with_errors(recs, {2: -95, 3: -1})
+    assert [(r.cookie, r.outcome, r.err) for r in out] == [
+        (1, "destroyed", 0), (2, "failed", -95), (3, "dry-run", 0)]
+    assert it.with_errors(recs, {}) == recs

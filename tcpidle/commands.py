@@ -152,6 +152,10 @@ def kill(idle_time: float, dry_run: bool, use_proc: bool, proc_action: str, logf
         raise UsageError("--use-proc and --destroy-with %s exclude each other" % destroy_with)
     if destroy_with == "bpf" and interval is not None:
         raise UsageError("--destroy-with bpf: a one-shot kill only (not with -i/--interval)")
+    if destroy_with == "bpf" and (opts.get("verdicts") is not None
+                                  or opts.get("middlebox") is not None):
+        raise UsageError("--destroy-with bpf: not with --verdict or --middlebox (health "
+                         "verdicts are decided in user space, the iterator decides by idle time)")
     use_proc = use_proc or destroy_with == "proc"
     selector = build_selector(opts)
     namespaces = build_namespaces(opts)

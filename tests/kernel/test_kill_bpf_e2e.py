@@ -160,6 +160,7 @@ def test_time_wait_goes_to_sock_destroy(netns, run_tcpidle, json_lines):
     ["--destroy-with", "bpf", "-i", "1"],
     ["--destroy-with", "netlink", "--use-proc"],
     ["--destroy-with", "bogus"],
+    ["--destroy-with", "bpf", "--verdict", "dead"],
 ])
 def test_bad_combinations_are_usage_errors(netns, run_tcpidle, args):
     p = Pairs(netns, 7241, 1)

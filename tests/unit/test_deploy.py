@@ -90,6 +90,7 @@ def test_dockerfile_base_is_the_distribution_tested_here():
         "the Dockerfile's steps are checked against this machine's Debian 12"
 
 
+@pytest.mark.install
 def test_dockerfile_packages_exist():
     apt = [r for r in dockerfile_runs() if "apt-get install" in r]
     assert apt
@@ -101,6 +102,7 @@ def test_dockerfile_packages_exist():
         assert r.returncode == 0 and "Package: %s" % p in r.stdout, "no Debian package %s" % p
 
 
+@pytest.mark.install
 def test_dockerfile_python_install_runs(tmp_path):
     """The Dockerfile's venv + pip steps, run on a copy of the repository (COPY . /opt/tcpidle)."""
     dest = tmp_path / "opt-tcpidle"

@@ -48,6 +48,7 @@ def run_pass(engine: Engine, as_json: bool, name: str, quiet_if_empty: bool = Fa
     outcomes: List[Outcome] = []
     spared: List[Spare] = []
     cut: Optional[str] = None
+    header = None  # the table's header, printed for the first batch only
     try:
         for batch in engine.act_batches(scan, stop):
             outcomes.extend(batch.outcomes)
@@ -55,7 +56,7 @@ def run_pass(engine: Engine, as_json: bool, name: str, quiet_if_empty: bool = Fa
             report.log_batch(batch.outcomes, batch.spared)
             if on_batch is not None:
                 on_batch(batch)
-            report.show(batch.outcomes, as_json)
+            header = report.show(batch.outcomes, as_json, header_shown=header)
         if engine.interrupted:
             cut = "stopped by a signal"
     except BaseException as exc:

@@ -246,8 +246,14 @@ def endpoint(addr: str, port: int) -> str:
     return "[%s]:%d" % (addr, port) if ":" in addr else "%s:%d" % (addr, port)
 
 
-def show(items: Sequence, as_json: bool, owners: Optional[Owners] = None, out: TextIO = None) -> None:
-    """Write connections -- Verdicts (audit) or Outcomes (kill) -- as JSON Lines or a table."""
+def show(items: Sequence, as_json: bool, owners: Optional[Owners] = None, out: TextIO = None,
+         header_shown: Optional[list] = None) -> Optional[list]:
+    """Write connections -- Verdicts (audit) or Outcomes (kill) -- as JSON Lines or a table.
+
+    Returns the table's header.  A kill reports batch by batch: given the
+    header shown for the batch before (`header_shown`), a table with the
+    same columns continues without printing it again.
+    """
     out = out or sinks.stdout()  # a broken stdout drops rows, never the rest (sinks)
     if as_json:
         acted = bool(items) and isinstance(items[0], Outcome)
@@ -256,14 +262,15 @@ def show(items: Sequence, as_json: bool, owners: Optional[Owners] = None, out: T
             out.write("\n".join(lines))
             out.write("\n")
         out.flush()
-        return
-    write_table([row(i.verdict, i) if isinstance(i, Outcome) else row(i, None, owners) for i in items], out)
+        return header_shown
+    return write_table([row(i.verdict, i) if isinstance(i, Outcome) else row(i, None, owners)
+                        for i in items], out, header_shown)
 
 
-def write_table(rows: Sequence[Dict], out: TextIO) -> None:
-    """An aligned table of row() dicts."""
+def write_table(rows: Sequence[Dict], out: TextIO, header_shown: Optional[list] = None) -> Optional[list]:
+    """An aligned table of row() dicts; its header unless it equals `header_shown`.  Returns the header."""
     if not rows:
-        return
+        return header_shown
     with_action = "action" in rows[0]
     with_netns = any(r["netns"] is not None for r in rows)
     with_middlebox = any(r.get("middlebox") is not None for r in rows)
@@ -285,13 +292,14 @@ def write_table(rows: Sequence[Dict], out: TextIO) -> None:
         table.append([printable(cell) for cell in line])  # owners' text (safetext)
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]
     numeric = {header.index("IDLE_MS"), header.index("COOKIE")}
-    for line in table:
+    for line in table[1:] if header == header_shown else table:
         cells = [
             cell.rjust(widths[i]) if i in numeric else cell.ljust(widths[i])
             for i, cell in enumerate(line)
         ]
         out.write("  ".join(cells).rstrip() + "\n")
     out.flush()
+    return header
 
 
 def show_groups(groups: Sequence, as_json: bool, out: TextIO = None) -> None:

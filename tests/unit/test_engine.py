@@ -185,6 +185,26 @@ def test_victims_go_in_batches_of_256_each_asked_again_right_before(kernel, caps
     assert {r["action"] for r in run.rows} == {"destroyed"} and len(run.rows) == 600
 
 
+def test_a_table_kill_prints_its_header_once_over_all_batches(kernel, capsys):
+    """Batches are reported as they complete; the table goes on under one header."""
+    kernel.own.established(V4, 600, dport=5432)
+    args = ["kill", "-d", "5432", "-t", "1000", "--disable-syslog",
+            "--pin-dir", str(kernel.tmp / "no-pins")]
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(diag, "_open_netlink", kernel.open_netlink)
+            cli.main(args)
+    except SystemExit as exc:
+        assert exc.code == 0
+    finally:
+        gc.enable()
+        logging.getLogger("tcpidle").handlers.clear()
+    lines = capsys.readouterr().out.splitlines()
+    assert len([e for e in kernel.events if e.kind == "destroy"]) == 3  # three batches
+    assert [line.split()[0] for line in lines].count("STATE") == 1 and lines[0].startswith("STATE")
+    assert len(lines) == 1 + 600
+
+
 def test_diag_batches_fit_256_and_the_receive_buffer(kernel):
     """One send() carries at most 256 requests, fewer if their acks would overflow the buffer."""
     kernel.own.established(V4, 600, dport=5432)

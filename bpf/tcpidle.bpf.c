@@ -27,7 +27,11 @@
  * at destroy, or was evicted).
  *
  * Hooks (one is attached; tcpidle/probe/features.py plans at run time, in this order):
- *   fentry      tcp_rcv_established(sk, skb), via BTF trampolines.
+ *   tp_btf      tcp_probe(sk, skb) as a BTF-typed raw tracepoint: the same
+ *               call site as the two below, direct loads from the typed
+ *               pointers, and bpf_get_socket_cookie() creates a missing
+ *               cookie (Linux 5.12 on; before, TCPIDLE_TP_BTF_READ_COOKIE:
+ *               read as raw_tracepoint does).  Needs BTF, not trampolines.
  *   raw_tracepoint  tcp_probe(sk, skb), the same tracepoint as below but
  *               handed its raw arguments: the kernel skips building the
  *               perf record (a dozen fields, addresses, sock_gen_cookie),
@@ -42,7 +46,7 @@
  *   tcp tracepoint, bpf_get_socket_cookie): such segments are skipped and
  *   counted (C_NO_COOKIE); tcpidle's INET_DIAG dumps of the selection ask
  *   for the cookies (audit --watch at its start and every 2 s, every tracker
- *   poll).  These two and fentry take the payload length from
+ *   poll).  These two and tp_btf take the payload length from
  *   TCP_SKB_CB(skb), which tcp_v{4,6}_fill_cb() filled before
  *   tcp_rcv_established() runs:
  *   end_seq - seq counts payload plus one for each of SYN and FIN, so
@@ -240,8 +244,7 @@ int on_tcp_probe(struct tracepoint__tcp__tcp_probe *args)
 }
 #endif
 
-#if defined(TCPIDLE_HOOK_RAW_TRACEPOINT) || defined(TCPIDLE_HOOK_KPROBE) || \
-	defined(TCPIDLE_FENTRY_READ_COOKIE)
+#if defined(TCPIDLE_HOOK_RAW_TRACEPOINT) || defined(TCPIDLE_HOOK_KPROBE)
 /* A segment seen by a hook that reads the cookie from the socket. */
 static __always_inline int record_if_numbered(u64 sk, u64 skb)
 {
@@ -263,23 +266,42 @@ int on_tcp_probe_raw(struct bpf_raw_tracepoint_args *ctx)
 }
 #endif
 
-#ifdef TCPIDLE_HOOK_FENTRY
-struct sock;
-struct sk_buff;
+#ifdef TCPIDLE_HOOK_TP_BTF
+/* bpf_get_socket_cookie() returns the u64 cookie; bcc's helpers.h declares
+ * it returning u32, which would drop the high half. */
+static u64 (*tcpidle_socket_cookie)(void *sk) = (void *)BPF_FUNC_get_socket_cookie;
 
-/* The name tells bcc (libbpf.c) which BTF function to attach to. */
-KFUNC_PROBE(tcp_rcv_established, struct sock *sk, struct sk_buff *skb)
+/* tp_btf/tcp_probe: the tracepoint at the top of tcp_rcv_established(),
+ * loaded by tcpidle/probe/tpbtf.py (bcc cannot).  ctx[0] = sk, ctx[1] = skb,
+ * pointers the verifier knows by their BTF types: plain loads read them (no
+ * bpf_probe_read_kernel call), each checked against the struct's layout. */
+int on_tcp_probe_btf(u64 *ctx)
 {
-#ifdef TCPIDLE_FENTRY_READ_COOKIE
-	/* Before Linux 5.12 the verifier refuses bpf_get_socket_cookie in
-	 * tracing programs: read the cookie as the raw tracepoint does. */
-	return record_if_numbered((u64)sk, (u64)skb);
-#else
-	/* On a BTF socket pointer this helper generates the cookie if needed. */
-	u64 cookie = bpf_get_socket_cookie(sk);
+	u64 sk = ctx[0], skb = ctx[1];
+	u64 cookie = *(u64 *)(sk + TCPIDLE_SK_COOKIE_OFF);
 
-	return record(cookie, payload_len((u64)skb));
+#ifndef TCPIDLE_TP_BTF_READ_COOKIE
+	/* A socket nobody asked about yet has cookie 0: on a typed socket
+	 * pointer (Linux 5.12 on) the helper creates it, the one that SO_COOKIE
+	 * and INET_DIAG later return.  Only then: the load above is cheaper. */
+	if (!cookie)
+		cookie = tcpidle_socket_cookie((void *)sk);
 #endif
+	if (!cookie) {
+		count(C_NO_COOKIE);
+		return 0;
+	}
+	u32 seq = *(u32 *)(skb + TCPIDLE_SKB_CB_OFF + TCPIDLE_CB_SEQ_OFF);
+	u32 end_seq = *(u32 *)(skb + TCPIDLE_SKB_CB_OFF + TCPIDLE_CB_END_SEQ_OFF);
+#if TCPIDLE_CB_FLAGS_SIZE == 2
+	u16 flags = *(u16 *)(skb + TCPIDLE_SKB_CB_OFF + TCPIDLE_CB_FLAGS_OFF);
+#else
+	u8 flags = *(u8 *)(skb + TCPIDLE_SKB_CB_OFF + TCPIDLE_CB_FLAGS_OFF);
+#endif
+	u32 span = end_seq - seq;
+	u32 ctl = !!(flags & TCP_FLAG_SYN) + !!(flags & TCP_FLAG_FIN);
+
+	return record(cookie, span > ctl ? span - ctl : 0);
 }
 #endif
 

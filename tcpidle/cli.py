@@ -214,7 +214,7 @@ def kill(idle_time, dry_run, use_proc, proc_action, logfile, disable_syslog, all
 @click.option("--map-size", type=options.integer(1, MAX_MAP_SIZE, "N"), default=DEFAULT_MAP_SIZE,
               show_default=True,
               help="Entries of the BPF activity map (a map already pinned keeps its own size).")
-@click.option("--bpf-hook", type=click.Choice(["auto", "fentry", "raw_tracepoint", "kprobe", "tracepoint"]),
+@click.option("--bpf-hook", type=click.Choice(["auto", "tp_btf", "raw_tracepoint", "kprobe", "tracepoint"]),
               default="auto", show_default=True,
               help="Where the probe hooks the receive path (auto: the best that works).")
 @click.option("--max-kills-per-interval", type=options.integer(0, options.MAX_KILLS), default=100,

@@ -320,6 +320,8 @@ def track(idle_time: float, dry_run: bool, use_proc: bool, proc_action: str, log
             metrics.observe_probe(None)
         seen = evidence.attach_tracker(opts["pin_dir"], map_size, bpf_hook, opts["require_bpf"],
                                        cache_dir)
+        if metrics is not None and seen.reader is not None:
+            metrics.observe_probe_kind(seen.reader.hook, seen.reader.storage)
         engine = Engine(scope, policy, seen, want_owners=opts["processes"])
         poller = Poller(engine, interval, signals, evidence=seen,
                         events=events, metrics=metrics, as_json=opts["as_json"])

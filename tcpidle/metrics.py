@@ -46,6 +46,9 @@ tcpidle_last_poll_timestamp_seconds (gauge)
     Unix time of the last successful poll (alert when it stops moving).
 tcpidle_probe_attached (gauge)
     1 while the BPF probe runs, 0 when idle times come from tcp_info alone.
+tcpidle_probe_info (gauge, labels hook, storage)
+    1 for the probe attached: hook tp_btf, raw_tracepoint, kprobe or tracepoint;
+    storage lru (the activity map, keyed by socket cookie).
 tcpidle_probe_map_entries (gauge)
     entries in the probe's activity map.
 tcpidle_probe_map_capacity (gauge)
@@ -94,8 +97,8 @@ SERIES = (
     "tcpidle_poll_duration_seconds", "tcpidle_poll_errors_total", "tcpidle_spared_total",
     "tcpidle_output_errors_total",
     "tcpidle_last_poll_timestamp_seconds", "tcpidle_probe_attached",
-    "tcpidle_probe_map_entries", "tcpidle_probe_map_capacity", "tcpidle_probe_evictions",
-    "tcpidle_probe_pin_problems",
+    "tcpidle_probe_info", "tcpidle_probe_map_entries", "tcpidle_probe_map_capacity",
+    "tcpidle_probe_evictions", "tcpidle_probe_pin_problems",
     "tcpidle_connections", "tcpidle_middlebox_at_risk", "tcpidle_middlebox_past",
 )
 
@@ -135,6 +138,8 @@ class Metrics:
                                "Unix time of the last successful poll.", registry=r)
         self.probe_attached = Gauge("tcpidle_probe_attached",
                                     "1 while the BPF probe runs, else 0.", registry=r)
+        self.probe_info = Gauge("tcpidle_probe_info", "1 for the BPF probe attached, by "
+                                "hook and storage.", ["hook", "storage"], registry=r)
         self.map_entries = Gauge("tcpidle_probe_map_entries",
                                  "Entries in the BPF activity map.", registry=r)
         self.map_capacity = Gauge("tcpidle_probe_map_capacity",
@@ -217,6 +222,11 @@ class Metrics:
     def observe_pins(self, problems: int) -> None:
         """How many pins are missing or replaced (0: all well, or not pinned)."""
         self.pin_problems.set(problems)
+
+    def observe_probe_kind(self, hook: str, storage: str) -> None:
+        """Which hook and storage the attached probe uses (once, at start)."""
+        self.probe_info.clear()
+        self.probe_info.labels(hook, storage).set(1)
 
     # -- exposing ----------------------------------------------------------------
 

@@ -37,7 +37,7 @@ PLANS: Dict[str, List[str]] = {
 ORDER = ("5.10", "6.1", "6.12")
 # Hooks that must attach on each kernel (tests fail, not skip, if one does
 # not): Debian builds all three with BTF, kprobes and the tcp tracepoints.
-ALL_HOOKS = "fentry,raw_tracepoint,kprobe,tracepoint"
+ALL_HOOKS = "tp_btf,raw_tracepoint,kprobe,tracepoint"
 EXPECTED_HOOKS: Dict[str, str] = {"5.10": ALL_HOOKS, "6.1": ALL_HOOKS, "6.12": ALL_HOOKS}
 
 

@@ -8,6 +8,8 @@
     pins.py      bpffs, pin directories (lock, reuse, cleanup), pinned maps
     loader.py    the only module that imports bcc: compile, attach, detach,
                  selftest -- the attached `Probe`
+    tpbtf.py     BPF_PROG_LOAD of a bcc-compiled function as tp_btf (bcc
+                 cannot), and its attachment
 
 This module owns the probe's errors and the package's public names.  Those
 names are resolved lazily (PEP 562 `__getattr__`): `import tcpidle.probe`

@@ -97,19 +97,20 @@ class BTF:
         return name, (info >> 24) & 0x1F, info & 0xFFFF, size, bool(info >> 31), pos
 
     def find(self, name: str, kind: int = STRUCT) -> int:
-        """Type id of the named struct, union or function; BTFError if absent."""
+        """Type id of the named struct, union, function or typedef; BTFError if absent."""
         if self._by_name is None:
             index = {}
             for tid in range(1, len(self._pos)):
                 name_off, k, _v, _s, _kf, _p = self._rec(tid)
-                if name_off and k in (STRUCT, UNION, FUNC):
+                if name_off and k in (STRUCT, UNION, FUNC, TYPEDEF):
                     index.setdefault((k, self._str(name_off)), tid)
             self._by_name = index
         try:
             return self._by_name[(kind, name)]
         except KeyError:
-            what = "function" if kind == FUNC else "struct"
-            raise BTFError("%s %s not in BTF" % (what, name)) from None
+            what = {STRUCT: "struct ", UNION: "union ", FUNC: "function ",
+                    TYPEDEF: "typedef "}.get(kind, "")
+            raise BTFError("%s%s not in BTF" % (what, name)) from None
 
     def has_func(self, name: str) -> bool:
         """Is there a FUNC record of this name (a kernel function or kfunc)?"""

@@ -4,7 +4,7 @@ Owns the question "which receive hook, and configured how?":
 
 - detection: tracefs and the tracepoints' format files, kprobe support, the
   struct offsets from BTF (tcpidle.probe.btf) -- `detect_features`;
-- the choice, pure: fentry on tcp_rcv_established where it loads, then the
+- the choice, pure: tp_btf/tcp_probe where the kernel has BTF, then the
   tcp_probe raw tracepoint, a kprobe where the kernel has kprobes, the
   classic tcp:tcp_probe tracepoint; every hook left out or failing is
   reported with its reason (`plan_hooks`, `attach_first`);
@@ -24,13 +24,17 @@ from ..errors import UsageError
 from . import ProbeUnavailable, one_line
 from .btf import cached_btf_offsets
 
-# Best first: fentry (a BTF trampoline, the cookie generated on demand);
-# the tcp_probe tracepoint with its raw arguments (no perf record built);
-# a kprobe; the classic tracepoint (its record costs, but always carries
-# the cookie).  See the header comment of bpf/tcpidle.bpf.c.
-HOOKS = ("fentry", "raw_tracepoint", "kprobe", "tracepoint")
+# Best first: tp_btf/tcp_probe (typed arguments: direct loads, the cookie
+# created on demand); the same tracepoint with its raw arguments (no perf
+# record built); a kprobe; the classic tracepoint (its record costs, but
+# always carries the cookie).  See the header comment of bpf/tcpidle.bpf.c.
+# No fentry: it has tp_btf's call site and arguments but also needs BPF
+# trampolines, which some kernels refuse (the development kernel), and no
+# kernel of the lab loads fentry where tp_btf fails (README).
+HOOKS = ("tp_btf", "raw_tracepoint", "kprobe", "tracepoint")
 # Hooks that read the cookie from the socket, where it is 0 until an
-# INET_DIAG dump (or SO_COOKIE...) asked for it: prime_cookies() after attaching.
+# INET_DIAG dump (or SO_COOKIE...) asked for it: prime_cookies() after
+# attaching.  tp_btf too before Linux 5.12 (KernelFeatures.tracing_cookie_helper).
 LAZY_COOKIE_HOOKS = frozenset(("raw_tracepoint", "kprobe"))
 RCV_FUNC = "tcp_rcv_established"
 
@@ -51,9 +55,9 @@ class KernelFeatures:
     kprobes: bool
     tcp_probe_fields: Optional[frozenset]
     destroy_fields: Optional[frozenset]
-    # bpf_get_socket_cookie() callable from fentry (tracing) programs:
+    # bpf_get_socket_cookie() callable from tracing programs (tp_btf):
     # Linux 5.12 on (commit c5dbb89fc2ac); before it the verifier refuses
-    # the helper there, and fentry reads the cookie from the socket instead.
+    # the helper there, and tp_btf reads the cookie from the socket instead.
     tracing_cookie_helper: bool = True
 
     @property
@@ -71,11 +75,10 @@ def unavailable_reasons(f: KernelFeatures) -> Dict[str, Optional[str]]:
     out: Dict[str, Optional[str]] = {}
     no_btf = None if f.btf_offsets else "no struct offsets from kernel BTF (%s)" % (
         f.btf_error or "unknown")
-    out["fentry"] = no_btf
     if f.tcp_probe_fields is None:
-        out["raw_tracepoint"] = "no tcp:tcp_probe tracepoint"
+        out["tp_btf"] = out["raw_tracepoint"] = "no tcp:tcp_probe tracepoint"
     else:
-        out["raw_tracepoint"] = no_btf
+        out["tp_btf"] = out["raw_tracepoint"] = no_btf
     if not f.kprobes:
         out["kprobe"] = "kernel has no kprobes"
     else:
@@ -215,7 +218,7 @@ def release_at_least(release: str, version: Tuple[int, ...]) -> bool:
 
     Used only where no probe can ask the kernel itself: whether the verifier
     accepts a helper in a program type shows only by loading a program of
-    that type, and an fentry program needs its BTF target to load at all.
+    that type, and a tp_btf program needs its BTF target to load at all.
     """
     nums = []
     for part in release.split("-", 1)[0].split("+", 1)[0].split(".")[:3]:
@@ -232,7 +235,7 @@ def build_cflags(map_size: int, hooks: Sequence[str], offsets: Optional[Dict[str
     """The -D flags that configure the C source (no text substitution).
 
     tp_has_sk: tcp:tcp_probe's record has skaddr/skbaddr (the selftest reads
-    them); tracing_cookie_helper: fentry may call bpf_get_socket_cookie
+    them); tracing_cookie_helper: tp_btf may call bpf_get_socket_cookie
     (KernelFeatures).
     """
     flags = ["-DMAX_ENTRIES=%d" % map_size]
@@ -240,9 +243,9 @@ def build_cflags(map_size: int, hooks: Sequence[str], offsets: Optional[Dict[str
         flags.append("-DTCPIDLE_HOOK_%s" % h.upper())
     if tp_has_sk:
         flags.append("-DTCPIDLE_TP_HAS_SK")
-    if "fentry" in hooks and not tracing_cookie_helper:
-        flags.append("-DTCPIDLE_FENTRY_READ_COOKIE")
-    if offsets and (selftest or set(hooks) & {"fentry", "raw_tracepoint", "kprobe"}):
+    if "tp_btf" in hooks and not tracing_cookie_helper:
+        flags.append("-DTCPIDLE_TP_BTF_READ_COOKIE")
+    if offsets and (selftest or set(hooks) & {"tp_btf", "raw_tracepoint", "kprobe"}):
         flags += ["-D%s=%d" % kv for kv in sorted(offsets.items())]
     if destroy:
         flags.append("-DTCPIDLE_DESTROY")

@@ -24,7 +24,7 @@ from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 from ..errors import UsageError
 from ..model import DEFAULT_MAP_SIZE
-from . import ProbeUnavailable, kheaders, one_line
+from . import ProbeUnavailable, kheaders, one_line, tpbtf
 from .features import (HOOKS, LAZY_COOKIE_HOOKS, RCV_FUNC, attach_first, build_cflags,
                        detect_features, ensure_tracefs, plan_hooks, unavailable_reasons)
 from .maps import MAX_MAP_SIZE, MapReader
@@ -45,7 +45,7 @@ def _captured_stderr(sink: List[str]) -> Iterator[None]:
     """Send C-level stderr (bcc, libbpf, clang) to sink instead of the terminal.
 
     bcc prints compiler diagnostics and whole verifier logs on fd 2; when an
-    expected failure (fentry refused) falls through to the next hook, that is
+    expected failure (a hook refused) falls through to the next hook, that is
     noise for the user but useful in the debug log.
     """
     import sys
@@ -90,14 +90,26 @@ def _module_class():
 
     bcc's constructor attaches every function named kfunc__*, kprobe__*,
     tracepoint__* itself, and if one fails the half-made object (maps,
-    attached programs) cannot be cleaned up.  We need the kfunc__ name (bcc
-    derives the BTF attach target from it), so auto-attach is turned off.
+    attached programs) cannot be cleaned up: auto-attach is turned off.
+    The tp_btf program is loaded outside bcc (tpbtf.py); its fds are kept
+    here and closed with the module.
     """
     from bcc import BPF
 
     class _Module(BPF):
+        tp_btf_fds: Tuple[int, ...] = ()
+
         def _trace_autoload(self):
             pass
+
+        def close_tp_btf(self):
+            fds, self.tp_btf_fds = self.tp_btf_fds, ()
+            for fd in reversed(fds):  # the link first: detaches
+                os.close(fd)
+
+        def cleanup(self):
+            self.close_tp_btf()
+            super().cleanup()
 
     return _Module
 
@@ -132,6 +144,7 @@ class Probe:
         self._module = loaded.module  # None once closed
         self.reader = loaded.reader
         self.hook = loaded.hook
+        self.storage = "lru"  # the activity map, keyed by socket cookie
         self.hook_notes = loaded.hook_notes
         self.header_source = loaded.header_source
         self._lazy_cookie = loaded.lazy_cookie
@@ -211,7 +224,7 @@ class Probe:
 
     def describe(self) -> str:
         """One line for humans: the hook, and why others were not used."""
-        what = {"fentry": "fentry %s" % RCV_FUNC, "raw_tracepoint": "raw tracepoint tcp_probe",
+        what = {"tp_btf": "tp_btf tcp_probe", "raw_tracepoint": "raw tracepoint tcp_probe",
                 "kprobe": "kprobe %s" % RCV_FUNC, "tracepoint": "tracepoint tcp:tcp_probe"}[self.hook]
         return what + (" (%s)" % "; ".join(self.hook_notes) if self.hook_notes else "")
 
@@ -229,7 +242,7 @@ class Probe:
     def needs_cookie_priming(self) -> bool:
         """True if the hook only sees sockets whose cookie was asked for already.
 
-        The raw tracepoint and the kprobe, and fentry on kernels before 5.12
+        The raw tracepoint and the kprobe, and tp_btf on kernels before 5.12
         (no bpf_get_socket_cookie for tracing programs there).
         """
         return self._lazy_cookie
@@ -289,7 +302,7 @@ def _load(map_size: int, hook: str, log, cache_dir: Optional[str], selftest: boo
         raise ProbeUnavailable("bcc Python module not found (install python3-bpfcc)") from None
 
     ensure_tracefs(log)
-    need_btf = selftest or hook in ("auto", "fentry", "raw_tracepoint", "kprobe")
+    need_btf = selftest or hook in ("auto", "tp_btf", "raw_tracepoint", "kprobe")
     feats = detect_features(need_btf, cache_dir)
     candidates, notes = plan_hooks(hook, unavailable_reasons(feats))
     destroy = bool(feats.destroy_fields and "sock_cookie" in feats.destroy_fields)
@@ -345,18 +358,21 @@ def _load(map_size: int, hook: str, log, cache_dir: Optional[str], selftest: boo
     except BaseException:
         _dispose(module)
         raise
-    lazy = chosen in LAZY_COOKIE_HOOKS or (chosen == "fentry" and not feats.tracing_cookie_helper)
-    if chosen == "fentry" and lazy:
-        notes.append("fentry reads the cookie from the socket (bpf_get_socket_cookie is "
+    lazy = chosen in LAZY_COOKIE_HOOKS or (chosen == "tp_btf" and not feats.tracing_cookie_helper)
+    if chosen == "tp_btf" and lazy:
+        notes.append("tp_btf reads the cookie from the socket (bpf_get_socket_cookie is "
                      "for tracing programs since Linux 5.12)")
     return _Loaded(module, reader, chosen, notes, tree.source, lazy)
 
 
 def _attach_hook(module, hook: str) -> None:
-    if hook == "fentry":
-        # load (BPF_PROG_TYPE_TRACING, target found by name in vmlinux BTF)
-        # and attach through a BPF trampoline
-        module.attach_kfunc(fn_name=("kfunc__" + RCV_FUNC).encode())
+    if hook == "tp_btf":
+        # BPF_PROG_TYPE_TRACING / BPF_TRACE_RAW_TP, loaded by tpbtf.py
+        # because bcc cannot (see there)
+        try:
+            module.tp_btf_fds = tpbtf.load_and_attach(module, b"on_tcp_probe_btf", "tcp_probe")
+        except tpbtf.TpBtfError as e:
+            raise ProbeUnavailable(str(e)) from None
     elif hook == "raw_tracepoint":
         # BPF_PROG_TYPE_RAW_TRACEPOINT via BPF_RAW_TRACEPOINT_OPEN: called
         # with the tracepoint's arguments, before any perf record is built
@@ -370,8 +386,8 @@ def _attach_hook(module, hook: str) -> None:
 
 
 def _detach_hook(module, hook: str) -> None:
-    if hook == "fentry":
-        module.detach_kfunc(fn_name=("kfunc__" + RCV_FUNC).encode())
+    if hook == "tp_btf":
+        module.close_tp_btf()
     elif hook == "raw_tracepoint":
         module.detach_raw_tracepoint(b"tcp_probe")
     elif hook == "kprobe":

@@ -406,6 +406,8 @@ def test_metrics_endpoint(netns, make_farm, trackers, pin_dir):
     destroyed = 'tcpidle_kills_total{outcome="destroyed"}'
     assert value(text, destroyed) == 0.0
     assert value(text, "tcpidle_probe_attached") == 1.0
+    # the hook auto chose here (BTF, no fentry on this kernel): best first
+    assert value(text, 'tcpidle_probe_info{hook="tp_btf",storage="lru"}') == 1.0
     assert value(text, "tcpidle_probe_map_capacity") == 4096.0
     assert value(text, "tcpidle_poll_duration_seconds_count") >= 1
     assert value(text, "tcpidle_idle_seconds_count") >= 1
@@ -491,15 +493,17 @@ def test_pinned_maps_are_reused_across_attaches(pin_dir, caplog):
     assert not os.path.exists(pin_dir)
 
 
-def test_failed_attach_leaves_no_new_pins(pin_dir):
-    """fentry compiles (bcc creates and pins the maps) but cannot attach here."""
-    try:
-        p = Probe.attach(map_size=64, hook="fentry", pin_dir=pin_dir)
-    except ProbeUnavailable:
-        pass
-    else:
-        p.close()
-        pytest.skip("fentry attaches on this kernel")
+def test_failed_attach_leaves_no_new_pins(pin_dir, monkeypatch):
+    """The program compiles (bcc creates and pins the maps), then the kernel
+    refuses to attach it (as a kernel refusing tp_btf would): no pin stays."""
+    from tcpidle.probe import tpbtf
+
+    def refused(prog_fd):
+        raise tpbtf.TpBtfError("BPF_RAW_TRACEPOINT_OPEN: Operation not permitted")
+
+    monkeypatch.setattr(tpbtf, "attach", refused)
+    with pytest.raises(ProbeUnavailable, match="tp_btf: BPF_RAW_TRACEPOINT_OPEN"):
+        Probe.attach(map_size=64, hook="tp_btf", pin_dir=pin_dir)
     assert os.listdir(pin_dir) == []
     assert pin_dir_holder(pin_dir) is None
 

@@ -51,20 +51,20 @@ def feats(btf=True, kprobes=True, tp=TP_FIELDS, destroy=frozenset({"sock_cookie"
 
 def test_everything_available_tries_hooks_best_first():
     cands, notes = plan_hooks("auto", unavailable_reasons(feats()))
-    assert cands == ["fentry", "raw_tracepoint", "kprobe", "tracepoint"]
+    assert cands == ["tp_btf", "raw_tracepoint", "kprobe", "tracepoint"]
     assert notes == []
 
 
 def test_this_machine_shape_no_kprobes():
     cands, notes = plan_hooks("auto", unavailable_reasons(feats(kprobes=False)))
-    assert cands == ["fentry", "raw_tracepoint", "tracepoint"]
+    assert cands == ["tp_btf", "raw_tracepoint", "tracepoint"]
     assert notes == ["kprobe: kernel has no kprobes"]
 
 
 def test_no_btf_leaves_only_the_tracepoint():
     cands, notes = plan_hooks("auto", unavailable_reasons(feats(btf=False)))
     assert cands == ["tracepoint"]
-    assert [n.split(":")[0] for n in notes] == ["fentry", "raw_tracepoint", "kprobe"]
+    assert [n.split(":")[0] for n in notes] == ["tp_btf", "raw_tracepoint", "kprobe"]
     assert all("BTF" in n for n in notes)
 
 
@@ -74,7 +74,7 @@ def test_old_tracepoint_without_cookie_is_not_a_candidate():
     # Its raw arguments (sk, skb) are all the raw hook needs.
     assert r["raw_tracepoint"] is None
     r = unavailable_reasons(feats(tp=None))
-    assert r["tracepoint"] == r["raw_tracepoint"] == "no tcp:tcp_probe tracepoint"
+    assert r["tracepoint"] == r["raw_tracepoint"] == r["tp_btf"] == "no tcp:tcp_probe tracepoint"
 
 
 def test_nothing_available_is_probe_unavailable_with_all_reasons():
@@ -82,7 +82,7 @@ def test_nothing_available_is_probe_unavailable_with_all_reasons():
     with pytest.raises(ProbeUnavailable) as e:
         plan_hooks("auto", r)
     msg = str(e.value)
-    assert "fentry" in msg and "kprobe" in msg and "tcp_probe" in msg
+    assert "tp_btf" in msg and "kprobe" in msg and "tcp_probe" in msg
     assert "\n" not in msg
 
 
@@ -110,41 +110,41 @@ def fake_kernel(failing):
     return try_attach, tried
 
 
-def test_failed_fentry_falls_through_and_is_logged(caplog):
-    try_attach, tried = fake_kernel({"fentry": "Need super-user privileges to run"})
+def test_failed_tp_btf_falls_through_and_is_logged(caplog):
+    try_attach, tried = fake_kernel({"tp_btf": "Need super-user privileges to run"})
     with caplog.at_level(logging.INFO, logger="tcpidle.probe"):
-        hook, notes = attach_first(["fentry", "tracepoint"], try_attach,
+        hook, notes = attach_first(["tp_btf", "tracepoint"], try_attach,
                                    ["kprobe: kernel has no kprobes"])
     assert hook == "tracepoint"
-    assert tried == ["fentry", "tracepoint"]
+    assert tried == ["tp_btf", "tracepoint"]
     # bcc's misleading EPERM text is rewritten; notes come in HOOKS order
-    assert notes == ["fentry: load refused: Operation not permitted",
+    assert notes == ["tp_btf: load refused: Operation not permitted",
                      "kprobe: kernel has no kprobes"]
-    assert "BPF hook fentry failed: load refused: Operation not permitted; trying tracepoint" \
+    assert "BPF hook tp_btf failed: load refused: Operation not permitted; trying tracepoint" \
         in caplog.text
 
 
 def test_first_working_hook_wins_and_later_ones_are_not_tried():
     try_attach, tried = fake_kernel({})
     hook, notes = attach_first(list(HOOKS), try_attach)
-    assert (hook, notes, tried) == ("fentry", [], ["fentry"])
+    assert (hook, notes, tried) == ("tp_btf", [], ["tp_btf"])
 
 
-def test_raw_tracepoint_chosen_when_fentry_fails_then_kprobe():
-    try_attach, tried = fake_kernel({"fentry": "Failed to attach BPF to entry kernel func"})
+def test_raw_tracepoint_chosen_when_tp_btf_fails_then_kprobe():
+    try_attach, tried = fake_kernel({"tp_btf": "Failed to attach BPF to entry kernel func"})
     hook, notes = attach_first(list(HOOKS), try_attach)
-    assert hook == "raw_tracepoint" and tried == ["fentry", "raw_tracepoint"]
-    assert notes == ["fentry: Failed to attach BPF to entry kernel func"]
-    try_attach, tried = fake_kernel({"fentry": "no trampoline", "raw_tracepoint": "EINVAL"})
+    assert hook == "raw_tracepoint" and tried == ["tp_btf", "raw_tracepoint"]
+    assert notes == ["tp_btf: Failed to attach BPF to entry kernel func"]
+    try_attach, tried = fake_kernel({"tp_btf": "no trampoline", "raw_tracepoint": "EINVAL"})
     hook, notes = attach_first(list(HOOKS), try_attach)
-    assert hook == "kprobe" and tried == ["fentry", "raw_tracepoint", "kprobe"]
+    assert hook == "kprobe" and tried == ["tp_btf", "raw_tracepoint", "kprobe"]
 
 
 def test_all_attaches_failing_is_probe_unavailable():
     try_attach, _ = fake_kernel({h: "boom %s" % h for h in HOOKS})
     with pytest.raises(ProbeUnavailable) as e:
         attach_first(list(HOOKS), try_attach)
-    assert str(e.value) == ("no BPF hook could attach (fentry: boom fentry; "
+    assert str(e.value) == ("no BPF hook could attach (tp_btf: boom tp_btf; "
                             "raw_tracepoint: boom raw_tracepoint; "
                             "kprobe: boom kprobe; tracepoint: boom tracepoint)")
 
@@ -155,8 +155,8 @@ def test_all_attaches_failing_is_probe_unavailable():
 def test_cflags_configure_the_source_without_text_substitution():
     f = build_cflags(16, ["tracepoint"], OFFS, destroy=True)
     assert f == ["-DMAX_ENTRIES=16", "-DTCPIDLE_HOOK_TRACEPOINT", "-DTCPIDLE_DESTROY"]
-    f = build_cflags(65536, ["fentry", "tracepoint"], OFFS, destroy=False)
-    assert "-DTCPIDLE_HOOK_FENTRY" in f and "-DTCPIDLE_SKB_CB_OFF=40" in f
+    f = build_cflags(65536, ["tp_btf", "tracepoint"], OFFS, destroy=False)
+    assert "-DTCPIDLE_HOOK_TP_BTF" in f and "-DTCPIDLE_SKB_CB_OFF=40" in f
     assert "-DTCPIDLE_DESTROY" not in f
     f = build_cflags(16, ["raw_tracepoint"], OFFS, destroy=True)
     assert "-DTCPIDLE_HOOK_RAW_TRACEPOINT" in f and "-DTCPIDLE_CB_FLAGS_OFF=12" in f
@@ -169,11 +169,11 @@ def test_cflags_follow_the_kernel_tracepoint_record_and_cookie_helper():
     assert "-DTCPIDLE_TP_HAS_SK" not in build_cflags(8, ["tracepoint"], OFFS, True, True)
     assert "-DTCPIDLE_TP_HAS_SK" in build_cflags(8, ["tracepoint"], OFFS, True, True,
                                                  tp_has_sk=True)
-    # fentry before 5.12 reads the cookie from the socket
-    assert "-DTCPIDLE_FENTRY_READ_COOKIE" in build_cflags(
-        8, ["fentry"], OFFS, True, tracing_cookie_helper=False)
-    assert "-DTCPIDLE_FENTRY_READ_COOKIE" not in build_cflags(8, ["fentry"], OFFS, True)
-    assert "-DTCPIDLE_FENTRY_READ_COOKIE" not in build_cflags(
+    # tp_btf before 5.12 reads the cookie from the socket
+    assert "-DTCPIDLE_TP_BTF_READ_COOKIE" in build_cflags(
+        8, ["tp_btf"], OFFS, True, tracing_cookie_helper=False)
+    assert "-DTCPIDLE_TP_BTF_READ_COOKIE" not in build_cflags(8, ["tp_btf"], OFFS, True)
+    assert "-DTCPIDLE_TP_BTF_READ_COOKIE" not in build_cflags(
         8, ["raw_tracepoint"], OFFS, True, tracing_cookie_helper=False)
 
 
@@ -195,9 +195,9 @@ def test_record_pointers_and_kernel_release():
 def test_source_has_every_macro_the_flags_set():
     with open(bpf_source()) as f:
         src = f.read()
-    for macro in ("MAX_ENTRIES", "TCPIDLE_HOOK_TRACEPOINT", "TCPIDLE_HOOK_FENTRY",
+    for macro in ("MAX_ENTRIES", "TCPIDLE_HOOK_TRACEPOINT", "TCPIDLE_HOOK_TP_BTF",
                   "TCPIDLE_HOOK_KPROBE", "TCPIDLE_DESTROY", "TCPIDLE_SELFTEST",
-                  "TCPIDLE_TP_HAS_SK", "TCPIDLE_FENTRY_READ_COOKIE", *OFFS):
+                  "TCPIDLE_TP_HAS_SK", "TCPIDLE_TP_BTF_READ_COOKIE", *OFFS):
         assert macro in src
     # The documented value layout matches the reader's.
     assert VALUE.size == 40 and "40 bytes" in src

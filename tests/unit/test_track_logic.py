@@ -220,6 +220,11 @@ def test_poll_feeds_gauges_histograms_and_counters():
     assert "tcpidle_probe_evictions 3.0" in text
     m.observe_probe(None)
     assert "tcpidle_probe_attached 0.0" in m.render().decode()
+    m.observe_probe_kind("raw_tracepoint", "lru")
+    m.observe_probe_kind("tp_btf", "lru")  # one series: the probe attached now
+    text = m.render().decode()
+    assert 'tcpidle_probe_info{hook="tp_btf",storage="lru"} 1.0' in text
+    assert "raw_tracepoint" not in text
 
 
 # -- the loop, with a stand-in engine ----------------------------------------------------

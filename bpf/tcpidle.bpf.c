@@ -124,6 +124,33 @@ BPF_TABLE_PINNED("percpu_array", int, u64, counters, N_COUNTERS, TCPIDLE_PIN_COU
 BPF_PERCPU_ARRAY(counters, u64, N_COUNTERS);
 #endif
 
+#ifdef TCPIDLE_SK_STORAGE
+/*
+ * Map "sk_activity": BPF_MAP_TYPE_SK_STORAGE, one struct tcpidle_activity
+ * per socket, created at the socket's first segment seen by tp_btf and
+ * freed by the kernel with the socket (no cookie, no eviction, no destroy
+ * hook).  INET_DIAG dumps return it inline (INET_DIAG_SK_BPF_STORAGES).
+ * bcc's BPF_SK_STORAGE, spelled out to give it a pin path: with
+ * TCPIDLE_PIN_STORAGE (a bpffs path) bcc reuses the map pinned there, or
+ * creates it and pins it.  BPF_F_NO_PREALLOC and BTF key/value types
+ * (BPF_ANNOTATE_KV_PAIR) are what the kernel requires of this map type.
+ */
+struct sk_activity_table_t {
+	int key;
+	struct tcpidle_activity leaf;
+	void *(*sk_storage_get)(void *, void *, int);
+	int (*sk_storage_delete)(void *);
+	u32 flags;
+};
+#ifdef TCPIDLE_PIN_STORAGE
+__attribute__((section("maps/sk_storage:" TCPIDLE_PIN_STORAGE)))
+#else
+__attribute__((section("maps/sk_storage")))
+#endif
+struct sk_activity_table_t sk_activity = { .flags = BPF_F_NO_PREALLOC };
+BPF_ANNOTATE_KV_PAIR(sk_activity, int, struct tcpidle_activity);
+#endif
+
 static __always_inline void count(u32 idx)
 {
 	u64 *c = counters.lookup(&idx);
@@ -278,6 +305,7 @@ static u64 (*tcpidle_socket_cookie)(void *sk) = (void *)BPF_FUNC_get_socket_cook
 int on_tcp_probe_btf(u64 *ctx)
 {
 	u64 sk = ctx[0], skb = ctx[1];
+#ifndef TCPIDLE_SK_STORAGE
 	u64 cookie = *(u64 *)(sk + TCPIDLE_SK_COOKIE_OFF);
 
 #ifndef TCPIDLE_TP_BTF_READ_COOKIE
@@ -291,6 +319,7 @@ int on_tcp_probe_btf(u64 *ctx)
 		count(C_NO_COOKIE);
 		return 0;
 	}
+#endif
 	u32 seq = *(u32 *)(skb + TCPIDLE_SKB_CB_OFF + TCPIDLE_CB_SEQ_OFF);
 	u32 end_seq = *(u32 *)(skb + TCPIDLE_SKB_CB_OFF + TCPIDLE_CB_END_SEQ_OFF);
 #if TCPIDLE_CB_FLAGS_SIZE == 2
@@ -300,8 +329,32 @@ int on_tcp_probe_btf(u64 *ctx)
 #endif
 	u32 span = end_seq - seq;
 	u32 ctl = !!(flags & TCP_FLAG_SYN) + !!(flags & TCP_FLAG_FIN);
+	u32 data_len = span > ctl ? span - ctl : 0;
 
-	return record(cookie, span > ctl ? span - ctl : 0);
+#ifdef TCPIDLE_SK_STORAGE
+	/* Linux 5.11 on: the socket's own storage, created at its first segment. */
+	struct tcpidle_activity *a = sk_activity.sk_storage_get((void *)sk, 0,
+							      BPF_SK_STORAGE_GET_F_CREATE);
+	if (!a) {
+		count(C_FAILED);
+		return 0;
+	}
+	u64 now = bpf_ktime_get_ns();
+
+	if (!a->segments)
+		count(C_INSERTS);
+	/* Plain stores: under the socket's lock, as in record(). */
+	a->last_segment_ns = now;
+	a->segments++;
+	if (data_len) {
+		a->last_data_ns = now;
+		a->data_segments++;
+		a->bytes += data_len;
+	}
+	return 0;
+#else
+	return record(cookie, data_len);
+#endif
 }
 #endif
 

@@ -121,6 +121,7 @@ def audit(min_idle: float, watch: Optional[float], map_size: int, open_diag: Ope
         report.note("not root: owners are shown only for your own processes")
     scope = Scope(selector, namespaces, open_diag)
     seen = _evidence(opts, watch, map_size, prime=scope.prime_cookies)
+    seen.bind_scope(scope)
     try:
         engine = Engine(scope, policy, seen, want_owners=opts["processes"] or by == "owner")
         started = time.monotonic()
@@ -170,8 +171,9 @@ def kill(idle_time: float, dry_run: bool, use_proc: bool, proc_action: str, logf
         report.log.info("destroy: %s", _destroy_note(use_proc))
     seen = _evidence(opts)
     try:
-        engine = Engine(Scope(selector, namespaces, open_diag), policy, seen,
-                        want_owners=opts["processes"])
+        scope = Scope(selector, namespaces, open_diag)
+        seen.bind_scope(scope)
+        engine = Engine(scope, policy, seen, want_owners=opts["processes"])
         if interval is None:
             status = _kill_once(engine, opts["as_json"])
             stats = seen.stats()  # the map's health, as audit says it (evictions: a warning)
@@ -320,6 +322,7 @@ def track(idle_time: float, dry_run: bool, use_proc: bool, proc_action: str, log
             metrics.observe_probe(None)
         seen = evidence.attach_tracker(opts["pin_dir"], map_size, bpf_hook, opts["require_bpf"],
                                        cache_dir)
+        seen.bind_scope(scope)
         if metrics is not None and seen.reader is not None:
             metrics.observe_probe_kind(seen.reader.hook, seen.reader.storage)
         engine = Engine(scope, policy, seen, want_owners=opts["processes"])

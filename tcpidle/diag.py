@@ -74,7 +74,14 @@ SO_RCVBUFFORCE = 33
 SO_SNDBUFFORCE = 32
 
 INET_DIAG_REQ_BYTECODE = 1
+INET_DIAG_REQ_SK_BPF_STORAGES = 2  # request: nested SK_DIAG_BPF_STORAGE_REQ_MAP_FD (u32 fd)s
+SK_DIAG_BPF_STORAGE_REQ_MAP_FD = 1
 INET_DIAG_INFO = 2
+INET_DIAG_SK_BPF_STORAGES = 20  # reply: nested SK_DIAG_BPF_STORAGE { MAP_ID, MAP_VALUE }
+SK_DIAG_BPF_STORAGE = 1
+SK_DIAG_BPF_STORAGE_MAP_ID = 2
+SK_DIAG_BPF_STORAGE_MAP_VALUE = 3
+NLA_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED / NLA_F_NET_BYTEORDER
 IPPROTO_TCP = socket.IPPROTO_TCP
 AF_UNSPEC = 0  # dump(): every family, in one walk
 
@@ -112,6 +119,7 @@ _DIAG_MSG = struct.Struct("=BBBB48sIIIII")
 _SOCKID = struct.Struct("=HH16s16s4xII")
 _RTATTR = struct.Struct("=HH")
 _I32 = struct.Struct("=i")
+_U32 = struct.Struct("=I")
 # One unpack per socket: retransmits, probes, backoff @2-4, unacked @24,
 # last_data_sent @44, last_data_recv @52, last_ack_recv @56, total_retrans
 # @100 and (the long form) snd_wnd @228.  Pad bytes cost nothing to skip.
@@ -201,8 +209,14 @@ def _decode_messages(
     netns: Optional[str],
     seq: Optional[int],
     cache: Dict[bytes, str],
+    stores: Optional[Dict[int, Dict[int, bytes]]] = None,
 ) -> int:
     """Decode the netlink messages in buf[start:end], appending to `out`.
+
+    `stores` (a dict) collects each socket's BPF socket storages, when the
+    request asked for them (INET_DIAG_REQ_SK_BPF_STORAGES): cookie -> {map
+    id: raw value}; without it the walk of a record's attributes stops at
+    tcp_info, as before.
 
     Returns the offset just past NLMSG_DONE once it is seen (the dump is
     complete), else -1.  Messages whose seq differs from `seq` (when given)
@@ -283,7 +297,10 @@ def _decode_messages(
                         rtx, probes, backoff, unacked, sent, recv, ack, total = core_unpack(buf, a + 4)
                     else:
                         sent, recv, ack = _decode_short_info(buf, a + 4, plen)
-                    break
+                    if stores is None:
+                        break
+                elif stores is not None and atype & NLA_TYPE_MASK == INET_DIAG_SK_BPF_STORAGES:
+                    stores[c0 | (c1 << 32)] = _decode_storages(buf, a + 4, a + alen)
                 a += (alen + 3) & ~3
             # tuple.__new__ skips the NamedTuple's Python-level __new__ (0.1 us, not 0.3).
             vitals = tuple_new(Vitals, (timer, tretrans, expires, rqueue, wqueue, unacked, rtx,
@@ -346,6 +363,40 @@ def _decode_messages(
     return -1
 
 
+def _decode_storages(buf, p: int, end: int) -> Dict[int, bytes]:
+    """INET_DIAG_SK_BPF_STORAGES' payload: {map id: value bytes}."""
+    out: Dict[int, bytes] = {}
+    while p + 4 <= end:
+        alen, atype = _RTATTR.unpack_from(buf, p)
+        if alen < 4 or alen > end - p:
+            raise MalformedDump("BPF storage attribute at offset %d claims %d bytes" % (p, alen))
+        if atype & NLA_TYPE_MASK == SK_DIAG_BPF_STORAGE:
+            map_id, value = None, None
+            q, qend = p + 4, p + alen
+            while q + 4 <= qend:
+                blen, btype = _RTATTR.unpack_from(buf, q)
+                if blen < 4 or blen > qend - q:
+                    raise MalformedDump("BPF storage entry at offset %d claims %d bytes"
+                                        % (q, blen))
+                btype &= NLA_TYPE_MASK
+                if btype == SK_DIAG_BPF_STORAGE_MAP_ID and blen >= 8:
+                    (map_id,) = _U32.unpack_from(buf, q + 4)
+                elif btype == SK_DIAG_BPF_STORAGE_MAP_VALUE:
+                    value = bytes(buf[q + 4:q + blen])
+                q += (blen + 3) & ~3
+            if map_id is not None and value is not None:
+                out[map_id] = value
+        p += (alen + 3) & ~3
+    return out
+
+
+def storage_request_attr(map_fds: Sequence[int]) -> bytes:
+    """INET_DIAG_REQ_SK_BPF_STORAGES asking for the storages of these map fds."""
+    inner = b"".join(_RTATTR.pack(8, SK_DIAG_BPF_STORAGE_REQ_MAP_FD) + _U32.pack(fd)
+                     for fd in map_fds)
+    return _RTATTR.pack(4 + len(inner), INET_DIAG_REQ_SK_BPF_STORAGES) + inner
+
+
 def _decode_short_info(buf, p: int, plen: int):
     """(last_data_sent, last_data_recv, last_ack_recv) of a tcp_info shorter
     than tcpi_total_retrans (ancient kernels); what it lacks is None."""
@@ -383,21 +434,24 @@ class DumpDecoder:
     address-text cache and the list of sockets found.
     """
 
-    __slots__ = ("sockets", "netns", "seq", "done", "_cache")
+    __slots__ = ("sockets", "netns", "seq", "done", "_cache", "stores")
 
-    def __init__(self, netns: Optional[str] = None, seq: Optional[int] = None):
+    def __init__(self, netns: Optional[str] = None, seq: Optional[int] = None,
+                 stores: Optional[Dict[int, Dict[int, bytes]]] = None):
         self.sockets: List[Socket] = []
         self.netns = netns
         self.seq = seq
         self.done = False
         self._cache: Dict[bytes, str] = {}
+        self.stores = stores  # see _decode_messages
 
     def feed(self, chunk, length: Optional[int] = None) -> bool:
         """Decode chunk[:length]; returns True once NLMSG_DONE was seen."""
         if self.done:
             raise MalformedDump("data after NLMSG_DONE")
         end = len(chunk) if length is None else length
-        stop = _decode_messages(chunk, 0, end, self.sockets, self.netns, self.seq, self._cache)
+        stop = _decode_messages(chunk, 0, end, self.sockets, self.netns, self.seq, self._cache,
+                                self.stores)
         if stop >= 0:
             if stop < end:
                 raise MalformedDump("%d bytes after NLMSG_DONE" % (end - stop))
@@ -409,7 +463,8 @@ class DumpDecoder:
 
 
 def build_dump_request(
-    family: int, states_mask: int, bytecode: bytes = b"", want_info: bool = True, seq: int = 1
+    family: int, states_mask: int, bytecode: bytes = b"", want_info: bool = True, seq: int = 1,
+    storage_fds: Sequence[int] = (),
 ) -> bytes:
     """One dump request for TCP sockets of `family` (AF_UNSPEC: of every family).
 
@@ -420,12 +475,19 @@ def build_dump_request(
     are registered per family and refuse AF_UNSPEC).  Both carry the same
     ext bits, state mask and bytecode, and are answered with the same
     inet_diag_msg records.
+
+    `storage_fds` (BPF_MAP_TYPE_SK_STORAGE map fds) make each record carry
+    the socket's values in those maps (INET_DIAG_SK_BPF_STORAGES, Linux 5.7
+    on); the kernel refuses the whole dump with EPERM without CAP_BPF or
+    CAP_SYS_ADMIN.
     """
     ext = (1 << (INET_DIAG_INFO - 1)) if want_info else 0
     attr = b""
     if bytecode:
         alen = 4 + len(bytecode)
         attr = _RTATTR.pack(alen, INET_DIAG_REQ_BYTECODE) + bytecode + b"\0" * (-alen & 3)
+    if storage_fds:
+        attr += storage_request_attr(storage_fds)
     # A zero sockid: dumps ignore it (the bytecode does the filtering).
     if family == AF_UNSPEC:
         total = NLMSGHDR_LEN + REQ_V1_LEN + len(attr)
@@ -510,6 +572,32 @@ def _bytecode_for(source: BytecodeSource, family: int) -> bytes:
 def _note_fallback(exc: errors.NetlinkError) -> None:
     log.info(
         "kernel refused the one-walk dump of both families (%s): dumping per family", exc)
+
+
+class Storages:
+    """BPF socket storage maps whose values the dumps carry inline.
+
+    Given to DiagSocket.dump_sockets(storage=...): each dump request then
+    carries INET_DIAG_REQ_SK_BPF_STORAGES with these map fds (any fd of the
+    map: bcc's, or one opened from its bpffs pin), and each record's values
+    land in `stores` (cookie -> {map id: raw value}), until the user clears
+    it.  The kernel refuses the whole dump with EPERM unless the caller has
+    CAP_BPF or CAP_SYS_ADMIN: the first refusal sets `refused` (said once in
+    the log) and the dumps go on without the attribute.  Exact lookups
+    (DiagSocket.lookup) never carry the storages: the kernel attaches them
+    to dump replies only (measured on 6.18).
+    """
+
+    def __init__(self, map_fds: Sequence[int]):
+        self.map_fds = tuple(map_fds)
+        self.stores: Dict[int, Dict[int, bytes]] = {}
+        self.refused: Optional[str] = None
+
+    def refuse(self, exc: BaseException) -> None:
+        self.refused = ("the kernel refused the BPF storage in INET_DIAG dumps (%s; needs "
+                        "CAP_BPF or CAP_SYS_ADMIN)" % os.strerror(getattr(exc, "errno", 0)
+                                                                 or errno.EPERM))
+        log.warning("%s: plain dumps, idle from tcp_info", self.refused)
 
 
 class DiagSocket:
@@ -601,15 +689,25 @@ class DiagSocket:
     # -- dump --
 
     def dump(
-        self, family: int, states_mask: int, bytecode: bytes = b"", want_info: bool = True
+        self, family: int, states_mask: int, bytecode: bytes = b"", want_info: bool = True,
+        storage: Optional[Storages] = None,
     ) -> List[Socket]:
         """All TCP sockets of `family` whose state bit is set in `states_mask`.
 
         `states_mask` has bit (1 << TcpState) per wanted state.  The whole
         multipart answer is read before returning, so nothing can be
         destroyed while the kernel is still walking its hash tables (ss -K
-        does that and misses sockets).
+        does that and misses sockets).  `storage`: see Storages.
         """
+        if storage is not None and storage.refused is None:
+            try:
+                return self._dump(family, states_mask, bytecode, want_info, None, storage)
+            except errors.NetlinkError as e:
+                if e.errno not in (errno.EPERM, errno.EACCES):
+                    raise
+                storage.refuse(e)
+            except errors.PrivilegeError as e:
+                storage.refuse(e)
         return self._dump(family, states_mask, bytecode, want_info, None)
 
     def dump_raw(
@@ -624,12 +722,15 @@ class DiagSocket:
         self._dump(family, states_mask, bytecode, want_info, raw)
         return b"".join(raw)
 
-    def _dump(self, family, states_mask, bytecode, want_info, raw: Optional[List[bytes]]):
+    def _dump(self, family, states_mask, bytecode, want_info, raw: Optional[List[bytes]],
+              storage: Optional[Storages] = None):
         if self._dump_sock is None:
             raise ValueError("DiagSocket is closed")
         seq = self._next_seq()
-        req = build_dump_request(family, states_mask, bytecode, want_info, seq)
-        decoder = DumpDecoder(netns=self.netns_label, seq=seq)
+        req = build_dump_request(family, states_mask, bytecode, want_info, seq,
+                                 storage.map_fds if storage is not None else ())
+        decoder = DumpDecoder(netns=self.netns_label, seq=seq,
+                              stores=storage.stores if storage is not None else None)
         sock = self._dump_sock
         try:
             sock.send(req)
@@ -673,6 +774,7 @@ class DiagSocket:
         states_mask: int,
         bytecode_for_family: BytecodeSource = None,
         want_info: bool = True,
+        storage: Optional[Storages] = None,
     ) -> List[Socket]:
         """The TCP sockets of `families` (AF_INET, AF_INET6 or both) in one list.
 
@@ -695,22 +797,22 @@ class DiagSocket:
         codes = {fam: _bytecode_for(bytecode_for_family, fam) for fam in wanted}
         if len(wanted) == 2 and codes[AF_INET] == codes[AF_INET6] and DiagSocket.single_walk:
             try:
-                return self.dump(AF_UNSPEC, states_mask, codes[AF_INET], want_info)
+                return self.dump(AF_UNSPEC, states_mask, codes[AF_INET], want_info, storage)
             except errors.NetlinkError as e:
                 if e.errno not in _LEGACY_REFUSED:
                     raise
                 refused = e
-            out = self._dump_each(wanted, codes, states_mask, want_info)
+            out = self._dump_each(wanted, codes, states_mask, want_info, storage)
             # Only now is it the request, not its bytecode, the kernel refused.
             DiagSocket.single_walk = False
             _note_fallback(refused)
             return out
-        return self._dump_each(wanted, codes, states_mask, want_info)
+        return self._dump_each(wanted, codes, states_mask, want_info, storage)
 
-    def _dump_each(self, wanted, codes, states_mask, want_info) -> List[Socket]:
+    def _dump_each(self, wanted, codes, states_mask, want_info, storage=None) -> List[Socket]:
         out: List[Socket] = []
         for fam in wanted:
-            out.extend(self.dump(fam, states_mask, codes[fam], want_info))
+            out.extend(self.dump(fam, states_mask, codes[fam], want_info, storage))
         return out
 
     # -- destroy --

@@ -14,6 +14,12 @@ Where it comes from is chosen here, in this order (`choose`):
   3. nothing: idle times come from tcp_info alone, and the run says so
      (or fails with --require-bpf).
 The tracker attaches a probe of its own, its maps pinned (`attach_tracker`).
+
+Where the probe records into per-socket storage (tp_btf + sk_storage, Linux
+5.11 on), its evidence is read **inline**: the INET_DIAG dump the pass makes
+anyway carries each socket's value (`InlineReader`, diag.Storages), so there
+is no map read, no join on cookies and no priming; `bind_scope` makes the
+scope's dumps ask for it.
 A stale pinned map (tracker stopped) is harmless: the merge rule in idle.py
 never lets the probe make a socket look idler than tcp_info says.
 """
@@ -25,6 +31,7 @@ import os
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
+from . import diag
 from .errors import RuntimeFailure
 from .model import DEFAULT_MAP_SIZE, DEFAULT_PIN_DIR, Activity
 
@@ -71,6 +78,80 @@ class Evidence:
         pins vanished or replaced (Probe.pin_problems); [] when all is well."""
         return self._problems() if self._problems is not None else []
 
+    def bind_scope(self, scope) -> None:
+        """Make the scope's dumps carry the inline storage (no-op otherwise)."""
+        if isinstance(self.reader, InlineReader):
+            self.reader.bind(scope)
+
+    def close(self) -> None:
+        close, self._close = self._close, None
+        if close is not None:
+            close()
+
+
+class InlineReader:
+    """The probe's per-socket storage, as the scope's dumps return it.
+
+    activity(): the values the dumps since the last call carried, by cookie
+    (the pass reads it right after its dump).  lookup(cookies): the re-check
+    before a destroy -- exact INET_DIAG lookups carry no storage, so the
+    scope is dumped once more (storage only, no tcp_info) and the values of
+    these cookies returned.  `storage_fd` is the map's fd (the tracker's own,
+    or one opened from the pin); the map id tells its values apart in the
+    replies.
+    """
+
+    storage = "sk_storage"
+
+    def __init__(self, storage_fd: int, map_id: int, hook: str = "tp_btf",
+                 close: Optional[Callable[[], None]] = None, counters=None):
+        self.storages = diag.Storages([storage_fd])
+        self.map_id = map_id
+        self.hook = hook
+        self._close = close
+        self._counters = counters  # the probe's counters map reader, when we have it
+        self._scope = None
+        self._last: Dict[int, Activity] = {}
+
+    def bind(self, scope) -> None:
+        self._scope = scope
+        scope.storage = self.storages
+
+    @property
+    def refused(self) -> Optional[str]:
+        """Why the dumps carry no storage (EPERM), None while they do."""
+        return self.storages.refused
+
+    def _take(self) -> Dict[int, Activity]:
+        from .probe.maps import VALUE  # struct only: no ctypes, no bcc
+
+        out = {}
+        mid = self.map_id
+        for cookie, per_map in self.storages.stores.items():
+            raw = per_map.get(mid)
+            if raw is not None and len(raw) >= VALUE.size:
+                seg, data, nseg, ndata, nbytes = VALUE.unpack_from(raw)
+                out[cookie] = Activity(cookie, seg, data, nseg, ndata, nbytes)
+        self.storages.stores.clear()
+        return out
+
+    def activity(self) -> Dict[int, Activity]:
+        self._last = self._take()
+        return self._last
+
+    def lookup(self, cookies: Sequence[int]) -> Dict[int, Activity]:
+        if self._scope is not None:
+            self.storages.stores.clear()
+            self._scope.dump_storages()
+        fresh = self._take()
+        return {c: fresh[c] for c in cookies if c in fresh}
+
+    def stats(self) -> Dict[str, int]:
+        c = self._counters.counters() if self._counters is not None else {}
+        return {"entries": len(self._last), "inserts": c.get("inserts", 0),
+                "deletes": 0, "evicted": 0, "failed": c.get("failed", 0),
+                "no_cookie": 0, "max_entries": 0}
+
     def close(self) -> None:
         close, self._close = self._close, None
         if close is not None:
@@ -92,7 +173,7 @@ def attach_tracker(pin_dir: Optional[str], map_size: int = DEFAULT_MAP_SIZE, hoo
 
     try:
         attached = probe.Probe.attach(map_size=map_size, hook=hook, cache_dir=cache_dir,
-                                      pin_dir=pin_dir)
+                                      pin_dir=pin_dir, sk_storage=True)
     except probe.PinError:
         raise
     except probe.ProbeUnavailable as e:
@@ -108,6 +189,13 @@ def attach_tracker(pin_dir: Optional[str], map_size: int = DEFAULT_MAP_SIZE, hoo
         # hook sees a socket's segments from then on.
         log.info("%s sees a connection from the first poll that lists it on", attached.hook)
     text = "BPF probe on %s" % attached.describe()
+    if attached.storage_fd is not None:
+        text += "; per-socket storage, read inline in the INET_DIAG dumps"
+        if attached.pin_dir:
+            text += "; maps pinned in %s" % attached.describe_pins()
+        return Evidence(InlineReader(attached.storage_fd, attached.storage_id, attached.hook,
+                                     counters=attached), text,
+                        close=lambda: attached.close(keep_pins=True))
     pins = attached.describe_pins()
     if pins:
         try:
@@ -129,13 +217,21 @@ def choose(pin_dir: str = DEFAULT_PIN_DIR, watch_s: Optional[float] = None,
     returns how many sockets it asked about.
     """
     reason = None
-    if watch_s or _pinned(pin_dir):
+    if watch_s or _pinned(pin_dir) or _pinned_storage(pin_dir):
         from . import probe  # ctypes and libbpf: only when there is BPF to read
     if watch_s:
         try:
             return _watch(probe, watch_s, map_size, progress, prime)
         except probe.ProbeUnavailable as exc:
             reason = "BPF probe unavailable: %s" % exc
+    elif _pinned_storage(pin_dir):
+        try:
+            return _open_pinned_storage(probe, pin_dir)
+        except OSError as exc:
+            reason = "cannot open the tracker's pinned storage in %s: %s" % (
+                pin_dir, os.strerror(exc.errno or 0))
+        except probe.ProbeUnavailable as exc:
+            reason = "cannot use the tracker's pinned storage: %s" % exc
     elif _pinned(pin_dir):
         try:
             pinned = probe.PinnedMap.open(pin_dir)
@@ -156,13 +252,40 @@ def _pinned(pin_dir: str) -> bool:
     return os.path.exists(os.path.join(pin_dir, "activity"))
 
 
+def _pinned_storage(pin_dir: str) -> bool:
+    return os.path.exists(os.path.join(pin_dir, "storage"))
+
+
+def _open_pinned_storage(probe, pin_dir: str) -> Evidence:
+    """The tracker's per-socket storage map, opened from its pin, for inline dumps."""
+    from .probe.maps import STORAGE_PIN, layout_problem, map_info, obj_get
+    from .probe.pins import check_pin
+
+    path = os.path.join(pin_dir, STORAGE_PIN)
+    check_pin(path)  # ours, not a symlink (PinError)
+    fd = obj_get(path)
+    try:
+        info = map_info(fd)
+        why = layout_problem(STORAGE_PIN, info.type, info.key_size, info.value_size,
+                             info.max_entries, info.map_flags)
+        if why:
+            raise probe.ProbeUnavailable("%s is %s" % (path, why))
+    except BaseException:
+        os.close(fd)
+        raise
+    return Evidence(InlineReader(fd, info.id, close=lambda: os.close(fd)),
+                    "idle from BPF: the tracker's per-socket storage pinned in %s, "
+                    "read inline in the INET_DIAG dump" % pin_dir)
+
+
 # While watching, sockets opened since the last dump have no cookie yet: the
 # dump is repeated this often, unless one dump costs more than a tenth of it.
 PRIME_EVERY_S = 2.0
 
 
 def _watch(probe, watch_s: float, map_size: int, progress, prime) -> Evidence:
-    attached = probe.Probe.attach(map_size=map_size, log=log)  # logs hook, headers, start-up time
+    attached = probe.Probe.attach(map_size=map_size, log=log,  # logs hook, headers, start-up time
+                                  sk_storage=True)
     try:
         primer = _Primer(prime if attached.needs_cookie_priming else None, attached.hook)
         deadline = time.monotonic() + watch_s
@@ -178,6 +301,11 @@ def _watch(probe, watch_s: float, map_size: int, progress, prime) -> Evidence:
         attached.close()
         raise
     hook = attached.describe().partition(" (")[0]  # without the notes on hooks not taken
+    if attached.storage_fd is not None:
+        return Evidence(InlineReader(attached.storage_fd, attached.storage_id, attached.hook,
+                                     close=attached.close, counters=attached),
+                        "idle from BPF: %s + per-socket storage (inline), watched %g s"
+                        % (hook, watch_s))
     return Evidence(attached, "idle from BPF: %s, watched %g s" % (hook, watch_s))
 
 

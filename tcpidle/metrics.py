@@ -48,7 +48,11 @@ tcpidle_probe_attached (gauge)
     1 while the BPF probe runs, 0 when idle times come from tcp_info alone.
 tcpidle_probe_info (gauge, labels hook, storage)
     1 for the probe attached: hook tp_btf, raw_tracepoint, kprobe or tracepoint;
-    storage lru (the activity map, keyed by socket cookie).
+    storage sk_storage (per-socket storage read inline in the dumps: Linux 5.11
+    on with tp_btf) or lru (the activity map, keyed by socket cookie).
+    With sk_storage, map_entries counts the selected sockets with a record in
+    the last poll's dump, and capacity and evictions are 0 (no bound, no
+    eviction: the storage dies with its socket).
 tcpidle_probe_map_entries (gauge)
     entries in the probe's activity map.
 tcpidle_probe_map_capacity (gauge)

@@ -51,6 +51,8 @@ class Scope:
             namespaces = [netns.own()]
         self.namespaces = namespaces if callable(namespaces) else list(namespaces)
         self._open = open_diag
+        # diag.Storages whose values the dumps carry (evidence.InlineReader), or None
+        self.storage: Optional[diag.Storages] = None
         self.families = selectors.selector_families(selector)
         self.states_mask = selectors.states_mask(selector.states)
         try:
@@ -109,9 +111,27 @@ class Scope:
         for nl in self._each_namespace(scan):
             with nl:
                 now_ns = time.monotonic_ns()
-                socks = nl.dump_sockets(self.families, self.states_mask, self.bytecode)
+                if self.storage is None:
+                    socks = nl.dump_sockets(self.families, self.states_mask, self.bytecode)
+                else:
+                    socks = nl.dump_sockets(self.families, self.states_mask, self.bytecode,
+                                            storage=self.storage)
                 found.extend((sk, now_ns) for sk in socks)
         return found
+
+    def dump_storages(self) -> int:
+        """Dump the selection once more for its inline BPF storage alone (no
+        tcp_info): the re-check's fresh probe values.  Returns the sockets seen."""
+        seen = 0
+        fds = NamespaceFds()
+        try:
+            for nl in self._each_namespace(fds):
+                with nl:
+                    seen += len(nl.dump_sockets(self.families, self.states_mask, self.bytecode,
+                                                want_info=False, storage=self.storage))
+        finally:
+            fds.close()
+        return seen
 
     def prime_cookies(self) -> int:
         """Dump the selected sockets once, so that each has its cookie; returns how many.

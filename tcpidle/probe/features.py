@@ -59,6 +59,9 @@ class KernelFeatures:
     # Linux 5.12 on (commit c5dbb89fc2ac); before it the verifier refuses
     # the helper there, and tp_btf reads the cookie from the socket instead.
     tracing_cookie_helper: bool = True
+    # bpf_sk_storage_get() callable from tracing programs (tp_btf): Linux
+    # 5.11 on; the storage then replaces the LRU map.
+    tracing_sk_storage: bool = True
 
     @property
     def tp_has_sk(self) -> bool:
@@ -210,7 +213,8 @@ def detect_features(need_btf: bool = True, cache_dir: Optional[str] = None) -> K
         btf_offsets=offsets, btf_error=err, kprobes=kprobes_available(),
         tcp_probe_fields=tracepoint_fields("tcp", "tcp_probe"),
         destroy_fields=tracepoint_fields("tcp", "tcp_destroy_sock"),
-        tracing_cookie_helper=release_at_least(os.uname().release, (5, 12)))
+        tracing_cookie_helper=release_at_least(os.uname().release, (5, 12)),
+        tracing_sk_storage=release_at_least(os.uname().release, (5, 11)))
 
 
 def release_at_least(release: str, version: Tuple[int, ...]) -> bool:
@@ -231,12 +235,13 @@ def release_at_least(release: str, version: Tuple[int, ...]) -> bool:
 
 def build_cflags(map_size: int, hooks: Sequence[str], offsets: Optional[Dict[str, int]],
                  destroy: bool, selftest: bool = False, tp_has_sk: bool = False,
-                 tracing_cookie_helper: bool = True) -> List[str]:
+                 tracing_cookie_helper: bool = True, sk_storage: bool = False) -> List[str]:
     """The -D flags that configure the C source (no text substitution).
 
     tp_has_sk: tcp:tcp_probe's record has skaddr/skbaddr (the selftest reads
     them); tracing_cookie_helper: tp_btf may call bpf_get_socket_cookie
-    (KernelFeatures).
+    (KernelFeatures); sk_storage: tp_btf records into per-socket storage
+    instead of the LRU map.
     """
     flags = ["-DMAX_ENTRIES=%d" % map_size]
     for h in hooks:
@@ -245,6 +250,8 @@ def build_cflags(map_size: int, hooks: Sequence[str], offsets: Optional[Dict[str
         flags.append("-DTCPIDLE_TP_HAS_SK")
     if "tp_btf" in hooks and not tracing_cookie_helper:
         flags.append("-DTCPIDLE_TP_BTF_READ_COOKIE")
+    if "tp_btf" in hooks and sk_storage:
+        flags.append("-DTCPIDLE_SK_STORAGE")
     if offsets and (selftest or set(hooks) & {"tp_btf", "raw_tracepoint", "kprobe"}):
         flags += ["-D%s=%d" % kv for kv in sorted(offsets.items())]
     if destroy:

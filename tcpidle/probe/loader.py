@@ -24,10 +24,10 @@ from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 from ..errors import UsageError
 from ..model import DEFAULT_MAP_SIZE
-from . import ProbeUnavailable, kheaders, one_line, tpbtf
+from . import PinError, ProbeUnavailable, kheaders, one_line, tpbtf
 from .features import (HOOKS, LAZY_COOKIE_HOOKS, RCV_FUNC, attach_first, build_cflags,
                        detect_features, ensure_tracefs, plan_hooks, unavailable_reasons)
-from .maps import MAX_MAP_SIZE, MapReader
+from .maps import MAX_MAP_SIZE, MapReader, map_info
 from .pins import PinSession, check_pin_dir
 
 _log = logging.getLogger("tcpidle.probe")
@@ -131,6 +131,7 @@ class _Loaded(NamedTuple):
     hook_notes: List[str]
     header_source: str
     lazy_cookie: bool  # the hook reads the cookie from the socket (see needs_cookie_priming)
+    storage_fd: Optional[int]  # the sk_storage map's fd (bcc's), None: the LRU map records
 
 
 class Probe:
@@ -144,7 +145,11 @@ class Probe:
         self._module = loaded.module  # None once closed
         self.reader = loaded.reader
         self.hook = loaded.hook
-        self.storage = "lru"  # the activity map, keyed by socket cookie
+        # "sk_storage": per-socket storage, read inline in INET_DIAG dumps
+        # (storage_fd, storage_id); "lru": the activity map, keyed by cookie
+        self.storage_fd = loaded.storage_fd
+        self.storage = "lru" if loaded.storage_fd is None else "sk_storage"
+        self.storage_id = None if loaded.storage_fd is None else map_info(loaded.storage_fd).id
         self.hook_notes = loaded.hook_notes
         self.header_source = loaded.header_source
         self._lazy_cookie = loaded.lazy_cookie
@@ -158,7 +163,7 @@ class Probe:
     @classmethod
     def attach(cls, map_size: int = DEFAULT_MAP_SIZE, hook: str = "auto", log=None,
                cache_dir: Optional[str] = None, selftest: bool = False,
-               pin_dir: Optional[str] = None) -> "Probe":
+               pin_dir: Optional[str] = None, sk_storage: bool = False) -> "Probe":
         """Compile and attach the probe; ProbeUnavailable(reason) if impossible.
 
         map_size bounds the activity map; hook is "auto" or one of HOOKS;
@@ -173,6 +178,11 @@ class Probe:
         reused at its own size, with a warning).  The directory is locked
         (flock) while attached, so two trackers never feed the same maps.
         close(keep_pins=True) leaves the pins for the next attach.
+
+        sk_storage: where tp_btf attaches on a kernel that allows it (5.11
+        on), record into per-socket storage (pinned as pin_dir/storage)
+        instead of the activity map: read it inline in INET_DIAG dumps
+        (storage_fd, storage_id).
         """
         log = log or _log
         t0 = time.monotonic()
@@ -187,7 +197,7 @@ class Probe:
         pins = PinSession.open(pin_dir, map_size, log) if pin_dir is not None else None
         try:
             loaded = _load(map_size if pins is None else pins.map_size, hook, log,
-                           cache_dir, selftest, pins)
+                           cache_dir, selftest, pins, sk_storage)
         except BaseException:
             if pins is not None:
                 pins.abort()
@@ -294,7 +304,7 @@ class Probe:
 
 
 def _load(map_size: int, hook: str, log, cache_dir: Optional[str], selftest: bool,
-          pins: Optional[PinSession]) -> _Loaded:
+          pins: Optional[PinSession], sk_storage: bool = False) -> _Loaded:
     """Compile, load and attach: the body of attach() once inputs are checked."""
     try:
         Module = _module_class()
@@ -316,11 +326,22 @@ def _load(map_size: int, hook: str, log, cache_dir: Optional[str], selftest: boo
     except (kheaders.HeadersNotFound, OSError) as e:
         raise ProbeUnavailable(one_line(e)) from None
 
+    sk_storage = sk_storage and feats.tracing_sk_storage and "tp_btf" in candidates
     cflags = build_cflags(map_size, candidates, feats.btf_offsets, destroy, selftest,
                           tp_has_sk=feats.tp_has_sk,
-                          tracing_cookie_helper=feats.tracing_cookie_helper)
+                          tracing_cookie_helper=feats.tracing_cookie_helper,
+                          sk_storage=sk_storage)
     if pins is not None:
         cflags += pins.cflags()
+        if sk_storage:
+            # bcc's pin-path section (see the C source): reused if pinned,
+            # once checked to be ours
+            why = pins.storage_problem()
+            if why:
+                raise PinError("%s: remove it with `tcpidle track --cleanup --pin-dir %s`"
+                               % (why, pins.directory))
+            pins.storage_created = not os.path.exists(pins.path("storage"))
+            cflags.append('-DTCPIDLE_PIN_STORAGE="%s"' % pins.path("storage"))
     diag: List[str] = []
     try:
         with _env("BCC_KERNEL_SOURCE", tree.env), _captured_stderr(diag):
@@ -362,7 +383,13 @@ def _load(map_size: int, hook: str, log, cache_dir: Optional[str], selftest: boo
     if chosen == "tp_btf" and lazy:
         notes.append("tp_btf reads the cookie from the socket (bpf_get_socket_cookie is "
                      "for tracing programs since Linux 5.12)")
-    return _Loaded(module, reader, chosen, notes, tree.source, lazy)
+    storage_fd = None
+    if sk_storage and chosen == "tp_btf":
+        from bcc import libbcc
+
+        storage_fd = libbcc.lib.bpf_table_fd(module.module, b"sk_activity")
+        lazy = False  # the storage is found from the socket: no cookie needed
+    return _Loaded(module, reader, chosen, notes, tree.source, lazy, storage_fd)
 
 
 def _attach_hook(module, hook: str) -> None:

@@ -32,8 +32,10 @@ VALUE = struct.Struct("=5Q")
 KEY_SIZE = 8
 BPF_MAP_TYPE_PERCPU_ARRAY = 6
 BPF_MAP_TYPE_LRU_HASH = 9
+BPF_MAP_TYPE_SK_STORAGE = 24
 BPF_F_RDONLY = 1 << 3
 PIN_NAMES = ("activity", "counters")
+STORAGE_PIN = "storage"  # the per-socket storage, pinned where tp_btf + sk_storage records
 # What each map must be: name -> (map type, key size, value size, max_entries
 # or None for any in 1..MAX_MAP_SIZE, map flags).  bcc creates both with no
 # flags; a flag such as BPF_F_NO_COMMON_LRU or BPF_F_RDONLY_PROG would change
@@ -41,6 +43,10 @@ PIN_NAMES = ("activity", "counters")
 MAP_SPECS = {
     "activity": (BPF_MAP_TYPE_LRU_HASH, KEY_SIZE, VALUE.size, None, 0),
     "counters": (BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, len(COUNTERS), 0),
+    # per-socket storage (STORAGE_PIN, not in PIN_NAMES: pinned only where
+    # tp_btf + sk_storage records): int key (the kernel's convention),
+    # max_entries 0, BPF_F_NO_PREALLOC (required of this map type)
+    "storage": (BPF_MAP_TYPE_SK_STORAGE, 4, VALUE.size, 0, 1),
 }
 
 

@@ -36,7 +36,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from ..errors import RuntimeFailure, UsageError
 from ..model import DEFAULT_PIN_DIR
 from . import PinError, ProbeUnavailable, one_line
-from .maps import PIN_NAMES, MapReader, layout_problem, map_info, obj_get
+from .maps import PIN_NAMES, STORAGE_PIN, MapReader, layout_problem, map_info, obj_get
 
 BPF_FS_MAGIC = 0xCAFE4A11
 SYS_BPFFS = "/sys/fs/bpf"
@@ -414,6 +414,9 @@ def pin_dir_holder(directory: str) -> Optional[int]:
 
 
 class PinSession:
+    # set by the loader when this attach lets bcc create (and pin) the storage
+    storage_created = False
+
     """The pin directory of one attach: lock, reuse plan, and cleanup on failure."""
 
     def __init__(self, directory: str, lock: Tuple[int, str], map_size: int, reused: List[str],
@@ -502,12 +505,27 @@ class PinSession:
     def abort(self) -> None:
         """Attach failed: remove the pins this attempt created, keep reused ones."""
         self._unlink([n for n in PIN_NAMES if n not in self.reused])
+        if self.storage_created:
+            self._unlink([STORAGE_PIN])
         self._unlock()
 
     def release(self, remove: bool) -> None:
         if remove:
-            self._unlink(PIN_NAMES)
+            self._unlink(PIN_NAMES + (STORAGE_PIN,))
         self._unlock()
+
+    def storage_problem(self) -> Optional[str]:
+        """Why the storage pinned here cannot be reused (None: nothing pinned, or ours).
+
+        Checked before bcc opens it (bcc reuses whatever is pinned at the
+        path, as is): a pin of ours, and a socket storage map of our layout.
+        """
+        info = pinned_info(self.path(STORAGE_PIN))
+        if info is None:
+            return None
+        why = layout_problem(STORAGE_PIN, info.map_type, info.key_size, info.value_size,
+                             info.max_entries, info.map_flags)
+        return None if why is None else "%s is %s" % (self.path(STORAGE_PIN), why)
 
 
 def remove_pins(directory: str = DEFAULT_PIN_DIR) -> List[str]:
@@ -533,7 +551,7 @@ def remove_pins(directory: str = DEFAULT_PIN_DIR) -> List[str]:
         raise RuntimeFailure("%s: stop it before --cleanup" % e) from None
     removed = []
     try:
-        pins = [os.path.join(directory, name) for name in PIN_NAMES]
+        pins = [os.path.join(directory, name) for name in PIN_NAMES + (STORAGE_PIN,)]
         present = [path for path in pins if check_pin(path)]  # all checked before any unlink
         for path in present:
             os.unlink(path)

@@ -179,7 +179,9 @@ def test_kills_what_turns_idle_spares_active_and_protected(netns, make_farm, tra
     rc, took = t.stop()
     assert rc == 0, t.stderr()
     assert took < 1.0, took
-    assert sorted(os.listdir(pin_dir)) == ["activity", "counters"]  # pins kept
+    # pins kept (storage: where tp_btf + sk_storage records)
+    assert sorted(os.listdir(pin_dir)) in (["activity", "counters"],
+                                           ["activity", "counters", "storage"])
 
     before, after = read_lines(events + ".1"), read_lines(events)
     assert [e["cookie"] for e in before] == [idle["cookie"]]
@@ -212,7 +214,9 @@ def test_audit_and_kill_read_the_trackers_pinned_map(netns, make_farm, trackers,
 
     audit = run_tcpidle(netns, "audit", "-d", PORT, "--pin-dir", pin_dir, "--json", "-v")
     assert audit.returncode == 0, audit.stderr
-    assert "the tracker's map pinned in %s" % pin_dir in audit.stderr
+    # the per-socket storage where tp_btf + sk_storage runs (5.11 on), else the map
+    assert ("the tracker's per-socket storage pinned in %s" % pin_dir in audit.stderr
+            or "the tracker's map pinned in %s" % pin_dir in audit.stderr), audit.stderr
     rows = {r["cookie"]: r for r in parse_json_lines(audit.stdout)}
     assert rows[talker["cookie"]]["idle_source"] == "bpf"
     assert rows[talker["cookie"]]["idle_ms"] < 250  # sends every 50 ms
@@ -275,7 +279,10 @@ def test_restart_keeps_history_and_cleanup_removes_it(netns, make_farm, trackers
     farm.serve([PORT])
     hist = farm.connect("127.0.0.1", PORT, label="active", tag="hist")[0]
     steady = farm.connect("127.0.0.1", PORT, label="active", tag="steady")[0]
-    common = ["-d", PORT, "--interval", 0.3, "--pin-dir", pin_dir]
+    # The activity map's history (the path of kernels without sk_storage for
+    # tp_btf, < 5.11): the raw tracepoint records into it here; the storage's
+    # restart is test_inline_storage's.
+    common = ["-d", PORT, "--interval", 0.3, "--pin-dir", pin_dir, "--bpf-hook", "raw_tracepoint"]
 
     a = trackers(netns, "-t", 600000, *common)
     a.wait_ready()
@@ -337,7 +344,7 @@ def test_restart_keeps_history_and_cleanup_removes_it(netns, make_farm, trackers
     assert b.stop()[0] == 0
     res = run_tcpidle(netns, "track", "--cleanup", "--pin-dir", pin_dir)
     assert res.returncode == 0, res
-    for name in PIN_NAMES:
+    for name in ("activity", "counters"):  # what was pinned (no storage: raw tracepoint)
         assert "removed %s" % os.path.join(pin_dir, name) in res.stderr
     assert not os.path.exists(pin_dir)
     res = run_tcpidle(netns, "track", "--cleanup", "--pin-dir", pin_dir)
@@ -393,9 +400,10 @@ def test_metrics_endpoint(netns, make_farm, trackers, pin_dir):
 
     def polled():
         text = scrape()
-        # both ends of the victim are in the map, at least
+        # both ends of the victim are in the map, at least; with the
+        # per-socket storage: the selected end, as the dump saw it
         if value(text, "tcpidle_sockets_seen") == 1.0 and \
-                value(text, "tcpidle_probe_map_entries") >= 2:
+                (value(text, "tcpidle_probe_map_entries") or 0) >= 1:
             return text
         return None
 
@@ -407,8 +415,9 @@ def test_metrics_endpoint(netns, make_farm, trackers, pin_dir):
     assert value(text, destroyed) == 0.0
     assert value(text, "tcpidle_probe_attached") == 1.0
     # the hook auto chose here (BTF, no fentry on this kernel): best first
-    assert value(text, 'tcpidle_probe_info{hook="tp_btf",storage="lru"}') == 1.0
-    assert value(text, "tcpidle_probe_map_capacity") == 4096.0
+    assert value(text, 'tcpidle_probe_info{hook="tp_btf",storage="sk_storage"}') == 1.0
+    assert value(text, "tcpidle_probe_map_entries") == 1.0
+    assert value(text, "tcpidle_probe_map_capacity") == 0.0  # storage: no capacity
     assert value(text, "tcpidle_poll_duration_seconds_count") >= 1
     assert value(text, "tcpidle_idle_seconds_count") >= 1
 

@@ -1,0 +1,259 @@
+"""Kernel tests of the probe's per-socket storage, read inline in INET_DIAG dumps.
+
+tp_btf + sk_storage (Linux 5.11 on): every socket is recorded from its first
+segment, and the dump tcpidle makes anyway carries each socket's record.
+Ground truth: connections opened after the tracker (or the watch) started,
+between its polls, each receive one payload at a recorded CLOCK_MONOTONIC
+time; the idle times `audit` reports must agree with those times.
+
+The audit's "now" is not known to the test, but it is one instant for all the
+sockets of a namespace (taken just before its dump): the differences between
+the connections' idle times must equal the differences between their send
+times (the error measured), and each idle time must lie between what it was
+when the audit started and when it ended.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import parse_json_lines, tcpidle_argv  # noqa: E402
+from lab.netns import in_netns, wait_for  # noqa: E402
+from test_track import bpffs, pin_dir, trackers  # noqa: F401,E402  (fixtures)
+
+pytestmark = pytest.mark.kernel
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SO_COOKIE = 57
+PORT = 7301
+MAX_ERROR_MS = 0.5
+
+
+def cookie(s):
+    return struct.unpack("Q", s.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8))[0]
+
+
+def inline_storage_or_skip():
+    from tcpidle.probe import Probe, ProbeUnavailable
+
+    try:
+        p = Probe.attach(map_size=16, sk_storage=True)
+    except ProbeUnavailable as e:
+        pytest.skip(str(e))
+    try:
+        if p.storage != "sk_storage":
+            pytest.skip("no tp_btf + sk_storage here (%s)" % p.describe())
+    finally:
+        p.close()
+
+
+class Pairs:
+    """Connections inside a namespace, opened by the test's own threads there."""
+
+    def __init__(self, ns):
+        self.ns = ns
+        self.socks = []
+        self.listener = in_netns(ns, self._listen)
+
+    def _listen(self):
+        ls = socket.socket()
+        ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        ls.bind(("127.0.0.1", PORT))
+        ls.listen(64)
+        self.socks.append(ls)
+        return ls
+
+    def open_and_send(self, payload=b"x"):
+        """A new connection; the client sends one payload at once: (server end, send ns)."""
+        def make():
+            c = socket.create_connection(("127.0.0.1", PORT))
+            s, _ = self.listener.accept()
+            t = time.monotonic_ns()
+            c.sendall(payload)
+            return c, s, t
+
+        c, s, t = in_netns(self.ns, make)
+        self.socks += [c, s]
+        assert s.recv(16) == payload
+        return s, t
+
+    def close(self):
+        for s in self.socks:
+            s.close()
+
+
+@pytest.fixture
+def pairs(netns):
+    p = Pairs(netns.name)
+    yield p
+    p.close()
+
+
+def check_against_truth(rows, sent, t_start, t_end, label):
+    """rows: audit JSON by cookie; sent: [(cookie, send ns)]; returns the worst error (ms)."""
+    for ck, _ in sent:
+        assert rows[ck]["idle_source"] == "bpf", (label, rows[ck])
+    ref_ck, ref_t = sent[0]
+    worst = 0.0
+    for ck, t in sent:
+        idle = rows[ck]["idle_ms"]
+        # between its age when the audit started and when it ended
+        assert (t_start - t) / 1e6 - MAX_ERROR_MS <= idle <= (t_end - t) / 1e6 + MAX_ERROR_MS
+        err = abs((idle - rows[ref_ck]["idle_ms"]) - (ref_t - t) / 1e6)
+        worst = max(worst, err)
+    print("%s: %d connections, worst error %.4f ms" % (label, len(sent), worst))
+    assert worst <= MAX_ERROR_MS, worst
+    return worst
+
+
+def test_tracker_sees_connections_opened_between_its_polls(netns, pairs, trackers, pin_dir,
+                                                         run_tcpidle, record_property):
+    inline_storage_or_skip()
+    t = trackers(netns, "-s", PORT, "-t", 600000, "--interval", 1, "--dry-run",
+                 "--pin-dir", pin_dir, "-v")
+    t.wait_ready()
+    assert "per-socket storage, read inline" in t.stderr()
+    sent = []
+    for i in range(5):
+        time.sleep(0.13 + 0.07 * i)  # at offsets unrelated to the 1 s polls
+        s, ts = pairs.open_and_send()
+        sent.append((cookie(s), ts))  # the cookie asked for only after the payload
+    t_start = time.monotonic_ns()
+    audit = run_tcpidle(netns, "audit", "-s", PORT, "--pin-dir", pin_dir, "--json", "-v")
+    t_end = time.monotonic_ns()
+    assert audit.returncode == 0, audit.stderr
+    assert "per-socket storage pinned in %s" % pin_dir in audit.stderr
+    rows = {r["cookie"]: r for r in parse_json_lines(audit.stdout)}
+    worst = check_against_truth(rows, sent, t_start, t_end, "audit")
+    record_property("inline_worst_error_ms", "%.4f" % worst)
+
+    # A restarted tracker carries on with the same storage: the history stays.
+    t.stop()
+    t2 = trackers(netns, "-s", PORT, "-t", 600000, "--interval", 1, "--dry-run",
+                  "--pin-dir", pin_dir, "-v")
+    t2.wait_ready()
+    assert "reused" in t2.stderr() and "storage" in t2.stderr()
+    t_start = time.monotonic_ns()
+    again = run_tcpidle(netns, "audit", "-s", PORT, "--pin-dir", pin_dir, "--json")
+    t_end = time.monotonic_ns()
+    assert again.returncode == 0, again.stderr
+    rows = {r["cookie"]: r for r in parse_json_lines(again.stdout)}
+    check_against_truth(rows, sent, t_start, t_end, "audit after a tracker restart")
+    t2.stop()
+
+
+def test_audit_watch_sees_connections_opened_during_the_watch(netns, pairs, record_property):
+    inline_storage_or_skip()
+    argv = tcpidle_argv(netns, "audit", "--watch", 3, "-s", PORT, "--json", "-v")
+    t_start = time.monotonic_ns()
+    proc = subprocess.Popen(argv, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        # the probe is attached once the watch says how long it has left
+        time.sleep(2.0)
+        sent = []
+        for i in range(5):
+            s, ts = pairs.open_and_send()
+            sent.append((cookie(s), ts))
+            time.sleep(0.05 * (i + 1))
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    t_end = time.monotonic_ns()
+    assert proc.returncode == 0, err
+    if "per-socket storage" not in err:
+        pytest.fail("the watch did not use the inline storage: %s" % err)
+    rows = {r["cookie"]: r for r in parse_json_lines(out)}
+    assert all(ck in rows for ck, _ in sent), (err, sent)
+    assert sent[0][1] > t_start
+    worst = check_against_truth(rows, sent, sent[-1][1], t_end, "audit --watch")
+    record_property("inline_watch_worst_error_ms", "%.4f" % worst)
+
+
+# The unprivileged side of the inline dump, run by a child that opens the
+# pinned storage as root and then gives up root (and with it every
+# capability) before it dumps: the kernel refuses the whole dump with EPERM,
+# and the dump goes on plain, said once.
+_UNPRIVILEGED = r"""
+import json, logging, os, socket, sys
+logging.basicConfig(level=logging.WARNING, format="%(message)s")
+from tcpidle import diag
+from tcpidle.probe.maps import obj_get
+fd = obj_get(sys.argv[1])
+os.setgroups([]); os.setresgid(65534, 65534, 65534); os.setresuid(65534, 65534, 65534)
+st = diag.Storages([fd])
+with diag.DiagSocket() as nl:
+    first = nl.dump_sockets([socket.AF_INET], 0xFFF, storage=st)
+    second = nl.dump_sockets([socket.AF_INET], 0xFFF, storage=st)
+print(json.dumps({"n": [len(first), len(second)], "refused": st.refused,
+                  "stores": len(st.stores)}))
+"""
+
+
+def test_unprivileged_dump_falls_back_to_a_plain_dump_and_says_why(netns, pairs, bpffs):
+    from tcpidle.probe import Probe
+
+    inline_storage_or_skip()
+    pdir = os.path.join(bpffs, "tiinline-%d" % os.getpid())
+    p = Probe.attach(map_size=16, pin_dir=pdir, sk_storage=True)
+    try:
+        s, _ = pairs.open_and_send()
+        run = ["ip", "netns", "exec", netns.name, sys.executable, "-c", _UNPRIVILEGED,
+               os.path.join(pdir, "storage")]
+        res = subprocess.run(run, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, timeout=60, env=dict(os.environ, PYTHONPATH=REPO_ROOT))
+        assert res.returncode == 0, res.stderr
+        got = __import__("json").loads(res.stdout)
+        # both dumps answered (plain): listener, client and server ends
+        assert got["n"][0] == got["n"][1] >= 3, got
+        assert got["stores"] == 0
+        assert "CAP_BPF or CAP_SYS_ADMIN" in got["refused"]
+        # said once, though two dumps were made
+        assert res.stderr.count("refused the BPF storage") == 1, res.stderr
+    finally:
+        p.close()
+
+
+@pytest.fixture
+def open_bpffs():
+    """A BPF filesystem under a directory everyone may traverse (pytest's are root's)."""
+    import tempfile
+
+    from tcpidle.probe import mount_bpffs
+
+    d = tempfile.mkdtemp(prefix="tiinline-")
+    os.chmod(d, 0o755)
+    assert mount_bpffs(d) is True
+    os.chmod(d, 0o755)
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", d], check=False)
+        os.rmdir(d)
+
+
+def test_unprivileged_audit_uses_tcp_info_and_says_why(netns, pairs, trackers, open_bpffs,
+                                                      run_tcpidle):
+    inline_storage_or_skip()
+    pin_dir = os.path.join(open_bpffs, "pins")
+    t = trackers(netns, "-s", PORT, "-t", 600000, "--interval", 1, "--dry-run",
+                 "--pin-dir", pin_dir)
+    t.wait_ready()
+    s, _ = pairs.open_and_send()
+    res = run_tcpidle(netns, "audit", "-s", PORT, "--pin-dir", pin_dir, "--json", "-v",
+                      prefix=["setpriv", "--reuid", "65534", "--regid", "65534",
+                              "--clear-groups"])
+    assert res.returncode == 0, res.stderr
+    rows = {r["cookie"]: r for r in parse_json_lines(res.stdout)}
+    assert rows[cookie(s)]["idle_source"] == "tcp_info"
+    assert "pinned storage" in res.stderr and "idle from tcp_info" in res.stderr, res.stderr
+    t.stop()

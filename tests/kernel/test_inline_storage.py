@@ -26,9 +26,10 @@ import pytest
 
 from conftest import parse_json_lines, tcpidle_argv  # noqa: E402
 from lab.netns import in_netns, wait_for  # noqa: E402
-from test_track import bpffs, pin_dir, trackers  # noqa: F401,E402  (fixtures)
 
 pytestmark = pytest.mark.kernel
+# test_track's fixtures (trackers, bpffs, pin_dir), by name
+pytest_plugins = ["test_track"]
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SO_COOKIE = 57
@@ -151,19 +152,29 @@ def test_tracker_sees_connections_opened_between_its_polls(netns, pairs, tracker
 
 def test_audit_watch_sees_connections_opened_during_the_watch(netns, pairs, record_property):
     inline_storage_or_skip()
-    argv = tcpidle_argv(netns, "audit", "--watch", 3, "-s", PORT, "--json", "-v")
+    import threading
+
+    argv = tcpidle_argv(netns, "audit", "--watch", 4, "-s", PORT, "--json", "-v")
     t_start = time.monotonic_ns()
-    proc = subprocess.Popen(argv, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(argv, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    err_chunks = []
+    reader = threading.Thread(target=lambda: err_chunks.extend(iter(
+        lambda: proc.stderr.read1(4096), b"")), daemon=True)
+    reader.start()
     try:
-        # the probe is attached once the watch says how long it has left
-        time.sleep(2.0)
+        # the probe is attached once -v says which it is (compiling takes a
+        # second or more on a loaded machine)
+        assert wait_for(lambda: b"BPF probe on " in b"".join(err_chunks), timeout=60), \
+            b"".join(err_chunks)
         sent = []
         for i in range(5):
             s, ts = pairs.open_and_send()
             sent.append((cookie(s), ts))
             time.sleep(0.05 * (i + 1))
-        out, err = proc.communicate(timeout=60)
+        out = proc.stdout.read().decode()
+        proc.wait(timeout=60)
+        reader.join(timeout=10)
+        err = b"".join(err_chunks).decode(errors="replace")
     finally:
         if proc.poll() is None:
             proc.kill()

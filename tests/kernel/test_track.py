@@ -30,7 +30,7 @@ import pytest
 
 from lab.netns import in_netns, wait_for  # noqa: E402
 from conftest import parse_json_lines  # noqa: E402
-from tcpidle.probe import (PIN_NAMES, VALUE, PinError, PinnedMap, Probe, ProbeUnavailable,
+from tcpidle.probe import (VALUE, PinError, PinnedMap, Probe, ProbeUnavailable,
                            is_bpffs, libbpf, mount_bpffs, pin_dir_holder, remove_pins)
 
 pytestmark = pytest.mark.kernel

@@ -53,6 +53,7 @@ import json
 import math
 import os
 import re
+import socket
 import statistics
 import subprocess
 import sys
@@ -222,6 +223,28 @@ def client_output(client: subprocess.Popen) -> str:
     return out or ""
 
 
+def check_storage_recording(probe: Probe) -> str:
+    """Fail unless the per-socket storage holds both ends of the sockperf connection,
+    as an INET_DIAG dump inside the namespace returns them inline."""
+    from tcpidle import diag
+
+    probe.resume()
+    time.sleep(0.2)
+    fd = os.open("/run/netns/%s" % NS, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        st = diag.Storages([probe.storage_fd])
+        with diag.DiagSocket(fd, NS) as nl:
+            socks = nl.dump_sockets([socket.AF_INET, socket.AF_INET6], 1 << 1, storage=st)
+    finally:
+        os.close(fd)
+    have = [s for s in socks if probe.storage_id in st.stores.get(s.cookie, {})]
+    if len(socks) < 2 or len(have) < len(socks):
+        raise RuntimeError("the probe (%s + sk_storage) does not record the sockperf "
+                           "connection: %d established sockets, %d with storage"
+                           % (probe.hook, len(socks), len(have)))
+    return "both sockets recorded in their storage (read inline in a dump)"
+
+
 def check_recording(probe: Probe) -> str:
     """Fail unless the probe records both ends of the sockperf connection.
 
@@ -231,6 +254,8 @@ def check_recording(probe: Probe) -> str:
     Without this the "with probe" windows would measure a probe that records
     nothing and skips out early.
     """
+    if probe.storage == "sk_storage":
+        return check_storage_recording(probe)
     probe.resume()
     out = subprocess.run(in_ns("ss", "-tne"), capture_output=True, text=True).stdout
     cookies = {int(c, 16) for c in re.findall(r"\bsk:([0-9a-f]+)", out)}
@@ -430,12 +455,13 @@ def median_se(xs: List[float]) -> float:
 def report(probe: Probe, args, phases: List[Dict], bulk: List[Tuple[float, float]],
            floor_note: Optional[str], stats_prev: Optional[str]) -> None:
     print("### Probe overhead on standard tools (bench/bench_probe_tools.py)\n")
-    print("Hook: %s. The probe is attached once; between windows only its receive hook is "
+    print("Hook: %s; storage: %s. The probe is attached once; between windows only its receive hook is "
           "detached and re-attached. Request/response: one `sockperf ping-pong --tcp` "
           "connection per placement in a namespace, %d pairs of %g s windows, probe off/on in "
           "ABBA order; rate = the namespace's TCP segments received per second; ratio = median "
           "of the per-pair ratios (each window with the probe against the adjacent one "
-          "without), IQR = their interquartile range.\n" % (probe.describe(), args.windows,
+          "without), IQR = their interquartile range.\n" % (probe.describe(), probe.storage,
+                                                           args.windows,
                                                            args.window))
     unit_tx = all(ph["seg_per_tx"] for ph in phases)
     unit = "tx/s" if unit_tx else "segments/s"
@@ -530,6 +556,9 @@ def report(probe: Probe, args, phases: List[Dict], bulk: List[Tuple[float, float
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--hook", default="auto", help="BPF hook for Probe.attach (default auto)")
+    ap.add_argument("--sk-storage", action="store_true",
+                    help="tp_btf records into per-socket storage (as the tracker does on "
+                         "Linux 5.11 on) instead of the LRU map"),
     ap.add_argument("--windows", type=int, default=None,
                     help="off/on window pairs per placement (default 40; 12 with --quick)")
     ap.add_argument("--window", type=float, default=0.4, help="seconds per window (default 0.4)")
@@ -571,13 +600,14 @@ def main() -> int:
     try:
         sh("ip", "-n", NS, "link", "set", "lo", "up")
         try:
-            probe = Probe.attach(map_size=65536, hook=args.hook)
+            probe = Probe.attach(map_size=65536, hook=args.hook, sk_storage=args.sk_storage)
         except ProbeUnavailable as e:
             print("### Probe overhead on standard tools (bench/bench_probe_tools.py)\n")
             print("Not measured: the probe could not attach (%s)." % e)
             print("bench_probe_tools.py: %s" % e, file=sys.stderr)
             return 1
-        print("probe attached: %s" % probe.describe(), file=sys.stderr)
+        print("probe attached: %s, storage %s" % (probe.describe(), probe.storage),
+              file=sys.stderr)
         floor_note = None
         if args.no_floor:
             floor_note = "skipped (--no-floor)"

@@ -302,6 +302,37 @@ static u64 (*tcpidle_socket_cookie)(void *sk) = (void *)BPF_FUNC_get_socket_cook
  * loaded by tcpidle/probe/tpbtf.py (bcc cannot).  ctx[0] = sk, ctx[1] = skb,
  * pointers the verifier knows by their BTF types: plain loads read them (no
  * bpf_probe_read_kernel call), each checked against the struct's layout. */
+#ifdef TCPIDLE_SELECT
+/* The selection the tracker was started with (-D flags set before load,
+ * tcpidle/probe/features.py selection_cflags): storage is created only for
+ * these sockets, so its memory is bounded by the selection.  Family, local
+ * port (host order) and the span of each port set; user space applies the
+ * exact selector. */
+static __always_inline int selected(u64 sk)
+{
+#ifdef TCPIDLE_SEL_FAMILY
+	if (*(u16 *)(sk + TCPIDLE_SK_FAMILY_OFF) != TCPIDLE_SEL_FAMILY)
+		return 0;
+#endif
+#ifdef TCPIDLE_SEL_SPORT_LO
+	u16 sport = *(u16 *)(sk + TCPIDLE_SK_NUM_OFF);
+
+	if (sport < TCPIDLE_SEL_SPORT_LO || sport > TCPIDLE_SEL_SPORT_HI)
+		return 0;
+#endif
+#ifdef TCPIDLE_SEL_DPORT_LO
+	u16 dport = *(u16 *)(sk + TCPIDLE_SK_DPORT_OFF);
+
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+	dport = __builtin_bswap16(dport);
+#endif
+	if (dport < TCPIDLE_SEL_DPORT_LO || dport > TCPIDLE_SEL_DPORT_HI)
+		return 0;
+#endif
+	return 1;
+}
+#endif
+
 int on_tcp_probe_btf(u64 *ctx)
 {
 	u64 sk = ctx[0], skb = ctx[1];
@@ -332,6 +363,10 @@ int on_tcp_probe_btf(u64 *ctx)
 	u32 data_len = span > ctl ? span - ctl : 0;
 
 #ifdef TCPIDLE_SK_STORAGE
+#ifdef TCPIDLE_SELECT
+	if (!selected(sk))
+		return 0;
+#endif
 	/* Linux 5.11 on: the socket's own storage, created at its first segment. */
 	struct tcpidle_activity *a = sk_activity.sk_storage_get((void *)sk, 0,
 							      BPF_SK_STORAGE_GET_F_CREATE);

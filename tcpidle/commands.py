@@ -321,7 +321,7 @@ def track(idle_time: float, dry_run: bool, use_proc: bool, proc_action: str, log
                     metrics_addr, metrics_port, e.strerror or e)) from None
             metrics.observe_probe(None)
         seen = evidence.attach_tracker(opts["pin_dir"], map_size, bpf_hook, opts["require_bpf"],
-                                       cache_dir)
+                                       cache_dir, selector=selector)
         seen.bind_scope(scope)
         if metrics is not None and seen.reader is not None:
             metrics.observe_probe_kind(seen.reader.hook, seen.reader.storage)

@@ -159,7 +159,8 @@ class InlineReader:
 
 
 def attach_tracker(pin_dir: Optional[str], map_size: int = DEFAULT_MAP_SIZE, hook: str = "auto",
-                   require_bpf: bool = False, cache_dir: Optional[str] = None) -> Evidence:
+                   require_bpf: bool = False, cache_dir: Optional[str] = None,
+                   selector=None) -> Evidence:
     """The tracker's own probe, its maps pinned in `pin_dir` (None: not pinned).
 
     Closing it detaches the probe and keeps the pins, so a restarted
@@ -173,7 +174,7 @@ def attach_tracker(pin_dir: Optional[str], map_size: int = DEFAULT_MAP_SIZE, hoo
 
     try:
         attached = probe.Probe.attach(map_size=map_size, hook=hook, cache_dir=cache_dir,
-                                      pin_dir=pin_dir, sk_storage=True)
+                                      pin_dir=pin_dir, sk_storage=True, selector=selector)
     except probe.PinError:
         raise
     except probe.ProbeUnavailable as e:

@@ -211,6 +211,11 @@ OFFSET_MACROS = {
     # u8 until Linux 6.18 widened it to u16 for AccECN's AE bit
     "TCPIDLE_CB_FLAGS_OFF": ("tcp_skb_cb", "tcp_flags", (1, 2)),
     "TCPIDLE_SK_COOKIE_OFF": ("sock", "__sk_common.skc_cookie", (8,)),
+    # the selection in the kernel (tp_btf + sk_storage): family, local port
+    # (host order), remote port (network order)
+    "TCPIDLE_SK_FAMILY_OFF": ("sock", "__sk_common.skc_family", (2,)),
+    "TCPIDLE_SK_NUM_OFF": ("sock", "__sk_common.skc_num", (2,)),
+    "TCPIDLE_SK_DPORT_OFF": ("sock", "__sk_common.skc_dport", (2,)),
 }
 # Members whose size varies by kernel: their size goes to the C code too.
 SIZE_MACROS = {"TCPIDLE_CB_FLAGS_SIZE": "TCPIDLE_CB_FLAGS_OFF"}

@@ -233,15 +233,41 @@ def release_at_least(release: str, version: Tuple[int, ...]) -> bool:
     return tuple(nums) >= tuple(version)
 
 
+def selection_cflags(selector) -> List[str]:
+    """-D flags restricting the per-socket storage to a selection (pure).
+
+    The storage is created only for sockets of the selector's family (when
+    it names one) whose local and remote ports lie within the span of its
+    port sets (lowest to highest: a superset of several ranges; user space
+    still applies the selector exactly).  No restriction: [].  Kernel memory
+    is then bounded by the selection, not by every socket of the host.
+    """
+    if selector is None:
+        return []
+    flags = []
+    fams = sorted(selector.families)
+    if len(fams) == 1:
+        flags.append("-DTCPIDLE_SEL_FAMILY=%d" % fams[0])
+    for side, ports in (("SPORT", selector.sports), ("DPORT", selector.dports)):
+        if ports is not None and ports.ranges:
+            lo, hi = ports.ranges[0][0], ports.ranges[-1][1]
+            if (lo, hi) != (0, 65535):
+                flags += ["-DTCPIDLE_SEL_%s_LO=%d" % (side, lo),
+                          "-DTCPIDLE_SEL_%s_HI=%d" % (side, hi)]
+    return ["-DTCPIDLE_SELECT"] + flags if flags else []
+
+
 def build_cflags(map_size: int, hooks: Sequence[str], offsets: Optional[Dict[str, int]],
                  destroy: bool, selftest: bool = False, tp_has_sk: bool = False,
-                 tracing_cookie_helper: bool = True, sk_storage: bool = False) -> List[str]:
+                 tracing_cookie_helper: bool = True, sk_storage: bool = False,
+                 selector=None) -> List[str]:
     """The -D flags that configure the C source (no text substitution).
 
     tp_has_sk: tcp:tcp_probe's record has skaddr/skbaddr (the selftest reads
     them); tracing_cookie_helper: tp_btf may call bpf_get_socket_cookie
     (KernelFeatures); sk_storage: tp_btf records into per-socket storage
-    instead of the LRU map.
+    instead of the LRU map, created only for sockets of `selector`
+    (selection_cflags).
     """
     flags = ["-DMAX_ENTRIES=%d" % map_size]
     for h in hooks:
@@ -252,6 +278,7 @@ def build_cflags(map_size: int, hooks: Sequence[str], offsets: Optional[Dict[str
         flags.append("-DTCPIDLE_TP_BTF_READ_COOKIE")
     if "tp_btf" in hooks and sk_storage:
         flags.append("-DTCPIDLE_SK_STORAGE")
+        flags += selection_cflags(selector)
     if offsets and (selftest or set(hooks) & {"tp_btf", "raw_tracepoint", "kprobe"}):
         flags += ["-D%s=%d" % kv for kv in sorted(offsets.items())]
     if destroy:

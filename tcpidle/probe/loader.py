@@ -163,7 +163,8 @@ class Probe:
     @classmethod
     def attach(cls, map_size: int = DEFAULT_MAP_SIZE, hook: str = "auto", log=None,
                cache_dir: Optional[str] = None, selftest: bool = False,
-               pin_dir: Optional[str] = None, sk_storage: bool = False) -> "Probe":
+               pin_dir: Optional[str] = None, sk_storage: bool = False,
+               selector=None) -> "Probe":
         """Compile and attach the probe; ProbeUnavailable(reason) if impossible.
 
         map_size bounds the activity map; hook is "auto" or one of HOOKS;
@@ -182,7 +183,8 @@ class Probe:
         sk_storage: where tp_btf attaches on a kernel that allows it (5.11
         on), record into per-socket storage (pinned as pin_dir/storage)
         instead of the activity map: read it inline in INET_DIAG dumps
-        (storage_fd, storage_id).
+        (storage_fd, storage_id).  selector (a model.Selector): the storage
+        is created only for its sockets (family, port spans), None: all.
         """
         log = log or _log
         t0 = time.monotonic()
@@ -197,7 +199,7 @@ class Probe:
         pins = PinSession.open(pin_dir, map_size, log) if pin_dir is not None else None
         try:
             loaded = _load(map_size if pins is None else pins.map_size, hook, log,
-                           cache_dir, selftest, pins, sk_storage)
+                           cache_dir, selftest, pins, sk_storage, selector)
         except BaseException:
             if pins is not None:
                 pins.abort()
@@ -304,7 +306,7 @@ class Probe:
 
 
 def _load(map_size: int, hook: str, log, cache_dir: Optional[str], selftest: bool,
-          pins: Optional[PinSession], sk_storage: bool = False) -> _Loaded:
+          pins: Optional[PinSession], sk_storage: bool = False, selector=None) -> _Loaded:
     """Compile, load and attach: the body of attach() once inputs are checked."""
     try:
         Module = _module_class()
@@ -330,7 +332,7 @@ def _load(map_size: int, hook: str, log, cache_dir: Optional[str], selftest: boo
     cflags = build_cflags(map_size, candidates, feats.btf_offsets, destroy, selftest,
                           tp_has_sk=feats.tp_has_sk,
                           tracing_cookie_helper=feats.tracing_cookie_helper,
-                          sk_storage=sk_storage)
+                          sk_storage=sk_storage, selector=selector)
     if pins is not None:
         cflags += pins.cflags()
         if sk_storage:
@@ -397,7 +399,11 @@ def _attach_hook(module, hook: str) -> None:
         # BPF_PROG_TYPE_TRACING / BPF_TRACE_RAW_TP, loaded by tpbtf.py
         # because bcc cannot (see there)
         try:
-            module.tp_btf_fds = tpbtf.load_and_attach(module, b"on_tcp_probe_btf", "tcp_probe")
+            if module.tp_btf_fds:  # resume(): the program stays loaded while suspended
+                module.tp_btf_fds = (module.tp_btf_fds[0], tpbtf.attach(module.tp_btf_fds[0]))
+            else:
+                module.tp_btf_fds = tpbtf.load_and_attach(module, b"on_tcp_probe_btf",
+                                                          "tcp_probe")
         except tpbtf.TpBtfError as e:
             raise ProbeUnavailable(str(e)) from None
     elif hook == "raw_tracepoint":
@@ -414,7 +420,10 @@ def _attach_hook(module, hook: str) -> None:
 
 def _detach_hook(module, hook: str) -> None:
     if hook == "tp_btf":
-        module.close_tp_btf()
+        # the link alone: closing it detaches; the program stays for resume()
+        prog, link = module.tp_btf_fds
+        os.close(link)
+        module.tp_btf_fds = (prog,)
     elif hook == "raw_tracepoint":
         module.detach_raw_tracepoint(b"tcp_probe")
     elif hook == "kprobe":

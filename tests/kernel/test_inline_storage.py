@@ -268,3 +268,63 @@ def test_unprivileged_audit_uses_tcp_info_and_says_why(netns, pairs, trackers, o
     assert rows[cookie(s)]["idle_source"] == "tcp_info"
     assert "pinned storage" in res.stderr and "idle from tcp_info" in res.stderr, res.stderr
     t.stop()
+
+
+def test_storage_is_created_only_for_the_selection(netns, pairs):
+    """Started with a selection (family, ports), the probe gives storage to
+    the selected sockets alone: the server ends on the selected local port
+    have a record, their clients (another local port) and the connections of
+    another port none -- memory bounded by the selection."""
+    from tcpidle import diag
+    from tcpidle.model import AF_INET, AF_INET6, PortSet, Selector
+    from tcpidle.probe import Probe
+
+    inline_storage_or_skip()
+    other = Pairs.__new__(Pairs)  # a second listener, on PORT + 1
+    other.ns, other.socks = netns.name, []
+
+    def listen_other():
+        ls = socket.socket()
+        ls.bind(("127.0.0.1", PORT + 1))
+        ls.listen(8)
+        other.socks.append(ls)
+        return ls
+
+    other.listener = in_netns(netns.name, listen_other)
+    sel = Selector(families=frozenset({AF_INET}), sports=PortSet(((PORT, PORT),)))
+    v6 = Selector(families=frozenset({AF_INET6}), sports=PortSet(((PORT, PORT),)))
+    try:
+        for selector, want_selected in ((sel, True), (v6, False)):
+            p = Probe.attach(map_size=16, sk_storage=True, selector=selector)
+            try:
+                picked, _ = pairs.open_and_send()
+                left_out, _ = _send_on(other, PORT + 1)
+                fd = os.open("/run/netns/%s" % netns.name, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    st = diag.Storages([p.storage_fd])
+                    with diag.DiagSocket(fd, netns.name) as nl:
+                        socks = nl.dump_sockets([socket.AF_INET], 1 << 1, storage=st)
+                finally:
+                    os.close(fd)
+                stored = {s.cookie for s in socks if p.storage_id in st.stores.get(s.cookie, {})}
+                want = {cookie(picked)} if want_selected else set()
+                assert stored == want, (selector, stored, want, len(socks))
+            finally:
+                p.close()
+    finally:
+        other.close()
+
+
+def _send_on(pairs_like, port):
+    """A connection to `port` in pairs_like's namespace, one payload sent: (server end, ns)."""
+    def make():
+        c = socket.create_connection(("127.0.0.1", port))
+        s, _ = pairs_like.listener.accept()
+        t = time.monotonic_ns()
+        c.sendall(b"y")
+        return c, s, t
+
+    c, s, t = in_netns(pairs_like.ns, make)
+    pairs_like.socks += [c, s]
+    assert s.recv(16) == b"y"
+    return s, t

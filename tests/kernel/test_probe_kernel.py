@@ -673,7 +673,8 @@ def test_ipv6_data_is_recorded_and_dropped_at_close(probe, make_conns):
     assert wait_for(lambda: ck not in probe.activity(), timeout=5.0)
 
 
-@pytest.mark.parametrize("variant", ["this kernel's", "u8 tcp_flags", "before 5.12"])
+@pytest.mark.parametrize("variant", ["this kernel's", "u8 tcp_flags", "before 5.12",
+                                     "sk_storage, selected"])
 def test_every_hook_branch_compiles(cache_dir, variant):
     """Every program compiles (with the real BTF offsets and this kernel's
     tracepoint records) and those bcc can load by type pass the verifier;
@@ -688,9 +689,14 @@ def test_every_hook_branch_compiles(cache_dir, variant):
     if variant == "u8 tcp_flags":
         offsets["TCPIDLE_CB_FLAGS_SIZE"] = 1
     feats = detect_features(need_btf=False)
+    from tcpidle.model import AF_INET, PortSet, Selector
+
+    selector = Selector(families=frozenset({AF_INET}), sports=PortSet(((22, 22),)),
+                        dports=PortSet(((80, 80), (443, 443))))
     flags = build_cflags(16, list(HOOKS), offsets, destroy=True, selftest=True,
                          tp_has_sk=feats.tp_has_sk,
-                         tracing_cookie_helper=variant != "before 5.12")
+                         tracing_cookie_helper=variant != "before 5.12",
+                         sk_storage=variant.startswith("sk_storage"), selector=selector)
     with _env("BCC_KERNEL_SOURCE", tree.env):
         module = _module_class()(src_file=bpf_source().encode(), cflags=flags)
     try:

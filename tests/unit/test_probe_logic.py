@@ -36,7 +36,8 @@ from tcpidle.probe import (
 )
 
 OFFS = {"TCPIDLE_SKB_CB_OFF": 40, "TCPIDLE_CB_SEQ_OFF": 0, "TCPIDLE_CB_END_SEQ_OFF": 4,
-        "TCPIDLE_CB_FLAGS_OFF": 12, "TCPIDLE_CB_FLAGS_SIZE": 2, "TCPIDLE_SK_COOKIE_OFF": 88}
+        "TCPIDLE_CB_FLAGS_OFF": 12, "TCPIDLE_CB_FLAGS_SIZE": 2, "TCPIDLE_SK_COOKIE_OFF": 88,
+        "TCPIDLE_SK_FAMILY_OFF": 16, "TCPIDLE_SK_NUM_OFF": 14, "TCPIDLE_SK_DPORT_OFF": 12}
 TP_FIELDS = frozenset({"sock_cookie", "data_len", "skbaddr", "skaddr"})
 
 
@@ -495,3 +496,24 @@ def test_counter_names_follow_the_program_indexes():
     (n,) = re.findall(r"^#define N_COUNTERS\s+(\d+)", text, re.M)
     assert sorted(indexes) == list(range(int(n)))
     assert tuple(indexes[i] for i in range(int(n))) == COUNTERS
+
+
+def test_selection_cflags_bound_the_storage_by_family_and_port_spans():
+    from tcpidle.model import AF_INET, AF_INET6, PortSet, Selector
+    from tcpidle.probe.features import selection_cflags
+
+    assert selection_cflags(None) == []
+    assert selection_cflags(Selector()) == []  # both families, any port: no check
+    f = selection_cflags(Selector(families=frozenset({AF_INET}),
+                                  dports=PortSet(((80, 80), (443, 443)))))
+    # one family; several ranges become their span (a superset)
+    assert f == ["-DTCPIDLE_SELECT", "-DTCPIDLE_SEL_FAMILY=%d" % AF_INET,
+                 "-DTCPIDLE_SEL_DPORT_LO=80", "-DTCPIDLE_SEL_DPORT_HI=443"]
+    f = selection_cflags(Selector(families=frozenset({AF_INET, AF_INET6}),
+                                  sports=PortSet(((7000, 7100),))))
+    assert f == ["-DTCPIDLE_SELECT", "-DTCPIDLE_SEL_SPORT_LO=7000", "-DTCPIDLE_SEL_SPORT_HI=7100"]
+    # only with the storage: the LRU hooks record every socket, as before
+    sel = Selector(sports=PortSet(((22, 22),)))
+    assert "-DTCPIDLE_SELECT" not in build_cflags(8, ["tp_btf"], OFFS, True, selector=sel)
+    assert "-DTCPIDLE_SELECT" in build_cflags(8, ["tp_btf"], OFFS, True, sk_storage=True,
+                                              selector=sel)

@@ -294,9 +294,6 @@ int on_tcp_probe_raw(struct bpf_raw_tracepoint_args *ctx)
 #endif
 
 #ifdef TCPIDLE_HOOK_TP_BTF
-/* bpf_get_socket_cookie() returns the u64 cookie; bcc's helpers.h declares
- * it returning u32, which would drop the high half. */
-static u64 (*tcpidle_socket_cookie)(void *sk) = (void *)BPF_FUNC_get_socket_cookie;
 
 /* tp_btf/tcp_probe: the tracepoint at the top of tcp_rcv_established(),
  * loaded by tcpidle/probe/tpbtf.py (bcc cannot).  ctx[0] = sk, ctx[1] = skb,
@@ -344,7 +341,7 @@ int on_tcp_probe_btf(u64 *ctx)
 	 * pointer (Linux 5.12 on) the helper creates it, the one that SO_COOKIE
 	 * and INET_DIAG later return.  Only then: the load above is cheaper. */
 	if (!cookie)
-		cookie = tcpidle_socket_cookie((void *)sk);
+		cookie = bpf_get_socket_cookie((void *)sk); /* the u64 prototype above */
 #endif
 	if (!cookie) {
 		count(C_NO_COOKIE);

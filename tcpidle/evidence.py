@@ -196,7 +196,8 @@ def attach_tracker(pin_dir: Optional[str], map_size: int = DEFAULT_MAP_SIZE, hoo
             text += "; maps pinned in %s" % attached.describe_pins()
         return Evidence(InlineReader(attached.storage_fd, attached.storage_id, attached.hook,
                                      counters=attached), text,
-                        close=lambda: attached.close(keep_pins=True))
+                        close=lambda: attached.close(keep_pins=True),
+                        problems=attached.pin_problems)
     pins = attached.describe_pins()
     if pins:
         try:

@@ -1,7 +1,7 @@
 """A small reader of the running kernel's BTF, for struct member offsets.
 
 Owns one job: answer "at which byte offset does struct S keep member a.b.c on
-*this* kernel?" from /sys/kernel/btf/vmlinux.  The fentry, raw tracepoint and
+*this* kernel?" from /sys/kernel/btf/vmlinux.  The tp_btf, raw tracepoint and
 kprobe hooks of the probe need a few such offsets (sk_buff.cb, tcp_skb_cb.seq,
 .end_seq, .tcp_flags, sock.__sk_common.skc_cookie); taking them from the
 running kernel's own type information, instead of from a header tree that may
@@ -222,7 +222,7 @@ SIZE_MACROS = {"TCPIDLE_CB_FLAGS_SIZE": "TCPIDLE_CB_FLAGS_OFF"}
 
 
 def btf_offsets(path: str = VMLINUX) -> Dict[str, int]:
-    """-D values for the fentry/raw tracepoint/kprobe readers, from the running kernel's BTF.
+    """-D values for the tp_btf/raw tracepoint/kprobe readers, from the running kernel's BTF.
 
     Raises BTFError when BTF is missing or a member is not found or has an
     unexpected size.

@@ -439,7 +439,9 @@ def test_lru_evictions_are_said_each_interval_they_grow(tracker, netns, make_far
     farm.serve([PORT])
     farm.connect("127.0.0.1", PORT, n=12, label="active")  # 24 sockets talking
     d = os.path.join(bpffs, "pins")
-    t = tracker("-d", PORT, "-t", 600000, "--interval", 0.3, "--map-size", 4, "--pin-dir", d)
+    # the LRU map (the per-socket storage, where tp_btf records into it, evicts nothing)
+    t = tracker("-d", PORT, "-t", 600000, "--interval", 0.3, "--map-size", 4, "--pin-dir", d,
+                "--bpf-hook", "raw_tracepoint")
     t.wait_for("entries evicted since the last poll", timeout=30)
     assert "raise --map-size for full precision" in t.stderr()
     # a one-shot kill reading the tracker's map says them too (-v: the map's health)

@@ -1,7 +1,7 @@
 """Kernel tests of the compiled probe: its BPF instructions, read back from bcc.
 
-bcc compiles every variant of bpf/tcpidle.bpf.c even where the kernel would
-refuse to load it (fentry here), and hands back the instructions
+bcc compiles every variant of bpf/tcpidle.bpf.c, even one it cannot load
+itself (tp_btf: tcpidle/probe/tpbtf.py loads it), and hands back the instructions
 (`BPF.dump_func`).  Some bugs are visible only there: bcc 0.26 declares
 `bpf_get_socket_cookie` as returning u32, so a program that calls it through
 bcc's prototype keys the map by the low 32 bits of the cookie -- right until
@@ -18,7 +18,6 @@ from typing import List, Sequence, Tuple
 import pytest
 
 from tcpidle.probe import bpf_source, btf_offsets, build_cflags, kheaders
-from tcpidle.probe.features import RCV_FUNC
 from tcpidle.probe.loader import _dispose, _env, _module_class
 
 pytestmark = pytest.mark.kernel
@@ -26,7 +25,7 @@ pytestmark = pytest.mark.kernel
 BPF_FUNC_get_socket_cookie = 46  # include/uapi/linux/bpf.h, enum bpf_func_id
 # Instruction classes and fields (include/uapi/linux/bpf_common.h, bpf.h)
 LD, LDX, ST, STX, ALU, JMP, JMP32, ALU64 = range(8)
-MOV, CALL, EXIT, DW = 0xB0, 0x80, 0x90, 0x18
+MOV, CALL, EXIT, DW, JNE = 0xB0, 0x80, 0x90, 0x18, 0x50
 CLOBBERED_BY_CALL = frozenset(range(6))  # r0-r5; r6-r9 are callee-saved
 
 
@@ -48,8 +47,10 @@ def cookie_truncations(insns: Sequence[Tuple[int, int, int, int, int]]) -> List[
     registers it is copied to) in program order until it is stored to the
     stack as a 64-bit word (where record() keeps the map key).  Any ALU
     operation on it before that (a shift, a mask, a 32-bit move), a narrower
-    store, or losing it, is reported.  Straight-line tracking is enough: the
-    probe stores the key before any branch back.
+    store, or losing it, is reported.  Straight-line tracking is enough (the
+    probe stores the key before any branch back), except that a test of the
+    cookie against 0 (`if rX != 0 goto`) is followed to where it is non-zero:
+    the other way is the no-cookie path, which stores nothing.
     """
     problems = []
     calls = [i for i, (code, _, src, _, imm) in enumerate(insns)
@@ -58,10 +59,15 @@ def cookie_truncations(insns: Sequence[Tuple[int, int, int, int, int]]) -> List[
         return ["no call of bpf_get_socket_cookie"]
     for at in calls:
         held = {0}
-        for pc in range(at + 1, len(insns)):
+        pc = at
+        while pc + 1 < len(insns):
+            pc += 1
             code, dst, src, off, imm = insns[pc]
             cls, op, by_reg = code & 0x07, code & 0xF0, bool(code & 0x08)
             where = "insn %d after the call at %d" % (pc, at)
+            if cls == JMP and op == JNE and not by_reg and imm == 0 and dst in held:
+                pc += off  # to the non-zero cookie's path (the loop adds the 1)
+                continue
             if cls == STX and src in held:
                 if code & 0x18 != DW:
                     problems.append("%s: stored in fewer than 64 bits" % where)
@@ -90,15 +96,16 @@ def cookie_truncations(insns: Sequence[Tuple[int, int, int, int, int]]) -> List[
     return problems
 
 
-def compile_fentry(cache_dir, text=None):
-    """Instructions of the fentry program: the probe's own, or of `text`."""
+def compile_tp_btf(cache_dir, text=None):
+    """Instructions of the tp_btf program (LRU variant: the cookie is its map key):
+    the probe's own, or of `text`."""
     tree = kheaders.find_headers(cache_dir=cache_dir)
-    flags = build_cflags(16, ["fentry"], btf_offsets(), destroy=True)
+    flags = build_cflags(16, ["tp_btf"], btf_offsets(), destroy=True)
     kwargs = {"text": text.encode()} if text else {"src_file": bpf_source().encode()}
     with _env("BCC_KERNEL_SOURCE", tree.env):
         module = _module_class()(cflags=flags, **kwargs)
     try:
-        return decode(module.dump_func(("kfunc__" + RCV_FUNC).encode()))
+        return decode(module.dump_func(b"on_tcp_probe_btf"))
     finally:
         _dispose(module)
 
@@ -108,21 +115,19 @@ def cache_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("tiprog-cache"))
 
 
-def test_fentry_keys_the_map_by_the_whole_64_bit_cookie(cache_dir):
-    problems = cookie_truncations(compile_fentry(cache_dir))
+def test_tp_btf_keys_the_map_by_the_whole_64_bit_cookie(cache_dir):
+    problems = cookie_truncations(compile_tp_btf(cache_dir))
     assert problems == []
 
 
 # A program that calls the helper through a u32 prototype, as bcc 0.26's
 # helpers.h declares it: the check above must see the truncation.
 U32_PROTOTYPE = r"""
-struct sock;
-struct sk_buff;
 static u32 (*cookie32)(void *ctx) = (void *)BPF_FUNC_get_socket_cookie;
 BPF_HASH(keys, u64, u64, 16);
-KFUNC_PROBE(tcp_rcv_established, struct sock *sk, struct sk_buff *skb)
+int on_tcp_probe_btf(u64 *ctx)
 {
-    u64 cookie = cookie32(sk);
+    u64 cookie = cookie32((void *)ctx[0]);
     u64 one = 1;
 
     keys.update(&cookie, &one);
@@ -132,5 +137,5 @@ KFUNC_PROBE(tcp_rcv_established, struct sock *sk, struct sk_buff *skb)
 
 
 def test_the_check_sees_a_u32_prototype(cache_dir):
-    problems = cookie_truncations(compile_fentry(cache_dir, U32_PROTOTYPE))
+    problems = cookie_truncations(compile_tp_btf(cache_dir, U32_PROTOTYPE))
     assert problems and "on the cookie" in problems[0], problems

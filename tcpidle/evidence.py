@@ -241,17 +241,34 @@ def choose(pin_dir: str = DEFAULT_PIN_DIR, watch_s: Optional[float] = None,
             reason = "cannot read the tracker's pinned map in %s: %s" % (pin_dir, exc)
         else:
             return Evidence(pinned, "idle from BPF: the tracker's map pinned in %s" % pin_dir)
+    unreadable = None if (watch_s or reason) else _unreadable_pins(pin_dir)
     if require_bpf:
-        raise RuntimeFailure((reason or "no BPF activity source (no tracker pinned in %s, no --watch)" % pin_dir)
-                             + "; --require-bpf given")
+        raise RuntimeFailure((reason or unreadable
+                              or "no BPF activity source (no tracker pinned in %s, no --watch)"
+                              % pin_dir) + "; --require-bpf given")
     if reason:
         log.warning("%s; idle from tcp_info", reason)
         return Evidence(None, reason + "; idle from tcp_info")
+    if unreadable:  # said with -v: most hosts an unprivileged user looks at run no tracker
+        log.info("%s; idle from tcp_info", unreadable)
     return Evidence(None, NO_PROBE)
 
 
 def _pinned(pin_dir: str) -> bool:
     return os.path.exists(os.path.join(pin_dir, "activity"))
+
+
+def _unreadable_pins(pin_dir: str) -> Optional[str]:
+    """Why the pin directory cannot even be looked into (a user not root: the
+    tracker's pins are root's), None if it can (or there is none)."""
+    try:
+        os.stat(os.path.join(pin_dir, "activity"))
+    except PermissionError as e:
+        return "cannot look for the tracker's pins in %s: %s (they are root's)" % (
+            pin_dir, e.strerror)
+    except OSError:
+        pass
+    return None
 
 
 def _pinned_storage(pin_dir: str) -> bool:

@@ -266,7 +266,8 @@ def test_unprivileged_audit_uses_tcp_info_and_says_why(netns, pairs, trackers, o
     assert res.returncode == 0, res.stderr
     rows = {r["cookie"]: r for r in parse_json_lines(res.stdout)}
     assert rows[cookie(s)]["idle_source"] == "tcp_info"
-    assert "pinned storage" in res.stderr and "idle from tcp_info" in res.stderr, res.stderr
+    # why: the tracker's pins are root's (bpffs and pin directory mode 700)
+    assert "Permission denied" in res.stderr and "idle from tcp_info" in res.stderr, res.stderr
     t.stop()
 
 

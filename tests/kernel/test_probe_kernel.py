@@ -689,6 +689,11 @@ def test_every_hook_branch_compiles(cache_dir, variant):
     if variant == "u8 tcp_flags":
         offsets["TCPIDLE_CB_FLAGS_SIZE"] = 1
     feats = detect_features(need_btf=False)
+    if variant.startswith("sk_storage") and not feats.tracing_sk_storage:
+        # bpf_sk_storage_get() from tracing programs came with 5.11: the
+        # verifier refuses it before (the lab's 5.10), and auto uses the LRU map.
+        pytest.skip("tracing programs cannot use per-socket storage before Linux 5.11 (%s)"
+                    % os.uname().release)
     from tcpidle.model import AF_INET, PortSet, Selector
 
     selector = Selector(families=frozenset({AF_INET}), sports=PortSet(((22, 22),)),

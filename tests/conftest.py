@@ -94,6 +94,19 @@ def make_netns():
 
 
 @pytest.fixture
+def bpffs(tmp_path):
+    """A BPF filesystem of the test's own, visible inside `ip netns exec`; unmounted after."""
+    from tcpidle.probe import mount_bpffs
+
+    d = str(tmp_path / "bpffs")
+    assert mount_bpffs(d) is True
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", d], check=False)
+
+
+@pytest.fixture
 def netns(make_netns):
     """One fresh namespace."""
     return make_netns()

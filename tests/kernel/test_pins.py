@@ -63,17 +63,6 @@ def pin_map(path, map_type, key, value, entries, flags=0):
 
 
 @pytest.fixture
-def bpffs(tmp_path):
-    """A BPF filesystem of the test's own (visible inside `ip netns exec`)."""
-    d = str(tmp_path / "bpffs")
-    assert mount_bpffs(d) is True
-    try:
-        yield d
-    finally:
-        subprocess.run(["umount", d], check=False)
-
-
-@pytest.fixture
 def open_bpffs():
     """A bpffs with the kernel's own defaults (mode 1777) where nobody can reach it."""
     top = tempfile.mkdtemp(prefix="tipins-")

@@ -31,7 +31,7 @@ import pytest
 from lab.netns import in_netns, wait_for  # noqa: E402
 from conftest import parse_json_lines  # noqa: E402
 from tcpidle.probe import (VALUE, PinError, PinnedMap, Probe, ProbeUnavailable,
-                           is_bpffs, libbpf, mount_bpffs, pin_dir_holder, remove_pins)
+                           is_bpffs, libbpf, pin_dir_holder, remove_pins)
 
 pytestmark = pytest.mark.kernel
 
@@ -115,17 +115,6 @@ def trackers(tcpidle_argv, tmp_path):
     yield start
     for t in made:
         t.kill()
-
-
-@pytest.fixture
-def bpffs(tmp_path):
-    """A BPF filesystem of the test's own, visible inside `ip netns exec`."""
-    d = str(tmp_path / "bpffs")
-    assert mount_bpffs(d) is True
-    try:
-        yield d
-    finally:
-        subprocess.run(["umount", d], check=False)
 
 
 @pytest.fixture

@@ -359,25 +359,36 @@ def test_second_tracker_on_the_same_pins_is_refused(netns, trackers, pin_dir):
     assert a.stop()[0] == 0
 
 
-def test_metrics_endpoint(netns, make_farm, trackers, pin_dir):
-    from tcpidle.metrics import SERIES
-
+def metrics_port(netns) -> int:
+    """A loopback port free inside `netns`, for a tracker's --metrics-port."""
     def free_port():
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             return s.getsockname()[1]
+    return in_netns(netns.name, free_port)
 
-    port = in_netns(netns.name, free_port)
+
+def scrape_metrics(netns, port: int) -> str:
+    """The tracker's /metrics page, fetched from inside `netns`."""
+    url = "http://127.0.0.1:%d/metrics" % port
+    return in_netns(netns.name, lambda: urllib.request.urlopen(url, timeout=5).read().decode())
+
+
+def value(text, series):
+    """The value of an unlabelled series in a /metrics page, or None."""
+    for line in text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.split()[-1])
+    return None
+
+
+def test_metrics_endpoint(netns, make_farm, trackers, pin_dir):
+    from tcpidle.metrics import SERIES
+
+    port = metrics_port(netns)
 
     def scrape():
-        url = "http://127.0.0.1:%d/metrics" % port
-        return in_netns(netns.name, lambda: urllib.request.urlopen(url, timeout=5).read().decode())
-
-    def value(text, series):
-        for line in text.splitlines():
-            if line.startswith(series + " "):
-                return float(line.split()[-1])
-        return None
+        return scrape_metrics(netns, port)
 
     farm = make_farm(netns)
     farm.serve([PORT])
@@ -541,22 +552,10 @@ def test_systemd_unit_verifies(tmp_path):
 def test_metrics_count_verdicts_and_middlebox_exposure_by_owner(netns, make_farm, trackers, pin_dir):
     """track --middlebox: the owners of the exposed connections are walked each poll and
     counted by process name; every connection is counted under its verdict."""
-    def free_port():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
-
-    port = in_netns(netns.name, free_port)
+    port = metrics_port(netns)
 
     def scrape():
-        url = "http://127.0.0.1:%d/metrics" % port
-        return in_netns(netns.name, lambda: urllib.request.urlopen(url, timeout=5).read().decode())
-
-    def value(text, series):
-        for line in text.splitlines():
-            if line.startswith(series + " "):
-                return float(line.split()[-1])
-        return None
+        return scrape_metrics(netns, port)
 
     farm = make_farm(netns)
     farm.serve([PORT])

@@ -121,6 +121,14 @@ class Scan:
     def missing(self) -> List[str]:
         return self.reached.missing
 
+    @property
+    def named(self) -> bool:
+        return self.reached.named
+
+    @named.setter
+    def named(self, value: bool) -> None:
+        self.reached.named = value
+
     def keep_fd(self, label, fd: int) -> None:
         self.reached.keep_fd(label, fd)
 

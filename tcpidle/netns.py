@@ -9,6 +9,7 @@ that runs from our own namespace; no thread is ever left in a foreign one.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from contextlib import contextmanager
@@ -116,6 +117,16 @@ def resolve(spec: str) -> Netns:
 NS_GET_NSTYPE = 0xB703  # _IO(0xb7, 0x3), include/uapi/linux/nsfs.h (Linux >= 4.11)
 _NS_TYPES = {0x00020000: "mount", 0x00008000: "cgroup", 0x04000000: "UTS", 0x08000000: "IPC",
              0x10000000: "user", 0x20000000: "PID", 0x00000080: "time"}
+
+
+def _is_netns_fd(fd: int) -> bool:
+    """Whether `fd` is a network namespace (the nsfs ioctl; any other file answers ENOTTY)."""
+    import fcntl
+
+    try:
+        return fcntl.ioctl(fd, NS_GET_NSTYPE) == CLONE_NEWNET
+    except OSError:
+        return False
 
 
 def _check_netns_file(spec: str, path: str, st: os.stat_result) -> None:
@@ -270,7 +281,16 @@ def entered_fd(fd: int) -> Iterator[None]:
     """
     home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     try:
-        _setns(fd)
+        try:
+            _setns(fd)
+        except OSError as exc:
+            if exc.errno == errno.EINVAL and not _is_netns_fd(fd):
+                # `ip netns add` creates /run/netns/NAME as an empty file before
+                # it bind-mounts the namespace on it (and `delete` leaves the
+                # file a moment after the unmount): listed in that window, the
+                # path opened as a plain file, which setns() refuses.
+                raise NetnsGone("its path was no namespace when listed") from None
+            raise
         try:
             yield
         finally:

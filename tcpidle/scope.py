@@ -66,7 +66,13 @@ class Scope:
     def _each_namespace(self, scan) -> Iterator[diag.DiagSocket]:
         """A DiagSocket for each namespace of this scan in turn, its descriptor kept in `scan`."""
         for fd, label in self.namespace_fds(scan):
-            yield self._open(fd, label)
+            try:
+                nl = self._open(fd, label)
+            except netns.NetnsGone as exc:  # listed mid `ip netns add`/`delete`
+                self._skip(scan, netns.NetnsGone("network namespace %s is gone (%s)"
+                                                 % (label, exc)))
+                continue
+            yield nl
 
     def namespace_fds(self, scan) -> Iterator[Tuple[Optional[int], object]]:
         """(descriptor, label) of each namespace of this scan in turn, the descriptor kept
@@ -77,6 +83,7 @@ class Scope:
         `scan.missing` when the user named it.
         """
         listing = self.namespaces() if callable(self.namespaces) else netns.Listing(self.namespaces)
+        scan.named = listing.named
         scan.missing.extend(listing.missing)
         for text in listing.missing:
             log.warning("%s: skipped", text)
@@ -87,14 +94,20 @@ class Scope:
             try:
                 fd = netns.open_fd(ns)
             except netns.NetnsGone as exc:
-                if listing.named:
-                    scan.missing.append(str(exc))
-                    log.warning("%s: skipped", exc)
-                else:  # --all-netns: it ended between the listing and now
-                    log.info("%s: skipped", exc)
+                self._skip(scan, exc)
                 continue
             scan.keep_fd(ns.label, fd)
             yield fd, ns.label
+
+    @staticmethod
+    def _skip(scan, exc: Exception) -> None:
+        """A listed namespace that cannot be entered now: missing when the user named
+        it; under --all-netns it just ended between the listing and now."""
+        if scan.named:
+            scan.missing.append(str(exc))
+            log.warning("%s: skipped", exc)
+        else:
+            log.info("%s: skipped", exc)
 
     def dump(self, scan) -> List[Tuple[Socket, int]]:
         """Every socket the kernel returns, with the CLOCK_MONOTONIC ns taken just before
@@ -188,6 +201,7 @@ class NamespaceFds:
 
     def __init__(self):
         self.missing: List[str] = []
+        self.named = False  # whether the last listing was of namespaces the user named
         self._fds: Dict[object, int] = {}
 
     def keep_fd(self, label, fd: int) -> None:

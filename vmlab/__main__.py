@@ -91,12 +91,26 @@ def parse_args(argv: Sequence[str]):
     return a
 
 
-def run_one(series: str, a) -> bool:
-    t0 = time.monotonic()
+def _kernel(series: str, a):
+    """The kernel tree of `series` from the cache (fetched if missing), or None, said."""
     try:
-        tree = kernels.fetch(series, a.cache, a.refresh, say=lambda m: say("%s: %s" % (series, m)))
+        return kernels.fetch(series, a.cache, a.refresh, say=lambda m: say("%s: %s" % (series, m)))
     except kernels.LabError as e:
         say("%s: FAILED, no kernel: %s" % (series, e))
+        return None
+
+
+def _host_env() -> Dict[str, str]:
+    """Our environment with this checkout's .venv first on PATH (vng, the guest's python)."""
+    env = dict(os.environ)
+    env["PATH"] = os.path.join(REPO, ".venv", "bin") + os.pathsep + env.get("PATH", "")
+    return env
+
+
+def run_one(series: str, a) -> bool:
+    t0 = time.monotonic()
+    tree = _kernel(series, a)
+    if tree is None:
         return False
     # A directory of its own for each run: several runs (other checkouts,
     # other users of the cache) may boot the same kernel at once.
@@ -105,8 +119,7 @@ def run_one(series: str, a) -> bool:
     args = a.pytest_args if a.pytest_args is not None else PLANS[series]
     say("%s: booting %s (Debian %s) under QEMU, pytest %s; console: %s"
         % (series, tree.release, tree.version, " ".join(args), os.path.join(out, "console.log")))
-    env = dict(os.environ)
-    env["PATH"] = os.path.join(REPO, ".venv", "bin") + os.pathsep + env.get("PATH", "")
+    env = _host_env()
     boot = vm.run(tree, REPO, out, args, headers=not a.no_headers, timeout=a.timeout,
                   kvm=a.kvm, env=env, guest_env={"TCPIDLE_LAB_HOOKS": EXPECTED_HOOKS[series]})
     took = results.duration(time.monotonic() - t0)
@@ -147,16 +160,13 @@ def run_one(series: str, a) -> bool:
 def run_systemd(series: str, a) -> bool:
     """--systemd: the unit installed as README.md says, started, scraped, reloaded, stopped."""
     t0 = time.monotonic()
-    try:
-        tree = kernels.fetch(series, a.cache, a.refresh, say=lambda m: say("%s: %s" % (series, m)))
-    except kernels.LabError as e:
-        say("%s: FAILED, no kernel: %s" % (series, e))
+    tree = _kernel(series, a)
+    if tree is None:
         return False
     out = os.path.join(a.cache, "runs", tree.release + "-systemd")
     say("%s: booting %s with systemd as init, the tcpidle unit; console: %s"
         % (series, tree.release, os.path.join(out, "console.log")))
-    env = dict(os.environ)
-    env["PATH"] = os.path.join(REPO, ".venv", "bin") + os.pathsep + env.get("PATH", "")
+    env = _host_env()
     passed, lines, boot = vm.run_systemd(tree, REPO, out, timeout=a.timeout, kvm=a.kvm, env=env)
     for line in lines:
         say("    %s: %s" % (tree.release, line))

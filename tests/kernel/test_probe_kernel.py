@@ -32,7 +32,7 @@ TESTS_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if TESTS_DIR not in sys.path:
     sys.path.insert(0, TESTS_DIR)
 
-from lab.netns import NetnsFactory, cookie_of as cookie, in_netns, wait_for  # noqa: E402
+from lab.netns import NetnsFactory, close_all, cookie_of as cookie, in_netns, wait_for  # noqa: E402
 
 pytestmark = [
     pytest.mark.kernel,
@@ -90,11 +90,7 @@ class Conns:
         return c, a
 
     def close(self):
-        for s in self.socks + [self.listener]:
-            try:
-                s.close()
-            except OSError:
-                pass
+        close_all(self.socks + [self.listener])
         self.socks = []
 
 

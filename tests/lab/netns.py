@@ -152,6 +152,15 @@ def cookie_of(sock):
     return struct.unpack("=Q", sock.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8))[0]
 
 
+def close_all(socks) -> None:
+    """Close every socket of `socks`, whatever state each is in."""
+    for s in socks:
+        try:
+            s.close()
+        except OSError:
+            pass
+
+
 def in_netns(name, fn, timeout=30):
     """fn() run by a thread that entered namespace `name`; its sockets live there.
 

@@ -26,7 +26,7 @@ import struct
 import threading
 from typing import Callable, Dict, List
 
-from .netns import cookie_of, in_netns
+from .netns import close_all, cookie_of, in_netns
 
 SO_LINGER_RESET = struct.pack("ii", 1, 0)  # close() sends RST, no TIME_WAIT
 
@@ -127,11 +127,7 @@ class Pairs:
         return [self.pair() for _ in range(n)]
 
     def close(self):
-        for s in self.socks + [self.listener]:
-            try:
-                s.close()
-            except OSError:
-                pass
+        close_all(self.socks + [self.listener])
         self.socks = []
 
 

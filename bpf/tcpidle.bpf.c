@@ -160,6 +160,22 @@ static __always_inline void count(u32 idx)
 		__sync_fetch_and_add(c, 1);
 }
 
+/* One segment of a socket into its entry (LRU map or per-socket storage).
+ * Plain stores and increments: tcp_rcv_established() runs under the
+ * socket's lock (bh_lock_sock in softirq, or owned by the process draining
+ * its backlog), so the segments of one socket, and with them the updates of
+ * one entry, never run concurrently. */
+static __always_inline void note(struct tcpidle_activity *a, u64 now, u32 data_len)
+{
+	a->last_segment_ns = now;
+	a->segments++;
+	if (data_len) {
+		a->last_data_ns = now;
+		a->data_segments++;
+		a->bytes += data_len;
+	}
+}
+
 static __always_inline int record(u64 cookie, u32 data_len)
 {
 	u64 now = bpf_ktime_get_ns();
@@ -188,17 +204,7 @@ static __always_inline int record(u64 cookie, u32 data_len)
 			return 0;
 		}
 	}
-	/* Plain stores and increments: tcp_rcv_established() runs under the
-	 * socket's lock (bh_lock_sock in softirq, or owned by the process
-	 * draining its backlog), so the segments of one socket, and with them
-	 * the updates of one entry, never run concurrently. */
-	a->last_segment_ns = now;
-	a->segments++;
-	if (data_len) {
-		a->last_data_ns = now;
-		a->data_segments++;
-		a->bytes += data_len;
-	}
+	note(a, now, data_len);
 	return 0;
 }
 
@@ -375,14 +381,7 @@ int on_tcp_probe_btf(u64 *ctx)
 
 	if (!a->segments)
 		count(C_INSERTS);
-	/* Plain stores: under the socket's lock, as in record(). */
-	a->last_segment_ns = now;
-	a->segments++;
-	if (data_len) {
-		a->last_data_ns = now;
-		a->data_segments++;
-		a->bytes += data_len;
-	}
+	note(a, now, data_len);
 	return 0;
 #else
 	return record(cookie, data_len);

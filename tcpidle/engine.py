@@ -46,7 +46,8 @@ from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequenc
 from . import diag, idle, selectors
 from .errors import PrivilegeError, RuntimeFailure
 from .evidence import Evidence
-from .model import NO_OWNERS, Action, Activity, Outcome, OwnerSummary, Policy, Socket, Verdict
+from .model import (NO_OWNERS, Action, Activity, Outcome, OwnerSummary, Policy, Socket, TcpState,
+                    Verdict)
 from .scope import NamespaceFds, Scope
 
 log = logging.getLogger("tcpidle")
@@ -61,6 +62,11 @@ NOT_RECHECKED = "not asked about again"
 VERDICT_CHANGED = "its verdict changed (now %s)"  # --verdict / --middlebox no longer holds
 ACKED_BUT_REMAINS = ("the kernel acked SOCK_DESTROY but the socket remains (%s; an orphaned "
                      "socket on a kernel before 6.11, whose tcp_abort skips them)")
+# Sockets that are no full socket (no owner, no tcp_info): some kernels'
+# tcp_abort() refuses them with EOPNOTSUPP; TIME_WAIT ends by itself (60 s).
+MINISOCK_STATES = frozenset((TcpState.TIME_WAIT, TcpState.NEW_SYN_RECV))
+MINISOCK_REFUSED = ("this kernel cannot destroy a %s socket (SOCK_DESTROY: EOPNOTSUPP for "
+                    "sockets that are not full sockets); it ends by itself")
 
 
 class Spare(NamedTuple):
@@ -298,6 +304,14 @@ class Engine:
                 outcomes.append(self._outcome(verdict, Action.DESTROYED, None, owners))
             elif err == errno.ENOENT:
                 outcomes.append(self._outcome(verdict, Action.GONE, None, owners))
+            elif err == errno.EOPNOTSUPP and verdict.socket.state in MINISOCK_STATES:
+                # A kernel with SOCK_DESTROY whose tcp_abort() takes full
+                # sockets only (Debian's 5.10, measured by the lab) refuses a
+                # TIME_WAIT socket so: a fact about that socket, not a
+                # kernel without SOCK_DESTROY, and no owner holds one, so
+                # /proc could do nothing either.
+                outcomes.append(self._outcome(verdict, Action.FAILED, MINISOCK_REFUSED % (
+                    verdict.socket.state_name,), owners))
             elif err == errno.EOPNOTSUPP:
                 unsupported.append(verdict)
             elif err == errno.EPERM:

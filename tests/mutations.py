@@ -154,8 +154,13 @@ MUTATIONS: List[Mutation] = [
         ENGINE_TESTS),
     Mutation(
         "victims of another namespace destroyed in ours", "tcpidle/scope.py",
-        "nl = self._open(fd, label)",
-        "nl = self._open(None, label)",
+        "                nl = self._open(fd, label)\n            with nl:",
+        "                nl = self._open(None, label)\n            with nl:",
+        ENGINE_TESTS),
+    Mutation(
+        "a TIME_WAIT refused with EOPNOTSUPP switches the run to /proc", "tcpidle/engine.py",
+        "elif err == errno.EOPNOTSUPP and verdict.socket.state in MINISOCK_STATES:",
+        "elif err == errno.EOPNOTSUPP and verdict.socket.state in ():",
         ENGINE_TESTS),
     Mutation(
         "--dry-run destroys", "tcpidle/engine.py",

@@ -30,7 +30,7 @@ import pytest
 
 from tcpidle import cli, diag, netns, owners, privilege
 from tcpidle.engine import Engine
-from tcpidle.model import Action, Policy, PortSet, Selector
+from tcpidle.model import Action, Policy, PortSet, Selector, TcpState
 from tcpidle.scope import Scope
 from tests.lab.fake_netlink import FakeKernel
 from tests.lab.fake_proc import FIRST_PID, SELECTOR_PID, Holder, make_proc
@@ -367,6 +367,29 @@ def test_eopnotsupp_switches_to_the_proc_fallback_once(kernel, log_lines):
     assert all(o.pids == (FIRST_PID,) and o.comms == ("psql",) for o in first)
     assert all("pid %d has exited" % FIRST_PID in o.error for o in first)
     assert len(kernel.own.sockets) == 302  # SOCK_DESTROY never succeeded
+
+
+def test_a_kernel_that_cannot_destroy_time_wait_keeps_sock_destroy_for_the_rest(kernel, log_lines):
+    # Debian's 5.10 (the lab): SOCK_DESTROY works, but tcp_abort() answers
+    # EOPNOTSUPP for a TIME_WAIT socket.  That is no kernel without SOCK_DESTROY:
+    # the run must not switch to /proc for everything after it.
+    live = kernel.own.established(V4, 3, dport=5432)
+    tw = kernel.own.established(V4, 2, dport=5432, first_sport=30000, state=TcpState.TIME_WAIT,
+                                destroy_errno=errno.EOPNOTSUPP, last_data_recv_ms=None,
+                                last_ack_recv_ms=None, last_data_sent_ms=None)
+    selector = Selector(dports=PortSet(((5432, 5432),)),
+                        states=frozenset((TcpState.ESTABLISHED, TcpState.TIME_WAIT)))
+    engine = Engine(Scope(selector, None, kernel.open_diag), Policy(idle_time_ms=0))
+    first = engine.act(engine.scan())
+    by_cookie = {o.verdict.socket.cookie: o for o in first}
+    assert {by_cookie[s.cookie].action for s in live} == {Action.DESTROYED}
+    assert {by_cookie[s.cookie].action for s in tw} == {Action.FAILED}
+    assert all("cannot destroy a TIME_WAIT socket" in by_cookie[s.cookie].error for s in tw)
+    assert not [m for m in log_lines if "SOCK_DESTROY is not supported" in m]
+    more = kernel.own.established(V4, 2, dport=5432, first_sport=40000)
+    second = engine.act(engine.scan())
+    assert {o.action for o in second if o.verdict.socket.cookie in {s.cookie for s in more}} == {
+        Action.DESTROYED}  # still through SOCK_DESTROY, not /proc
 
 
 # -- owners, dry run, max kills -----------------------------------------------------------

@@ -66,7 +66,10 @@ selector_options = _options(
                  help="Work in every network namespace of the host (/run/netns and /proc/*/ns/net), each once."),
 )
 
-evidence_options = _options(
+verbose_option = click.option("-v", "--verbose", count=True, help="More detail on stderr (-vv: debug).")
+
+# How a connection is judged: its evidence, its verdict, a middlebox (audit, kill, track, explain).
+judge_options = _options(
     click.option("--idle-metric", type=click.Choice(["data", "any"]), default="data", show_default=True,
                  help="data: time since payload was received; any: since any segment (ACKs, keep-alives)."),
     click.option("--last-recv-limit", "--last_recv_limit", "last_recv_limit", type=options.milliseconds(),
@@ -77,10 +80,6 @@ evidence_options = _options(
                  help="Where a running `tcpidle track` pins its BPF map; read when present."),
     click.option("--require-bpf", is_flag=True,
                  help="Fail (exit 1) rather than fall back to tcp_info when no BPF evidence is available."),
-    click.option("--json", "as_json", is_flag=True, help="JSON Lines on stdout, one object per connection."),
-    click.option("-p", "--processes", is_flag=True,
-                 help="Show the owning processes (pids, names, cgroups): one pass over /proc, as ss -p."),
-    click.option("-v", "--verbose", count=True, help="More detail on stderr (-vv: debug)."),
     click.option("--verdict", "verdicts", type=options.Verdicts(), default=None, metavar="LIST",
                  help="Only connections with these verdicts: active, quiet, dead, zero-window, "
                       "close-wait, orphan, unknown (comma list). With kill: what is destroyed."),
@@ -96,10 +95,29 @@ evidence_options = _options(
                       "armed in time is 'at risk'."),
 )
 
+evidence_options = _options(
+    judge_options,
+    click.option("--json", "as_json", is_flag=True, help="JSON Lines on stdout, one object per connection."),
+    click.option("-p", "--processes", is_flag=True,
+                 help="Show the owning processes (pids, names, cgroups): one pass over /proc, as ss -p."),
+    verbose_option,
+)
+
+idle_time_option = click.option(
+    "-t", "--idle-time", "--idle_time", "idle_time", type=options.milliseconds(), default=0.0,
+    metavar="MS", show_default=True,
+    help="Kill connections idle at least MS milliseconds; 0 = every matching connection.")
+all_option = click.option("--all", "all_", is_flag=True,
+                          help="Allow killing with no port, address or owner selector.")
+protected_options = _options(
+    click.option("--exclude-port", "exclude_ports", multiple=True, type=options.Ports(), metavar="PORTS",
+                 help="Protected: never touch a connection with such a port at either end. Repeatable."),
+    click.option("--exclude-cidr", "exclude_cidrs", multiple=True, type=options.Cidrs(), metavar="CIDR",
+                 help="Protected: never touch a connection with an address in CIDR at either end. Repeatable."),
+)
+
 kill_options = _options(
-    click.option("-t", "--idle-time", "--idle_time", "idle_time", type=options.milliseconds(), default=0.0,
-                 metavar="MS", show_default=True,
-                 help="Kill connections idle at least MS milliseconds; 0 = every matching connection."),
+    idle_time_option,
     click.option("--dry-run", is_flag=True, help="Report what would be destroyed; touch nothing."),
     click.option("--use-proc", "--use_proc", "use_proc", is_flag=True,
                  help="Use the /proc fallback instead of SOCK_DESTROY."),
@@ -110,8 +128,7 @@ kill_options = _options(
                  help="Append a log line per kill to this file."),
     click.option("--disable-syslog", "--disable_syslog", "disable_syslog", is_flag=True,
                  help="Do not log kills to syslog."),
-    click.option("--all", "all_", is_flag=True,
-                 help="Allow killing with no port, address or owner selector."),
+    all_option,
 )
 
 
@@ -128,6 +145,7 @@ def cli():
     tcpidle audit   report connections and how long each has been idle
     tcpidle kill    destroy the idle ones (SOCK_DESTROY, cookie-checked)
     tcpidle track   a daemon: BPF probe + audit/kill every interval
+    tcpidle explain everything about one connection, and what a kill would do to it
     tcpidle doctor  what this kernel allows (destroy, probe hooks, BPF, pidfd)
 
     Idle time is the time since data was last received, from the kernel's
@@ -220,10 +238,7 @@ def kill(idle_time, dry_run, use_proc, proc_action, logfile, disable_syslog, all
 @click.option("--max-kills-per-interval", type=options.integer(0, options.MAX_KILLS), default=100,
               show_default=True,
               metavar="N", help="Act on at most N connections per poll, the idlest first; 0 = no limit.")
-@click.option("--exclude-port", "exclude_ports", multiple=True, type=options.Ports(), metavar="PORTS",
-              help="Protected: never touch a connection with such a port at either end. Repeatable.")
-@click.option("--exclude-cidr", "exclude_cidrs", multiple=True, type=options.Cidrs(), metavar="CIDR",
-              help="Protected: never touch a connection with an address in CIDR at either end. Repeatable.")
+@protected_options
 @click.option("--event-log", type=options.LogPath(), default=None, metavar="PATH",
               help="Append one JSON line per connection acted on (reopened on SIGHUP).")
 @click.option("--metrics-port", type=options.integer(1, 65535), default=None, metavar="N",
@@ -253,6 +268,44 @@ def track(idle_time, dry_run, use_proc, proc_action, logfile, disable_syslog, al
     sys.exit(commands.track(idle_time, dry_run, use_proc, proc_action, logfile, disable_syslog, all_,
                             interval, map_size, bpf_hook, max_kills_per_interval, exclude_ports,
                             exclude_cidrs, event_log, metrics_port, metrics_addr, cleanup, **opts))
+
+
+# ---------------------------------------------------------------------------
+# explain: one connection
+
+
+@cli.command(epilog=EPILOG_SELECTORS)
+@click.argument("connection", type=options.Connection())
+@selector_options
+@judge_options
+@idle_time_option
+@all_option
+@protected_options
+@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
+@verbose_option
+def explain(connection, idle_time, all_, exclude_ports, exclude_cidrs, **opts):
+    """Everything known about one connection, and what a kill would do to it.
+
+    CONNECTION is a socket cookie (as every output prints it) or a 4-tuple
+    LOCAL-REMOTE, e.g. 10.0.0.1:5432-10.0.0.2:41234 (either order; IPv6 in
+    brackets: [fd00::1]:22-[fd00::2]:5050). Shown: state, owners (pid,
+    name, fd, cgroup), namespace, every tcp_info and INET_DIAG field tcpidle
+    reads, the BPF probe's record when a tracker's pins (or storage) are
+    there, the verdict and the rule that gave it. Given kill's options
+    (selectors, -t, --verdict, --middlebox, --all, the protected list of
+    track), it says whether that kill would destroy the connection or spare
+    it, and by which clause. Never kills. Exit 1 when no such connection
+    is found.
+
+    \b
+    Examples:
+      tcpidle explain 4097                            everything about the socket with cookie 4097
+      tcpidle explain 10.0.0.1:5432-10.0.0.2:41234    by 4-tuple (local end first, or the peer's)
+      tcpidle explain 4097 -d 5432 -t 600000          would `kill -d 5432 -t 600000` destroy it?
+      tcpidle explain 4097 -d 5432 --verdict dead --exclude-port 22
+      tcpidle explain '[fd00::1]:22-[fd00::2]:5050' --all-netns --json
+    """
+    sys.exit(commands.explain(connection, idle_time, all_, exclude_ports, exclude_cidrs, **opts))
 
 
 # ---------------------------------------------------------------------------

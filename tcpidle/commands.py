@@ -369,6 +369,70 @@ def _url_host(addr: str) -> str:
     return "[%s]" % addr if ":" in addr else addr
 
 
+def explain(connection: str, idle_time: float, all_: bool, exclude_ports=(), exclude_cidrs=(),
+            open_diag: OpenDiag = open_diag, **opts) -> int:
+    """Everything known about one connection, and what a kill with these options would do
+    to it; 1 when no connection is found (or the target names several), never kills."""
+    from . import explain as why
+    from . import owners
+
+    target = why.parse_target(connection)
+    selector = replace(
+        build_selector(opts),
+        exclude_ports=selectors.parse_ports(exclude_ports, "--exclude-port"),
+        exclude_nets=selectors.parse_networks(exclude_cidrs, "--exclude-cidr"),
+    )
+    namespaces = build_namespaces(opts)
+    policy = build_policy(opts, idle_time)
+    report.setup_logging(opts["verbose"], None, syslog=False)
+    scope = Scope(why.search_selector(target), namespaces, open_diag)
+    seen = _evidence(opts)
+    seen.bind_scope(scope)
+    try:
+        scan = Engine(scope, policy, seen).find(lambda socks: why.pick(target, socks))
+    finally:
+        seen.close()
+    scan.close()
+    for text in scan.missing:
+        report.error(text)
+    socks = [v.socket for v in scan.verdicts]
+    found = why.named(target, socks)
+    where = _where(opts)
+    if not found:
+        report.note("no connection %s %s" % (
+            "with cookie %d" % target.cookie if target.cookie is not None else target.text.strip(),
+            where))
+        return 1
+    if len(found) > 1:
+        report.note("%s names %d connections %s: %s; give its cookie (or --netns)" % (
+            target.text.strip(), len(found), where, ", ".join(
+                "cookie %d (%s)" % (s.cookie, "own namespace" if s.netns is None
+                                    else "netns %s" % s.netns) for s in found)))
+        return 1
+    verdict = next(v for v in scan.verdicts if v.socket is found[0])
+    sock = verdict.socket
+    held = owners.owners_by_inode([sock.inode]) if sock.inode else owners.Owners()
+    summary = owners.summarize(held.get(sock.inode))
+    activity = scan.records.get(sock.cookie)
+    clauses = why.kill_clauses(sock, activity, scan.taken_ns[sock.cookie], policy, selector,
+                               summary, all_)
+    report.explanation(why.Explanation(
+        verdict=verdict, activity=activity, now_ns=scan.taken_ns[sock.cookie], holders=tuple(held.get(sock.inode) or ()),
+        unreadable=len(held.unreadable), owners=summary, peer=why.other_end(sock, socks),
+        window_ms=policy.window_ms, evidence=seen.description, clauses=clauses,
+        decision=why.decision(clauses)), opts["as_json"])
+    return 0
+
+
+def _where(opts) -> str:
+    """Where explain looked, in words."""
+    if opts["all_netns"]:
+        return "in any network namespace"
+    if opts["netns_specs"]:
+        return "in network namespace %s" % ", ".join(opts["netns_specs"])
+    return "in this network namespace (--netns NAME or --all-netns look elsewhere)"
+
+
 def doctor(netns_specs, pin_dir: str, no_probe: bool, as_json: bool) -> int:
     """What this kernel and caller allow (tcpidle.doctor owns the checks); 0 or 1 with the reason."""
     from . import doctor as doc

@@ -117,6 +117,7 @@ class Scan:
     seen: int = 0  # sockets the kernel returned before the Python filter
     dump_ms: float = 0.0
     records: Dict[int, Activity] = field(default_factory=dict)  # probe records the verdicts used
+    taken_ns: Dict[int, int] = field(default_factory=dict)  # by cookie: when judged (find only)
     reached: NamespaceFds = field(default_factory=NamespaceFds, repr=False)
 
     @property
@@ -210,6 +211,26 @@ class Engine:
         scan = self.scan()
         self._attribute(scan, shown(scan) if shown is not None else scan.victims,
                         force=owners_needed)
+        return scan
+
+    def find(self, pick: Callable[[List[Socket]], List[Socket]]) -> Scan:
+        """explain's pass: dump the scope, and decide (with the policy and the evidence)
+        the sockets `pick` chooses among all the dump returned -- not the selector's
+        matches: explain says whether the selector would match.  `scan.taken_ns` keeps
+        the instant each was judged at, so that its clauses can be judged again alike."""
+        scan = Scan([])
+        try:
+            found = self.scope.dump(scan)
+            records = self.evidence.snapshot()
+        except BaseException:
+            scan.close()
+            raise
+        now_of = {id(sock): now_ns for sock, now_ns in found}
+        chosen = pick([sock for sock, _ in found])
+        scan.verdicts = [idle.decide(sock, records.get(sock.cookie), now_of[id(sock)], self.policy)
+                         for sock in chosen]
+        scan.taken_ns = {sock.cookie: now_of[id(sock)] for sock in chosen}
+        scan.seen, scan.records = len(found), records
         return scan
 
     def _attribute(self, scan: Scan, verdicts: Sequence[Verdict], force: bool = False) -> None:

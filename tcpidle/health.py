@@ -63,6 +63,28 @@ DEAD_PROBES = 2
 # model.Policy.window_ms defaults to the same.
 DEFAULT_WINDOW_MS = 60_000.0
 
+# Every rule assess() tries, by the name its Health carries (`rule`), in the
+# order it tries them: the verdict it gives and what it says, in words (the
+# README's table of rules; `tcpidle explain` prints them).
+RULES = {
+    "close-wait": (CLOSE_WAIT, "state CLOSE_WAIT: the peer closed, the owner never did"),
+    "orphan": (ORPHAN, "FIN-WAIT-1, FIN-WAIT-2, CLOSING or LAST-ACK with no inode: the owner "
+               "closed, the kernel still holds it"),
+    "time-wait": (UNKNOWN, "TIME_WAIT: the connection is over"),
+    "listener": (UNKNOWN, "a listener is no connection"),
+    "handshake": (UNKNOWN, "a handshake in progress"),
+    "no-tcp-info": (UNKNOWN, "the kernel sent no tcp_info"),
+    "dead-retransmits": (DEAD, "data unacknowledged after %d retransmission timeouts and "
+                         "nothing from the peer since our last (re)transmission"
+                         % DEAD_RETRANSMITS),
+    "dead-probes": (DEAD, "%d keep-alive or zero-window probes out, unanswered" % DEAD_PROBES),
+    "zero-window": (ZERO_WINDOW, "the peer advertises a zero window and we probe it, or data "
+                    "waits behind it with nothing in flight"),
+    "active": (ACTIVE, "data received within the window"),
+    "quiet": (QUIET, "no data for the window, but a segment from the peer within it"),
+    "no-evidence": (UNKNOWN, "none of the rules above holds: the reason says what is missing"),
+}
+
 # States in which the owner may have closed while the kernel finishes the
 # connection; with no inode (no struct socket) the owner is gone.
 _CLOSING = frozenset({TcpState.FIN_WAIT1, TcpState.FIN_WAIT2, TcpState.CLOSING, TcpState.LAST_ACK})
@@ -103,19 +125,21 @@ def assess(sock: Socket, idle_ms: Optional[float], last_rx_ms: Optional[float],
     if state == TcpState.CLOSE_WAIT:
         return Health(CLOSE_WAIT, "the peer closed; the owner has not"
                       + ("" if sock.inode else " (never accepted)")
-                      + (", %d bytes unread" % v.recv_q if v is not None and v.recv_q else ""))
+                      + (", %d bytes unread" % v.recv_q if v is not None and v.recv_q else ""),
+                      "close-wait")
     if state in _CLOSING and not sock.inode:
         unsent = " with %d bytes not acknowledged" % v.send_q if v is not None and v.send_q else ""
         return Health(ORPHAN, "the owner closed; the kernel still holds it in %s%s"
-                      % (sock.state_name, unsent))
+                      % (sock.state_name, unsent), "orphan")
     if state == TcpState.TIME_WAIT:
-        return Health(UNKNOWN, "TIME_WAIT: the connection is over, only its 4-tuple is kept")
+        return Health(UNKNOWN, "TIME_WAIT: the connection is over, only its 4-tuple is kept",
+                      "time-wait")
     if state == TcpState.LISTEN:
-        return Health(UNKNOWN, "a listener, not a connection")
+        return Health(UNKNOWN, "a listener, not a connection", "listener")
     if state in _HANDSHAKE:
-        return Health(UNKNOWN, "handshake not complete (%s)" % sock.state_name)
+        return Health(UNKNOWN, "handshake not complete (%s)" % sock.state_name, "handshake")
     if v is None or v.unacked is None:
-        return Health(UNKNOWN, "no tcp_info for this socket")
+        return Health(UNKNOWN, "no tcp_info for this socket", "no-tcp-info")
 
     heard = peer_heard_ms(sock, last_rx_ms)
     sent = sock.last_data_sent_ms
@@ -123,7 +147,7 @@ def assess(sock: Socket, idle_ms: Optional[float], last_rx_ms: Optional[float],
     if v.unacked and v.retransmits >= DEAD_RETRANSMITS and silent_since_send:
         return Health(DEAD, "%d segments unacknowledged after %d retransmission timeouts "
                       "(backoff %d); nothing from the peer for %s"
-                      % (v.unacked, v.retransmits, v.backoff, _dur(heard)))
+                      % (v.unacked, v.retransmits, v.backoff, _dur(heard)), "dead-retransmits")
     # snd_wnd (Linux >= 5.4) says whether the window is really shut; older
     # kernels have only the persist timer to tell.  Timer 4 with an open
     # window is the kernel retrying sends that failed locally (a link gone
@@ -133,16 +157,17 @@ def assess(sock: Socket, idle_ms: Optional[float], last_rx_ms: Optional[float],
                                     or (v.timer == TIMER_ZERO_WINDOW and shut)):
         what = "keep-alive" if v.timer == TIMER_KEEPALIVE else "zero-window"
         return Health(DEAD, "%d %s probes unanswered; nothing from the peer for %s"
-                      % (v.probes, what, _dur(heard)))
+                      % (v.probes, what, _dur(heard)), "dead-probes")
     if shut and (v.timer == TIMER_ZERO_WINDOW or (v.send_q and not v.unacked)):
         return Health(ZERO_WINDOW, "the peer advertises a zero window; %d bytes wait to be sent"
-                      % v.send_q)
+                      % v.send_q, "zero-window")
     if idle_ms is not None and idle_ms < window_ms:
-        return Health(ACTIVE, "data received %s ago" % _dur(idle_ms))
+        return Health(ACTIVE, "data received %s ago" % _dur(idle_ms), "active")
     if heard is not None and heard < window_ms:
         return Health(QUIET, "no data for %s; the peer answered %s ago"
-                      % (_dur(idle_ms) if idle_ms is not None else "an unknown time", _dur(heard)))
-    return Health(UNKNOWN, _missing(sock, idle_ms, heard, window_ms))
+                      % (_dur(idle_ms) if idle_ms is not None else "an unknown time", _dur(heard)),
+                      "quiet")
+    return Health(UNKNOWN, _missing(sock, idle_ms, heard, window_ms), "no-evidence")
 
 
 def _missing(sock: Socket, idle_ms, heard, window_ms) -> str:
@@ -176,7 +201,8 @@ def _missing(sock: Socket, idle_ms, heard, window_ms) -> str:
     return "; ".join(parts)
 
 
-def _dur(ms: Optional[float]) -> str:
+def duration(ms: Optional[float]) -> str:
+    """Milliseconds as the reasons say them: "850 ms", "12.3 s", "5 min", "2.5 h"; "?" if unknown."""
     if ms is None:
         return "?"
     if ms < 1000:
@@ -186,6 +212,9 @@ def _dur(ms: Optional[float]) -> str:
     if ms < 7_200_000:
         return "%.0f min" % (ms / 60_000.0)
     return "%.1f h" % (ms / 3_600_000.0)
+
+
+_dur = duration
 
 
 def parse_verdicts(text: str, option: str = "--verdict") -> frozenset:

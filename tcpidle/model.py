@@ -216,6 +216,7 @@ class Health(NamedTuple):
 
     verdict: str  # "active", "quiet", "dead", "zero-window", "close-wait", "orphan", "unknown"
     reason: str
+    rule: str = ""  # the rule's name, a key of health.RULES ("dead-retransmits", ...)
 
 
 class Verdict(NamedTuple):

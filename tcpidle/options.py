@@ -200,6 +200,21 @@ class Middlebox(_Delegated):
         middlebox.parse(text, option=option)
 
 
+class Connection(_Delegated):
+    """explain's CONNECTION argument: a socket cookie or a 4-tuple (explain.parse_target)."""
+
+    name = "connection"
+
+    def convert(self, value, param, ctx):
+        from . import explain
+
+        explain.parse_target(value if isinstance(value, str) else str(value))
+        return value
+
+    def get_metavar(self, param, *args, **kwargs):  # click 8.0-8.2 and 8.2+ signatures
+        return "CONNECTION"
+
+
 class Ports(_Delegated):
     """-s/--sport, -d/--dport, --exclude-port: comma lists and ranges of 1-65535."""
 

@@ -526,3 +526,140 @@ def set_stdout_line_buffered() -> None:
         sys.stdout.reconfigure(line_buffering=True)
     except (AttributeError, ValueError):  # pragma: no cover
         os.environ.setdefault("PYTHONUNBUFFERED", "1")
+
+
+# --------------------------------------------------------------------------
+# tcpidle explain: one connection
+
+
+_TIMERS = {0: "none", 1: "retransmit", 2: "keepalive", 3: "time-wait", 4: "zero-window-probe"}
+
+
+def explanation_object(e) -> Dict:
+    """`tcpidle explain --json`'s object (explain.Explanation): the audit row's keys, then
+    the rule, the owners' descriptors, every evidence field and what a kill would do."""
+    from . import health
+
+    v = e.verdict
+    s = v.socket
+    obj = row(v, None, {s.inode: e.owners})
+    h = v.health
+    obj["verdict_rule"] = h.rule if h is not None else None
+    obj["verdict_rule_text"] = health.RULES[h.rule][1] if h is not None and h.rule in health.RULES \
+        else None
+    obj["window_ms"] = e.window_ms
+    obj["owners"] = [{"pid": o.pid, "fd": o.fd, "comm": o.comm, "cgroup": o.cgroup}
+                     for o in e.holders]
+    obj["owners_unreadable"] = e.unreadable
+    vit = s.vitals
+    obj["inet_diag"] = None if vit is None else {
+        "timer": _TIMERS.get(vit.timer, str(vit.timer)), "timer_expires_ms": vit.timer_expires_ms,
+        "timer_retrans": vit.timer_retrans, "recv_q": vit.recv_q, "send_q": vit.send_q}
+    has_info = s.last_data_recv_ms is not None or (vit is not None and vit.unacked is not None)
+    obj["tcp_info"] = None if not has_info else {
+        "last_data_recv_ms": s.last_data_recv_ms, "last_ack_recv_ms": s.last_ack_recv_ms,
+        "last_data_sent_ms": s.last_data_sent_ms,
+        **({k: None for k in _INFO_FIELDS} if vit is None else
+           {k: getattr(vit, f) for k, f in _INFO_FIELDS.items()})}
+    obj["probe"] = e.probe_ages()
+    obj["evidence_source"] = e.evidence
+    flow = e.flow_idle_ms
+    obj["flow_idle_ms"] = None if flow is None else round(flow, 3)
+    obj["peer_cookie"] = e.peer.cookie if e.peer is not None else None
+    action, by = e.decision
+    obj["kill"] = {
+        "action": action, "by": by.name if by is not None else None,
+        "reason": _kill_reason(e), "clauses": [{"clause": c.name, "holds": c.holds, "text": c.text}
+                                               for c in e.clauses]}
+    return obj
+
+
+# The rules that compare times with the window (health.RULES): their reason shows it.
+_CLOCK_RULES = ("active", "quiet", "no-evidence")
+
+_INFO_FIELDS = {"unacked": "unacked", "retransmits": "retransmits", "total_retrans": "total_retrans",
+                "backoff": "backoff", "probes": "probes", "snd_wnd": "snd_wnd"}
+
+
+def _kill_reason(e) -> str:
+    action, by = e.decision
+    if action == "spared":
+        return "spared by %s: %s" % (_clause_name(by.name), by.text)
+    return ("would be destroyed (cookie-checked SOCK_DESTROY; asked about again right before: "
+            "one that received data or left the selection meanwhile is spared)")
+
+
+def _clause_name(name: str) -> str:
+    """How the human output names a clause: by its option where it has one."""
+    return {"selector": "the selector guard", "family": "-4/-6", "idle-time": "-t",
+            "protected": "the protected list"}.get(name, "--" + name)
+
+
+def explanation(e, as_json: bool, out: TextIO = None) -> None:
+    """`tcpidle explain`: one JSON object, or the facts in labelled lines."""
+    out = out or sinks.stdout()
+    if as_json:
+        out.write(_dumps(explanation_object(e)) + "\n")
+        out.flush()
+        return
+    o = explanation_object(e)
+    rows = [("cookie", "%d  (inode %d, uid %d)" % (o["cookie"], o["inode"], o["uid"])),
+            ("connection", "%s %s %s -> %s" % (o["family"], o["state"], endpoint(o["src"], o["sport"]),
+                                               endpoint(o["dst"], o["dport"]))),
+            ("netns", "this one" if o["netns"] is None else str(o["netns"]))]
+    if o["owners"]:
+        for i, h in enumerate(o["owners"]):
+            rows.append(("owners" if i == 0 else "", "%s[%d] fd %d%s" % (
+                h["comm"] or "?", h["pid"], h["fd"], "  cgroup %s" % h["cgroup"] if h["cgroup"] else "")))
+    else:
+        rows.append(("owners", "none readable (%d processes could not be read: run as root)"
+                     % o["owners_unreadable"] if o["owners_unreadable"] else
+                     "no process holds it" if o["inode"] == 0 else "none found"))
+    if o["peer_cookie"] is not None:
+        rows.append(("peer", "cookie %d is the other end, in the same namespace" % o["peer_cookie"]))
+    rows.append(("idle", "%s since data was received (%s)%s" % (
+        _dur_text(o["idle_ms"]), o["idle_source"] or "no source",
+        "; %s since any segment (bpf)" % _dur_text(o["last_rx_ms"]) if o["last_rx_ms"] is not None
+        else "")))
+    info = o["tcp_info"]
+    if info is None:
+        rows.append(("tcp_info", "none (the kernel sends none in this state)"))
+    else:
+        rows.append(("tcp_info", "last data received %s ago, last ACK received %s ago, last data "
+                     "sent %s ago" % tuple(_dur_text(info[k]) for k in (
+                         "last_data_recv_ms", "last_ack_recv_ms", "last_data_sent_ms"))))
+        rows.append(("", "unacked %s, retransmits %s (total %s), backoff %s, probes %s, peer's "
+                     "window %s" % tuple("-" if info[k] is None else str(info[k]) for k in (
+                         "unacked", "retransmits", "total_retrans", "backoff", "probes",
+                         "snd_wnd"))))
+    diag = o["inet_diag"]
+    if diag is not None:
+        rows.append(("timer", diag["timer"] if diag["timer"] == "none" else
+                     "%s, fires in %s, %d out" % (diag["timer"], _dur_text(diag["timer_expires_ms"]),
+                                                 diag["timer_retrans"])))
+        rows.append(("queues", "send %d bytes (not acknowledged), receive %d bytes (not read)"
+                     % (diag["send_q"], diag["recv_q"])))
+    p = o["probe"]
+    rows.append(("probe", o["evidence_source"] if p is None else
+                 "%d segments (%d with data, %d bytes), last segment %s ago, last data %s ago; %s" % (
+                     p["segments"], p["data_segments"], p["bytes"], _dur_text(p["last_segment_ms"]),
+                     _dur_text(p["last_data_ms"]), o["evidence_source"])))
+    rows.append(("verdict", "%s (rule %s: %s)" % (o["verdict"], o["verdict_rule"],
+                                                 o["verdict_rule_text"])))
+    rows.append(("", o["verdict_reason"] + (" (window %s)" % _dur_text(o["window_ms"])
+                                            if o["verdict_rule"] in _CLOCK_RULES else "")))
+    if o["middlebox"] is not None:
+        rows.append(("middlebox", "%s (flow idle %s)" % (o["middlebox"], _dur_text(o["flow_idle_ms"]))))
+    rows.append(("kill", o["kill"]["reason"]))
+    for c in o["kill"]["clauses"]:
+        rows.append(("", "%s %-10s %s" % ("yes" if c["holds"] else "NO ", c["clause"], c["text"])))
+    width = max(len(label) for label, _ in rows)
+    for label, text in rows:
+        out.write(printable(("%-*s  %s" % (width, label, text)).rstrip()) + "\n")
+    out.flush()
+
+
+def _dur_text(ms: Optional[float]) -> str:
+    from .health import duration
+
+    return "unknown" if ms is None else duration(ms)

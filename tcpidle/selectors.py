@@ -169,6 +169,22 @@ def parse_states(names: Iterable[str]) -> frozenset:
     return frozenset(states or {TcpState.ESTABLISHED})
 
 
+def state_names(states: Iterable[int]) -> List[str]:
+    """ss's names of these states, in the kernel's order: {ESTABLISHED, CLOSE_WAIT} ->
+    ["established", "close-wait"] (request sockets, NEW_SYN_RECV, are syn-recv)."""
+    names = {}
+    for name, found in _STATE_NAMES.items():
+        for state in found:
+            names[state] = name
+    names.setdefault(TcpState.NEW_SYN_RECV, "syn-recv")
+    out = []
+    for state in sorted(states):
+        name = names.get(state, str(int(state)))
+        if name not in out:
+            out.append(name)
+    return out
+
+
 def states_mask(states: Iterable[int]) -> int:
     """The `idiag_states` bit mask for a set of states.
 

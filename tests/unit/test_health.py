@@ -77,7 +77,7 @@ def test_without_tcp_info_the_verdict_is_unknown_and_says_so():
     assert verdict(sk(vitals=vit(info=False))).reason == "no tcp_info for this socket"
     bare = Socket(cookie=1, family=AF_INET, state=1, src="a", sport=1, dst="b", dport=2, inode=1,
                   uid=0, raw_id=b"\0" * 48)
-    assert assess(bare, None, None, W) == (UNKNOWN, "no tcp_info for this socket")
+    assert assess(bare, None, None, W) == (UNKNOWN, "no tcp_info for this socket", "no-tcp-info")
 
 
 # -- dead: retransmissions --------------------------------------------------------
@@ -178,7 +178,7 @@ def test_zero_window_wins_over_recent_data():
 
 def test_active_within_the_window():
     h = verdict(sk(data_recv=9_999, ack_recv=9_999))
-    assert h == (ACTIVE, "data received 10.0 s ago")
+    assert h == (ACTIVE, "data received 10.0 s ago", "active")
     assert verdict(sk(data_recv=10_000, ack_recv=10_000)).verdict != ACTIVE  # the boundary
 
 
@@ -221,6 +221,35 @@ def test_the_window_decides_between_active_and_quiet():
     s = sk(data_recv=30_000, ack_recv=1_000)
     assert verdict(s, window=60_000).verdict == ACTIVE
     assert verdict(s, window=20_000).verdict == QUIET
+
+
+# -- the rules' names (tcpidle explain shows them) ------------------------------------
+
+RULE_CASES = [
+    ("close-wait", lambda: verdict(sk(TcpState.CLOSE_WAIT))),
+    ("orphan", lambda: verdict(sk(TcpState.LAST_ACK, inode=0))),
+    ("time-wait", lambda: verdict(sk(TcpState.TIME_WAIT))),
+    ("listener", lambda: verdict(sk(TcpState.LISTEN))),
+    ("handshake", lambda: verdict(sk(TcpState.SYN_SENT))),
+    ("no-tcp-info", lambda: verdict(sk(vitals=vit(info=False)))),
+    ("dead-retransmits", lambda: verdict(retransmitting())),
+    ("dead-probes", lambda: verdict(sk(timer=2, probes=2))),
+    ("zero-window", lambda: verdict(sk(timer=4, send_q=8192, snd_wnd=0))),
+    ("active", lambda: verdict(sk(data_recv=5, ack_recv=5))),
+    ("quiet", lambda: verdict(sk(data_recv=600_000, ack_recv=2_000))),
+    ("no-evidence", lambda: verdict(sk(data_recv=600_000, ack_recv=600_000))),
+]
+
+
+@pytest.mark.parametrize("rule, make", RULE_CASES, ids=[c[0] for c in RULE_CASES])
+def test_each_verdict_names_the_rule_that_gave_it(rule, make):
+    h = make()
+    assert h.rule == rule, h
+    assert health.RULES[rule][0] == h.verdict, (rule, h)
+
+
+def test_every_rule_is_named_and_tried_in_the_documented_order():
+    assert [c[0] for c in RULE_CASES] == list(health.RULES)
 
 
 def test_every_verdict_is_listed_once():

@@ -87,8 +87,17 @@ def bad_table(paths):
             "--metrics-port": _int_bad(1, 65535),
             "--metrics-addr": ["", " ", "not a host", "fe80::1%lo", "-x", "a..b"],
         }),
+        "explain": dict(selectors, **{"--idle-time": MS_BAD, "--exclude-port": PORTS_BAD,
+                                      "--exclude-cidr": CIDR_BAD}),
     }
     return table
+
+
+# What each command needs besides the option under test: a selector (so that kill's
+# "needs a selector" guard cannot be what answers), and explain's CONNECTION.
+BASE = {"audit": ["-d", "1"], "kill": ["-d", "1"], "track": ["-d", "1"],
+        "explain": ["4097", "-d", "1"]}
+COMMANDS = list(BASE)
 
 
 def good_table(paths):
@@ -154,18 +163,18 @@ def test_every_option_with_a_value_is_in_the_tables(tmp_path):
     paths = {k: str(tmp_path / k) for k in ("dir", "file", "fifo", "sock", "missing_dir_file",
                                             "new", "trailing_slash")}
     bad, good = bad_table(paths), good_table(paths)
-    for command in ("audit", "kill", "track"):
+    assert set(COMMANDS) == set(cli.cli.commands) - {"doctor"}  # doctor: test_doctor.py
+    for command in COMMANDS:
         assert _value_options(command) == set(bad[command]), command
         assert _value_options(command) <= set(good), command
 
 
-@pytest.mark.parametrize("command", ["audit", "kill", "track"])
+@pytest.mark.parametrize("command", COMMANDS)
 def test_bad_values_are_one_line_naming_the_option(paths, command):
-    # -d 1 (a selector) so that the "needs a selector" guard cannot be what answers.
     for cmd, option, value in _cases(paths, bad_table):
         if cmd != command:
             continue
-        line = error_line(command, ["-d", "1", option, value])
+        line = error_line(command, BASE[command] + [option, value])
         assert "\n" not in line
         assert option in line or any(o in line for o in _spellings(command, option)), (
             option, value, line)
@@ -178,7 +187,7 @@ def _spellings(command, option):
     return ()
 
 
-@pytest.mark.parametrize("command", ["audit", "kill", "track"])
+@pytest.mark.parametrize("command", COMMANDS)
 def test_good_values_are_accepted(paths, command):
     reader = os.open(paths["fifo"], os.O_RDONLY | os.O_NONBLOCK)  # a FIFO with a reader is fine
     try:
@@ -186,7 +195,7 @@ def test_good_values_are_accepted(paths, command):
         for option in sorted(_value_options(command)):
             for value in good[option] + ([paths["fifo"]] if option in ("--logfile", "--event-log")
                                          else []):
-                parse(command, ["-d", "1", option, value])
+                parse(command, BASE[command] + [option, value])
     finally:
         os.close(reader)
     assert not os.path.exists(paths["new"]), "checking a log path must not create it"

@@ -122,7 +122,9 @@ def render(readme: str, group: Optional[click.Group] = None) -> str:
     ]
     names = group.list_commands(root)
     for name in names:
-        out += [".B tcpidle %s" % escape(name), ".RI [ OPTIONS ]", ".br"]
+        arguments = [p for p in group.get_command(root, name).params if isinstance(p, click.Argument)]
+        out += [".B tcpidle %s" % escape(name), ".RI [ OPTIONS ]"]
+        out += [".I %s" % escape(p.human_readable_name) for p in arguments] + [".br"]
     out += [".B tcpidle", ".RB [ \\-\\-version | \\-\\-help ]", ".SH DESCRIPTION"]
     out += click_text(group.help or "")
     out += [".SH COMMANDS"]

@@ -46,6 +46,6 @@ def test_tcp_closer_spellings_are_accepted():
 
 
 def test_help_has_examples():
-    for cmd in ("audit", "kill"):
+    for cmd in ("audit", "kill", "explain"):
         result = run(cmd, "--help")
         assert result.returncode == 0 and "Examples:" in result.stdout

@@ -49,7 +49,9 @@ def bash_complete(words):
 
 def test_bash_completes_a_command():
     assert bash_complete(["tcpidle", "au"]) == ["audit"]
-    assert set(bash_complete(["tcpidle", ""])) >= {"audit", "kill", "track"}
+    assert set(bash_complete(["tcpidle", ""])) >= {"audit", "kill", "track", "explain"}
+    assert bash_complete(["tcpidle", "ex"]) == ["explain"]
+    assert bash_complete(["tcpidle", "explain", "1", "--exclude-p"]) == ["--exclude-port"]
 
 
 def test_bash_completes_an_option_and_a_choice():

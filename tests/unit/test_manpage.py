@@ -41,6 +41,15 @@ def test_every_option_of_every_command_is_on_the_page():
                 assert manpage.escape(line.strip()) in page, line
 
 
+def test_explain_is_on_the_page_with_its_argument_and_its_json_keys():
+    page = manpage.render(README)
+    assert ".B tcpidle explain\n.RI [ OPTIONS ]\n.I CONNECTION\n.br" in page
+    assert ".SS tcpidle explain" in page
+    assert "CONNECTION is a socket cookie" in page.replace("\n", " ")
+    for key in ("verdict_rule", "kill.clauses", "tcp_info.snd_wnd", "peer_cookie"):
+        assert "\\fB%s\\fR" % manpage.escape(key) in page, key
+
+
 def test_output_contract_and_exit_status_come_from_readme():
     page = manpage.render(README)
     output = re.search(r"^### Output\n(.*?)^## ", README, re.M | re.S).group(1)

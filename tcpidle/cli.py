@@ -108,13 +108,17 @@ idle_time_option = click.option(
     metavar="MS", show_default=True,
     help="Kill connections idle at least MS milliseconds; 0 = every matching connection.")
 all_option = click.option("--all", "all_", is_flag=True,
-                          help="Allow killing with no port, address or owner selector.")
+                          help="Allow acting with no port, address or owner selector.")
 protected_options = _options(
     click.option("--exclude-port", "exclude_ports", multiple=True, type=options.Ports(), metavar="PORTS",
                  help="Protected: never touch a connection with such a port at either end. Repeatable."),
     click.option("--exclude-cidr", "exclude_cidrs", multiple=True, type=options.Cidrs(), metavar="CIDR",
                  help="Protected: never touch a connection with an address in CIDR at either end. Repeatable."),
 )
+_logfile = click.option("-f", "--logfile", type=options.LogPath(), default=None, metavar="PATH",
+                        help="Append a log line per connection acted on to this file.")
+_disable_syslog = click.option("--disable-syslog", "--disable_syslog", "disable_syslog", is_flag=True,
+                               help="Do not log to syslog.")
 
 kill_options = _options(
     idle_time_option,
@@ -124,10 +128,8 @@ kill_options = _options(
     click.option("--proc-action", type=click.Choice(["shutdown", "kill"]), default="shutdown",
                  show_default=True,
                  help="Fallback action: shut the socket down in its owner (owner lives) or SIGKILL the owner."),
-    click.option("-f", "--logfile", type=options.LogPath(), default=None, metavar="PATH",
-                 help="Append a log line per kill to this file."),
-    click.option("--disable-syslog", "--disable_syslog", "disable_syslog", is_flag=True,
-                 help="Do not log kills to syslog."),
+    _logfile,
+    _disable_syslog,
     all_option,
 )
 
@@ -146,6 +148,7 @@ def cli():
     tcpidle kill    destroy the idle ones (SOCK_DESTROY, cookie-checked)
     tcpidle track   a daemon: BPF probe + audit/kill every interval
     tcpidle explain everything about one connection, and what a kill would do to it
+    tcpidle keepalive  arm TCP keep-alive in the owners' sockets instead of killing
     tcpidle doctor  what this kernel allows (destroy, probe hooks, BPF, pidfd)
 
     Idle time is the time since data was last received, from the kernel's
@@ -246,10 +249,13 @@ def kill(idle_time, dry_run, use_proc, proc_action, logfile, disable_syslog, all
 @click.option("--metrics-addr", type=options.Address(), default="127.0.0.1", show_default=True,
               metavar="ADDR",
               help="Address the metrics endpoint listens on.")
+@click.option("--keepalive", type=options.KeepaliveSettings(), default=None,
+              help="Arm keep-alive (idle s, interval s, probes) in every new matching connection "
+                   "without it, instead of killing (as `tcpidle keepalive`).")
 @click.option("--cleanup", is_flag=True, help="Remove the BPF maps pinned in --pin-dir, then exit.")
 def track(idle_time, dry_run, use_proc, proc_action, logfile, disable_syslog, all_, interval, map_size,
           bpf_hook, max_kills_per_interval, exclude_ports, exclude_cidrs, event_log, metrics_port,
-          metrics_addr, cleanup, **opts):
+          metrics_addr, cleanup, keepalive, **opts):
     """Run as a daemon: BPF probe attached, kill idle connections every --interval.
 
     The probe's maps are pinned in --pin-dir (bpffs, mounted if missing), so a
@@ -263,11 +269,59 @@ def track(idle_time, dry_run, use_proc, proc_action, logfile, disable_syslog, al
       tcpidle track -d 5432 -t 600000 --interval 30 --exclude-port 22
       tcpidle track --all --dry-run --event-log /var/log/tcpidle/events.jsonl
       tcpidle track -d 6379 -t 300000 --metrics-port 9733
+      tcpidle track -d 5432 --keepalive 60,10,6   arm keep-alive in new connections instead
       tcpidle track --cleanup              remove the pinned maps
     """
     sys.exit(commands.track(idle_time, dry_run, use_proc, proc_action, logfile, disable_syslog, all_,
                             interval, map_size, bpf_hook, max_kills_per_interval, exclude_ports,
-                            exclude_cidrs, event_log, metrics_port, metrics_addr, cleanup, **opts))
+                            exclude_cidrs, event_log, metrics_port, metrics_addr, cleanup,
+                            keepalive=keepalive, **opts))
+
+
+# ---------------------------------------------------------------------------
+# keepalive: the retrofit instead of killing
+
+
+@cli.command(epilog=EPILOG_SELECTORS)
+@selector_options
+@evidence_options
+@click.option("-t", "--idle-time", "--idle_time", "idle_time", type=options.milliseconds(), default=0.0,
+              metavar="MS", show_default=True,
+              help="Only connections idle at least MS milliseconds; 0 = every matching connection.")
+@click.option("--idle", "idle_s", type=options.keepalive_idle(), required=True,
+              help="First probe after S seconds with nothing received (TCP_KEEPIDLE).")
+@click.option("--interval", "interval_s", type=options.keepalive_interval(), required=True,
+              help="Then a probe every S seconds (TCP_KEEPINTVL).")
+@click.option("--count", type=options.keepalive_count(), required=True,
+              help="Abort the connection after N probes unanswered (TCP_KEEPCNT).")
+@click.option("--dry-run", is_flag=True, help="Report where keep-alive would be armed; touch nothing.")
+@protected_options
+@_logfile
+@_disable_syslog
+@all_option
+def keepalive(idle_time, idle_s, interval_s, count, dry_run, exclude_ports, exclude_cidrs, logfile,
+              disable_syslog, all_, **opts):
+    """Arm TCP keep-alive in matching connections that have none, instead of killing them.
+
+    For each one, the owner's descriptor is duplicated (pidfd_getfd),
+    checked to be that socket (inode and cookie), given SO_KEEPALIVE,
+    TCP_KEEPIDLE, TCP_KEEPINTVL and TCP_KEEPCNT, and closed. The kernel then
+    probes the peer: a live peer answers and the connection lives on; a dead
+    one is aborted by the kernel within IDLE + INTERVAL x COUNT seconds (the
+    owner gets ETIMEDOUT). Needs a selector, or --all; protected ports and
+    networks win; a socket whose owner set keep-alive itself is left as it
+    is. A refused pidfd_getfd (Yama ptrace_scope, no CAP_SYS_PTRACE over
+    another user's process) is one error line per owner, nothing changed.
+
+    \b
+    Examples:
+      tcpidle keepalive -d 5432 --idle 60 --interval 10 --count 6
+      tcpidle keepalive --comm grpc-server --idle 30 --interval 5 --count 3 --dry-run
+      tcpidle keepalive -d 443 --middlebox aws-nlb --idle 120 --interval 30 --count 4
+      tcpidle keepalive --all-netns -s 6379 -t 300000 --idle 60 --interval 10 --count 3
+    """
+    sys.exit(commands.keepalive(idle_time, idle_s, interval_s, count, dry_run, exclude_ports,
+                                exclude_cidrs, logfile, disable_syslog, all_, **opts))
 
 
 # ---------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The use cases: audit, kill, kill -i, track and track --cleanup, each wired in one place.
+"""The use cases: audit, kill, kill -i, keepalive, track and track --cleanup, each wired once.
 
 Each command takes the parsed options, checks what click cannot (exit 2,
 nothing touched), builds its objects once -- the `Selector` and `Policy`,
@@ -21,7 +21,7 @@ from typing import Optional
 from . import evidence, groups, health, middlebox, netns, privilege, report, selectors
 from .engine import Engine
 from .errors import PrivilegeError, RuntimeFailure, UsageError
-from .model import AF_INET, AF_INET6, DEFAULT_MAP_SIZE, DEFAULT_PIN_DIR, Policy, Selector
+from .model import AF_INET, AF_INET6, DEFAULT_MAP_SIZE, DEFAULT_PIN_DIR, Keepalive, Policy, Selector
 from .scope import OpenDiag, Scope, open_diag
 
 # ---------------------------------------------------------------------------
@@ -185,6 +185,55 @@ def kill(idle_time: float, dry_run: bool, use_proc: bool, proc_action: str, logf
         seen.close()
 
 
+def keepalive(idle_time: float, idle_s: int, interval_s: int, count: int, dry_run: bool,
+              exclude_ports, exclude_cidrs, logfile: Optional[str], disable_syslog: bool,
+              all_: bool, open_diag: OpenDiag = open_diag, **opts) -> int:
+    """Arm keep-alive in the matching connections that have none (tcpidle.retrofit), once.
+
+    kill's pass with another action: the same selection, protected list,
+    threshold, re-check, batches, outputs and exit statuses.  No
+    CAP_NET_ADMIN needed: what it takes is ptrace access to the owners,
+    and a refusal is said per owner (exit 1).
+    """
+    selector = _protected(build_selector(opts), exclude_ports, exclude_cidrs)
+    namespaces = build_namespaces(opts)
+    _require_narrowing(selector, all_, "keepalive")
+    policy = build_policy(opts, idle_time, dry_run=dry_run,
+                          keepalive=Keepalive(idle_s, interval_s, count))
+    report.setup_logging(opts["verbose"], logfile, syslog=not disable_syslog)
+    report.log.info("keep-alive: idle %d s, a probe every %d s, %d unanswered abort the "
+                    "connection (within %d s)", idle_s, interval_s, count,
+                    idle_s + interval_s * count)
+    _warn_if_late(policy)
+    seen = _evidence(opts)
+    try:
+        scope = Scope(selector, namespaces, open_diag)
+        seen.bind_scope(scope)
+        return _kill_once(Engine(scope, policy, seen, want_owners=opts["processes"]),
+                          opts["as_json"], "keepalive")
+    finally:
+        seen.close()
+
+
+def _protected(selector: Selector, exclude_ports, exclude_cidrs) -> Selector:
+    """The selector with its protected list (--exclude-port, --exclude-cidr)."""
+    return replace(
+        selector,
+        exclude_ports=selectors.parse_ports(exclude_ports, "--exclude-port"),
+        exclude_nets=selectors.parse_networks(exclude_cidrs, "--exclude-cidr"),
+    )
+
+
+def _warn_if_late(policy: Policy) -> None:
+    """A keep-alive whose first probe comes after the middlebox's timeout cannot keep the
+    flow open there: said once (the retrofit still finds dead peers)."""
+    box, ka = policy.middlebox, policy.keepalive
+    if box is not None and ka is not None and ka.idle_s * 1000.0 >= box.timeout_ms:
+        report.log.warning("keep-alive idle %d s is not shorter than the middlebox's %g s "
+                           "timeout: its probes come too late to keep flows open there",
+                           ka.idle_s, box.timeout_ms / 1000.0)
+
+
 def _destroy_note(use_proc: bool) -> str:
     """What -v says about the destroy backend of a netlink or /proc run."""
     from . import kdestroy
@@ -238,7 +287,7 @@ def _kill_in_kernel(selector: Selector, namespaces, policy: Policy, opts) -> int
         else 0
 
 
-def _kill_once(engine: Engine, as_json: bool) -> int:
+def _kill_once(engine: Engine, as_json: bool, name: str = "kill") -> int:
     """One pass; its exit status.  SIGTERM/SIGINT during it stop it between two
     destroy batches: what was done is reported, and the status is 128 + the
     signal's number.  A namespace named with --netns that is gone fails the run."""
@@ -246,7 +295,7 @@ def _kill_once(engine: Engine, as_json: bool) -> int:
     from .signals import StopOnSignal
 
     with StopOnSignal() as stopped:
-        done = run_pass(engine, as_json, "kill", stop=stopped)
+        done = run_pass(engine, as_json, name, stop=stopped)
     if stopped.signum:
         report.error("interrupted by %s: %d connections acted on, %d not"
                      % (signal.Signals(stopped.signum).name, len(done.outcomes), done.interrupted))
@@ -278,7 +327,8 @@ def track(idle_time: float, dry_run: bool, use_proc: bool, proc_action: str, log
           disable_syslog: bool, all_: bool, interval: float, map_size: int, bpf_hook: str,
           max_kills_per_interval: int, exclude_ports, exclude_cidrs, event_log: Optional[str],
           metrics_port: Optional[int], metrics_addr: str, cleanup: bool,
-          open_diag: OpenDiag = open_diag, cache_dir: Optional[str] = None, **opts) -> int:
+          open_diag: OpenDiag = open_diag, cache_dir: Optional[str] = None,
+          keepalive: Optional[Keepalive] = None, **opts) -> int:
     """The daemon: the probe attached with its maps pinned, a kill pass every interval.
 
     Runs until SIGTERM/SIGINT and returns 0.  Fatal errors (usage,
@@ -290,15 +340,15 @@ def track(idle_time: float, dry_run: bool, use_proc: bool, proc_action: str, log
 
     if cleanup:
         return clean_pins(opts["pin_dir"])
-    selector = replace(
-        build_selector(opts),
-        exclude_ports=selectors.parse_ports(exclude_ports, "--exclude-port"),
-        exclude_nets=selectors.parse_networks(exclude_cidrs, "--exclude-cidr"),
-    )
+    if keepalive is not None and use_proc:
+        raise UsageError("--keepalive and --use-proc exclude each other (keep-alive is armed "
+                         "instead of killing)")
+    selector = _protected(build_selector(opts), exclude_ports, exclude_cidrs)
     namespaces = build_namespaces(opts)
     _require_narrowing(selector, all_, "track")
     policy = build_policy(opts, idle_time, dry_run=dry_run, use_proc=use_proc, proc_action=proc_action,
-                          max_kills=max_kills_per_interval or None)
+                          max_kills=max_kills_per_interval or None, keepalive=keepalive)
+    _warn_if_late(policy)
     report.setup_logging(opts["verbose"], logfile, syslog=not disable_syslog)
     if not policy.dry_run:
         require_privilege("track")
@@ -329,9 +379,11 @@ def track(idle_time: float, dry_run: bool, use_proc: bool, proc_action: str, log
         poller = Poller(engine, interval, signals, evidence=seen,
                         events=events, metrics=metrics, as_json=opts["as_json"])
         report.note(seen.description)
-        report.note("polling every %g s: idle >= %g ms%s%s; SIGTERM or SIGINT stops, "
+        report.note("polling every %g s: idle >= %g ms%s%s%s; SIGTERM or SIGINT stops, "
                     "SIGHUP reopens logs" % (
                         interval, policy.idle_time_ms,
+                        ", arming keep-alive (idle %d s, interval %d s, %d probes) instead of "
+                        "killing" % keepalive if keepalive is not None else "",
                         ", at most %d kills per interval" % policy.max_kills
                         if policy.max_kills is not None else "",
                         " (dry run)" if policy.dry_run else ""))

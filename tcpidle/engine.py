@@ -32,6 +32,11 @@ Owns the order of operations, which is where correctness lives:
    in the Scan, `Scope.batches`), so the destroy goes where the dump went.
 7. EOPNOTSUPP (a kernel without CONFIG_INET_DIAG_DESTROY) switches this and
    every later pass to the /proc fallback, said once in the log.
+8. With `Policy.keepalive` (tcpidle keepalive, track --keepalive) the same
+   pass arms keep-alive in its victims instead (`tcpidle.retrofit`: the
+   owner's descriptor duplicated, checked, setsockopt), after the same
+   re-check; a socket whose keep-alive timer is armed is no victim, and one
+   this engine armed is not tried again by a later poll.
 """
 
 from __future__ import annotations
@@ -99,6 +104,9 @@ class Batch:
     outcomes: List[Outcome]
     spared: List[Spare]
     fatal: Optional[BaseException] = None
+    # Keep-alive retrofit: each pidfd_getfd the kernel refused (fallback.AttachRefused),
+    # said once per owner at the end of the pass; those victims' outcomes are `failed`.
+    refused: List[BaseException] = field(default_factory=list)
 
 
 @dataclass
@@ -170,6 +178,9 @@ class Engine:
         self.use_proc = policy.use_proc
         self.spared = 0  # victims spared by the re-check, over all passes
         self.interrupted = 0  # victims of the last pass not acted on: stopped before their batch
+        # Keep-alive retrofit: the cookies this engine armed (or found armed by their
+        # owner), never tried again by a later poll; kept for the sockets still matched.
+        self.armed: set = set()
 
     # -- enumerate and decide ------------------------------------------------
 
@@ -202,6 +213,13 @@ class Engine:
             # tracker's gauges name them.  Only those, so a quiet host walks
             # /proc for nothing.
             self._attribute(scan, [v for v in scan.verdicts if v.exposure in _EXPOSED], force=True)
+        if self.policy.keepalive is not None and self.armed:
+            # A tracker arms each connection once: one it armed shows the
+            # keep-alive timer from then on, except while a retransmission is
+            # pending, which hides it (INET_DIAG shows one timer).
+            self.armed &= {v.socket.cookie for v in scan.verdicts}
+            scan.verdicts = [v._replace(victim=False) if v.victim and v.socket.cookie in self.armed
+                             else v for v in scan.verdicts]
         return scan
 
     def survey(self, shown: Optional[Callable[[Scan], List[Verdict]]] = None,
@@ -275,8 +293,9 @@ class Engine:
             return
         self._attribute(scan, victims)
         if self.policy.dry_run:
-            yield Batch([self._outcome(v, Action.WOULD_DESTROY, None, scan.owners)
-                         for v in victims], [])
+            would = Action.WOULD_DESTROY if self.policy.keepalive is None else \
+                Action.WOULD_SET_KEEPALIVE
+            yield Batch([self._outcome(v, would, None, scan.owners) for v in victims], [])
             return
         done = 0
         for nl, part in self.scope.batches(scan, victims):
@@ -310,6 +329,9 @@ class Engine:
                 go.append(verdict._replace(socket=fresh) if fresh is not None else verdict)
         if not go:
             return Batch(outcomes, spared)
+        if self.policy.keepalive is not None:
+            armed, refused = self._retrofit(go)
+            return Batch(outcomes + armed, spared, refused=refused)
         if self.use_proc:
             return Batch(outcomes + self._fallback(go, owners), spared)
         errs = nl.destroy([v.socket for v in go])
@@ -439,6 +461,19 @@ class Engine:
         fresh = owners.owners_by_inode({v.socket.inode for v in victims})
         results = fallback.apply_fallback([v.socket for v in victims], self.policy.proc_action, fresh)
         return [Outcome(verdict, r.action, r.error, *r.owners) for verdict, r in zip(victims, results)]
+
+    def _retrofit(self, victims: Sequence[Verdict]) -> Tuple[List[Outcome], list]:
+        """Keep-alive armed in each victim through its owner's descriptor (tcpidle.retrofit),
+        with the holders as they are now; the outcomes, and the refused pidfd_getfd calls."""
+        from . import owners, retrofit  # tcpidle keepalive, track --keepalive
+
+        fresh = owners.owners_by_inode({v.socket.inode for v in victims})
+        done = retrofit.apply_keepalive([v.socket for v in victims], self.policy.keepalive, fresh)
+        for v, r in zip(victims, done.results):
+            if r.action in (Action.KEEPALIVE_SET, Action.KEEPALIVE_ON):
+                self.armed.add(v.socket.cookie)
+        return ([Outcome(v, r.action, r.error, *r.owners) for v, r in zip(victims, done.results)],
+                done.refused)
 
     @staticmethod
     def _outcome(verdict: Verdict, action: str, error: Optional[str],

@@ -3,15 +3,19 @@
 Used when SOCK_DESTROY is unavailable (a kernel built without
 CONFIG_INET_DIAG_DESTROY) or the user asks for `--use-proc`:
 
-* `shutdown_socket` duplicates the owner's descriptor with pidfd_getfd,
-  checks its inode *and* cookie, and shuts it down: the owner lives on;
+* `duplicate_socket` duplicates the owner's descriptor with pidfd_getfd and
+  checks its inode *and* cookie: the one way into an owner's socket, also
+  used by `tcpidle.retrofit` (keep-alive armed in the owner's socket);
+* `shutdown_socket` shuts such a duplicate down: the owner lives on;
 * `kill_owner` SIGKILLs the owner through a pidfd (`--proc-action kill`);
 * `apply_fallback` runs one of them over a list of sockets, given their
   holders from `owners.owners_by_inode`, and says what happened to each in
-  `model.Action` words, with the holders' `OwnerSummary`.
+  `model.Action` words, with the holders' `OwnerSummary` (`each_held_socket`
+  and `first_holder` are that bookkeeping, for any action).
 
-Nothing here prints; failures are exceptions (`ProcActionError`, and its
-`SocketGone` kind for "that socket or process is no longer there").
+Nothing here prints; failures are exceptions (`ProcActionError`, its
+`SocketGone` kind for "that socket or process is no longer there", and
+`AttachRefused` for a pidfd_getfd the kernel refused).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import signal
 import socket as _socket
 import stat
 import struct
-from typing import Dict, List, NamedTuple, Optional, Sequence, Set, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Set, Tuple
 
 from .errors import RuntimeFailure
 from .model import SO_COOKIE, Action, OwnerSummary, Socket
@@ -31,10 +35,14 @@ from .owners import Owner, owners_by_inode, socket_inode, summarize
 __all__ = [
     "ProcActionError",
     "SocketGone",
+    "AttachRefused",
     "FallbackResult",
+    "duplicate_socket",
     "shutdown_socket",
     "kill_owner",
     "apply_fallback",
+    "each_held_socket",
+    "first_holder",
     "ptrace_refusal",
     "NO_OWNER",
 ]
@@ -56,6 +64,19 @@ class ProcActionError(RuntimeFailure):
 
 class SocketGone(ProcActionError):
     """The process exited, or its fd no longer holds the socket we meant."""
+
+
+class AttachRefused(ProcActionError):
+    """The kernel refused pidfd_getfd (EPERM): this process may not attach to the owner.
+
+    `pid`, `comm`, `inode` and `cause` (ptrace_refusal's words) let a caller say it once
+    per owner, whatever the number of its sockets.
+    """
+
+    def __init__(self, owner: Owner, inode: int):
+        self.pid, self.comm, self.inode, self.cause = owner.pid, owner.comm, inode, ptrace_refusal()
+        super().__init__("pidfd_getfd(%s) refused (EPERM): %s" % (_describe(owner, inode),
+                                                                  self.cause))
 
 
 # ---------------------------------------------------------------------------
@@ -111,6 +132,10 @@ def ptrace_refusal(yama_path: str = YAMA_PTRACE_SCOPE) -> str:
                 "use SOCK_DESTROY instead of --use-proc" % yama_path)
     if scope in (1, 2):
         return ("attaching to the owner needs CAP_SYS_PTRACE (%s = %d)" % (yama_path, scope))
+    if os.getuid() != os.geteuid():
+        # The attach check compares the real uid (PTRACE_MODE_REALCREDS), not the effective.
+        return ("attaching to the owner needs CAP_SYS_PTRACE or the owner's uid as the real uid "
+                "(this process's real uid is %d, its effective %d)" % (os.getuid(), os.geteuid()))
     return "attaching to the owner needs CAP_SYS_PTRACE (or running as the owner's user)"
 
 
@@ -131,18 +156,20 @@ def _describe(owner: Owner, inode: int) -> str:
 # Actions
 
 
-def shutdown_socket(owner: Owner, inode: int, cookie: Optional[int]) -> None:
-    """shutdown(SHUT_RDWR) the socket OWNER holds, from outside the process.
+def duplicate_socket(owner: Owner, inode: int, cookie: Optional[int]) -> _socket.socket:
+    """The socket OWNER holds at its fd, duplicated into this process and checked.
 
-    The fd is fetched with pidfd_getfd and checked before anything is done:
+    The fd is fetched with pidfd_getfd and checked before it is handed out:
     the fd number may have been closed and reused since the walk, so the
     duplicate must have inode INODE and SO_COOKIE COOKIE (None skips the
-    cookie check; the cookie is the identity INET_DIAG reported).  The owner
-    then reads EOF / gets EPIPE and lives on.
+    cookie check; the cookie is the identity INET_DIAG reported).  The
+    duplicate shares the owner's open file description: what is done to it
+    (shutdown, setsockopt) is done to the owner's socket; closing it (the
+    caller's `with`) does not close the owner's fd.
 
     Raises SocketGone if the process exited or the fd no longer holds that
-    socket, ProcActionError for anything else (no permission, shutdown
-    refused).
+    socket, AttachRefused when the kernel refuses pidfd_getfd (EPERM),
+    ProcActionError for anything else.
     """
     pidfd = _open_pidfd(owner)
     try:
@@ -156,8 +183,7 @@ def shutdown_socket(owner: Owner, inode: int, cookie: Optional[int]) -> None:
                     "%s: %s" % (_describe(owner, inode), os.strerror(e.errno))
                 ) from None
             if e.errno == errno.EPERM:
-                raise ProcActionError("pidfd_getfd(%s) refused (EPERM): %s" % (
-                    _describe(owner, inode), ptrace_refusal())) from None
+                raise AttachRefused(owner, inode) from None
             raise ProcActionError(
                 "pidfd_getfd(%s): %s" % (_describe(owner, inode), os.strerror(e.errno))
             ) from None
@@ -174,29 +200,48 @@ def shutdown_socket(owner: Owner, inode: int, cookie: Optional[int]) -> None:
         # socket object closes it.
         sock = _socket.socket(fileno=dupfd)
         dupfd = -1
-        with sock:
-            if cookie is not None:
-                try:
-                    raw = sock.getsockopt(_socket.SOL_SOCKET, SO_COOKIE, 8)
-                except OSError as e:
-                    raise ProcActionError(
-                        "%s: SO_COOKIE: %s" % (_describe(owner, inode), e.strerror)
-                    ) from None
-                got = struct.unpack("=Q", raw)[0]
-                if got != cookie:
-                    raise SocketGone(
-                        "%s: cookie %d is not the expected %d"
-                        % (_describe(owner, inode), got, cookie)
-                    )
-            try:
-                sock.shutdown(_socket.SHUT_RDWR)
-            except OSError as e:
-                raise ProcActionError(
-                    "shutdown(%s): %s" % (_describe(owner, inode), e.strerror)
-                ) from None
     finally:
         if dupfd >= 0:
             os.close(dupfd)
+    if cookie is None:
+        return sock
+    try:
+        try:
+            raw = sock.getsockopt(_socket.SOL_SOCKET, SO_COOKIE, 8)
+        except OSError as e:
+            raise ProcActionError(
+                "%s: SO_COOKIE: %s" % (_describe(owner, inode), e.strerror)
+            ) from None
+        got = struct.unpack("=Q", raw)[0]
+        if got != cookie:
+            raise SocketGone(
+                "%s: cookie %d is not the expected %d"
+                % (_describe(owner, inode), got, cookie)
+            )
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def shutdown_socket(owner: Owner, inode: int, cookie: Optional[int]) -> None:
+    """shutdown(SHUT_RDWR) the socket OWNER holds, from outside the process.
+
+    The fd is duplicated and checked by `duplicate_socket` (inode and
+    cookie) before anything is done.  The owner then reads EOF / gets EPIPE
+    and lives on.
+
+    Raises SocketGone if the process exited or the fd no longer holds that
+    socket, ProcActionError for anything else (no permission, shutdown
+    refused).
+    """
+    with duplicate_socket(owner, inode, cookie) as sock:
+        try:
+            sock.shutdown(_socket.SHUT_RDWR)
+        except OSError as e:
+            raise ProcActionError(
+                "shutdown(%s): %s" % (_describe(owner, inode), e.strerror)
+            ) from None
 
 
 def kill_owner(owner: Owner, inode: int, proc_root: str = "/proc") -> None:
@@ -228,27 +273,44 @@ def kill_owner(owner: Owner, inode: int, proc_root: str = "/proc") -> None:
         os.close(pidfd)
 
 
+def first_holder(holders: Sequence[Owner], act: Callable[[Owner], str],
+                 refused: Optional[List["AttachRefused"]] = None) -> Tuple[str, Optional[str]]:
+    """(model.Action, error text): act(owner) on each holder in turn until one works.
+
+    Every holder shares one socket: the first fd that still holds it is
+    enough, and `act` returns what it did.  Others are tried only if an fd
+    turned out gone or refused.  A refusal (AttachRefused) is also appended
+    to REFUSED, when given, so that it can be said once per owner.
+    """
+    gone: List[str] = []
+    failed: List[str] = []
+    for o in holders:
+        try:
+            return act(o), None
+        except SocketGone as e:
+            gone.append(str(e))
+        except ProcActionError as e:
+            failed.append(str(e))
+            if refused is not None and isinstance(e, AttachRefused):
+                refused.append(e)
+    if failed:
+        return Action.FAILED, "; ".join(failed)
+    return Action.GONE, "; ".join(gone)
+
+
 def _fallback_one(
     sock: Socket, action: str, holders: Sequence[Owner]
 ) -> Tuple[str, Optional[str]]:
     """(model.Action, error text) for one socket with its HOLDERS."""
+    if action == "shutdown":
+        def shut(o: Owner) -> str:
+            shutdown_socket(o, sock.inode, sock.cookie)
+            return Action.SHUTDOWN
+
+        return first_holder(holders, shut)
+    # kill: every process holding the socket must die, else it survives.
     gone: List[str] = []
     failed: List[str] = []
-    if action == "shutdown":
-        # Every holder shares one socket: the first fd that still holds it is
-        # enough.  Others are tried only if an fd turned out gone or refused.
-        for o in holders:
-            try:
-                shutdown_socket(o, sock.inode, sock.cookie)
-                return Action.SHUTDOWN, None
-            except SocketGone as e:
-                gone.append(str(e))
-            except ProcActionError as e:
-                failed.append(str(e))
-        if failed:
-            return Action.FAILED, "; ".join(failed)
-        return Action.GONE, "; ".join(gone)
-    # kill: every process holding the socket must die, else it survives.
     killed = 0
     seen: Set[int] = set()
     for o in holders:
@@ -306,6 +368,17 @@ def apply_fallback(
     """
     if action not in ("shutdown", "kill"):
         raise ValueError("proc action must be 'shutdown' or 'kill', not %r" % (action,))
+    return each_held_socket(sockets, owners, lambda s, holders: _fallback_one(s, action, holders))
+
+
+def each_held_socket(
+    sockets: Sequence[Socket],
+    owners: Optional[Dict[int, List[Owner]]],
+    one: Callable[[Socket, Sequence[Owner]], Tuple[str, Optional[str]]],
+) -> List[FallbackResult]:
+    """one(socket, its holders) -> (model.Action, error) for each of SOCKETS that a
+    process holds, in order; the others FAILED (see apply_fallback).  OWNERS as
+    apply_fallback's (None: one /proc walk for all)."""
     if owners is None:
         owners = owners_by_inode({s.inode for s in sockets if s.inode})
     out = []
@@ -316,6 +389,6 @@ def apply_fallback(
             out.append(FallbackResult(s, Action.FAILED, _no_holder(owners) if s.inode else NO_OWNER,
                                       summarize(holders)))
             continue
-        act, err = _fallback_one(s, action, holders)
+        act, err = one(s, holders)
         out.append(FallbackResult(s, act, err, summarize(holders)))
     return out

@@ -83,7 +83,9 @@ def decide(sock: Socket, activity: Optional[Activity], now_ns: int, policy: Poli
     Otherwise the socket must be known to be idle at least that long.  Both
     filters below narrow that further: `policy.verdicts` (only connections
     whose health verdict is listed) and `policy.middlebox` (only those past
-    the middlebox's timeout).
+    the middlebox's timeout).  With `policy.keepalive` (the keep-alive
+    retrofit) a socket whose keep-alive timer is armed is no victim, and a
+    middlebox's victims include those at risk.
     """
     idle_ms, source, last_rx_ms = merge(sock, activity, now_ns, policy)
     if policy.idle_time_ms <= 0:
@@ -93,10 +95,14 @@ def decide(sock: Socket, activity: Optional[Activity], now_ns: int, policy: Poli
     verdict = health.assess(sock, idle_ms, last_rx_ms, policy.window_ms)
     if policy.verdicts is not None and verdict.verdict not in policy.verdicts:
         victim = False
+    if policy.keepalive is not None and victim and health.keepalive_armed(sock):
+        victim = False  # keep-alive retrofit: armed already (by its owner, or by us)
     exposure = None
     if policy.middlebox is not None:
         exposure = middlebox.exposure(sock, last_rx_ms, policy.middlebox)
-        if exposure != middlebox.PAST:
+        # Killing is for those past the timeout; keep-alive also saves those at risk.
+        if exposure != middlebox.PAST and not (policy.keepalive is not None
+                                               and exposure == middlebox.AT_RISK):
             victim = False
     return Verdict(sock, idle_ms, source, last_rx_ms, victim, verdict, exposure)
 

@@ -17,7 +17,8 @@ tcpidle_idle_seconds (histogram)
 tcpidle_kills_total{outcome} (counter)
     victims acted on, by outcome: destroyed, would-destroy (--dry-run),
     shutdown, process-killed (the /proc fallback), gone (closed before the
-    kill), failed.  Every outcome is exported from the start, at 0.
+    kill), failed; with track --keepalive: keepalive-set, would-set-keepalive,
+    keepalive-on.  Every outcome is exported from the start, at 0.
 tcpidle_spared_total{reason} (counter)
     victims left alone by the re-check right before their destroy:
     received-data (since the scan), left-selection (its state, typically:
@@ -93,7 +94,8 @@ POLL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.
 # engine.Spare.kind values
 SPARED_REASONS = ("received-data", "left-selection", "not-rechecked", "verdict-changed")
 OUTCOMES = (Action.DESTROYED, Action.WOULD_DESTROY, Action.SHUTDOWN, Action.PROCESS_KILLED,
-            Action.GONE, Action.FAILED)
+            Action.GONE, Action.FAILED, Action.KEEPALIVE_SET, Action.WOULD_SET_KEEPALIVE,
+            Action.KEEPALIVE_ON)
 
 # The names documented above, for tests and the README.
 SERIES = (

@@ -209,6 +209,26 @@ class Policy:
     # A middlebox's idle timeout (tcpidle/middlebox.py): connections are judged
     # past it / at risk, and only those past it are victims.  None = no middlebox.
     middlebox: Optional[object] = None
+    # Arm keep-alive in the victims instead of destroying them (tcpidle keepalive,
+    # track --keepalive); connections whose keep-alive timer is armed are no victims.
+    keepalive: Optional["Keepalive"] = None
+
+
+# The kernel's bounds on the keep-alive settings (include/net/tcp.h: MAX_TCP_KEEPIDLE,
+# MAX_TCP_KEEPINTVL, MAX_TCP_KEEPCNT); setsockopt refuses others with EINVAL.
+MAX_KEEPIDLE_S = 32767
+MAX_KEEPINTVL_S = 32767
+MAX_KEEPCNT = 127
+
+
+class Keepalive(NamedTuple):
+    """The keep-alive settings armed in an owner's socket (tcpidle/retrofit.py): the first
+    probe after `idle_s` without anything received, then one every `interval_s`; after
+    `count` unanswered the kernel aborts the connection (the owner gets ETIMEDOUT)."""
+
+    idle_s: int  # TCP_KEEPIDLE
+    interval_s: int  # TCP_KEEPINTVL
+    count: int  # TCP_KEEPCNT
 
 
 class Health(NamedTuple):
@@ -243,6 +263,10 @@ class Action:
     PROCESS_KILLED = "process-killed"
     GONE = "gone"
     FAILED = "failed"
+    # tcpidle keepalive / track --keepalive (tcpidle/retrofit.py)
+    KEEPALIVE_SET = "keepalive-set"
+    WOULD_SET_KEEPALIVE = "would-set-keepalive"
+    KEEPALIVE_ON = "keepalive-on"  # the owner had SO_KEEPALIVE on already: its settings kept
 
 
 class OwnerSummary(NamedTuple):

@@ -45,6 +45,7 @@ import click
 
 from . import netns, selectors, sinks
 from .errors import UsageError
+from .model import MAX_KEEPCNT, MAX_KEEPIDLE_S, MAX_KEEPINTVL_S, Keepalive
 
 # Idle thresholds in ms: 10 years.  More is no threshold (tcp_info's own
 # counter wraps after 49.7 days), and ms * 1e6 must stay far inside the
@@ -157,6 +158,53 @@ def seconds() -> Number:
 def integer(lo: int, hi: int, metavar: Optional[str] = None) -> Number:
     """--map-size, --max-kills-per-interval, --metrics-port, --pid, --uid."""
     return Number(lo, hi, integer=True, metavar=metavar)
+
+
+# The keep-alive retrofit's settings (tcpidle keepalive --idle/--interval/--count,
+# track --keepalive IDLE,INTERVAL,COUNT): whole seconds and probes, as the kernel
+# takes them, within its bounds (a zero is EINVAL there).
+KEEPALIVE_PARTS = (("IDLE", lambda: integer(1, MAX_KEEPIDLE_S, "S")),
+                   ("INTERVAL", lambda: integer(1, MAX_KEEPINTVL_S, "S")),
+                   ("COUNT", lambda: integer(1, MAX_KEEPCNT, "N")))
+
+
+def keepalive_idle() -> Number:
+    return KEEPALIVE_PARTS[0][1]()
+
+
+def keepalive_interval() -> Number:
+    return KEEPALIVE_PARTS[1][1]()
+
+
+def keepalive_count() -> Number:
+    return KEEPALIVE_PARTS[2][1]()
+
+
+class KeepaliveSettings(click.ParamType):
+    """track --keepalive IDLE,INTERVAL,COUNT: three whole numbers, each checked as
+    tcpidle keepalive's --idle, --interval and --count; returns model.Keepalive."""
+
+    name = "keepalive"
+
+    def get_metavar(self, param, *args, **kwargs):
+        return "IDLE,INTERVAL,COUNT"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, Keepalive):
+            return value
+        text = _text(param, value)
+        parts = text.split(",")
+        if len(parts) != 3:
+            _fail(param, text, "three numbers IDLE,INTERVAL,COUNT (seconds, seconds, probes), "
+                               "e.g. 60,10,6")
+        numbers = []
+        for (label, kind), part in zip(KEEPALIVE_PARTS, parts):
+            try:
+                numbers.append(kind().convert(part, None, ctx))
+            except UsageError as e:
+                reason = str(e).split(": ", 1)[-1]
+                _fail(param, text, "%s %r: %s" % (label, part, reason))
+        return Keepalive(*numbers)
 
 
 # ---------------------------------------------------------------------------

@@ -47,13 +47,16 @@ def run_pass(engine: Engine, as_json: bool, name: str, quiet_if_empty: bool = Fa
     scan = engine.scan()
     outcomes: List[Outcome] = []
     spared: List[Spare] = []
+    refused: list = []  # keep-alive retrofit: pidfd_getfd refused, said once per owner below
     cut: Optional[str] = None
     header = None  # the table's header, printed for the first batch only
     try:
         for batch in engine.act_batches(scan, stop):
             outcomes.extend(batch.outcomes)
             spared.extend(batch.spared)
-            report.log_batch(batch.outcomes, batch.spared)
+            refused.extend(batch.refused)
+            report.log_batch(batch.outcomes, batch.spared,
+                             said_per_owner={e.inode for e in batch.refused})
             if on_batch is not None:
                 on_batch(batch)
             header = report.show(batch.outcomes, as_json, header_shown=header)
@@ -65,6 +68,11 @@ def run_pass(engine: Engine, as_json: bool, name: str, quiet_if_empty: bool = Fa
         raise
     finally:
         scan.close()
+        if refused:
+            from .retrofit import refusal_lines  # only the keep-alive retrofit refuses
+
+            for line in refusal_lines(refused):
+                report.log.error("%s", line)
         elapsed = clock() - started
         if outcomes or spared or cut or not quiet_if_empty:
             left = 0
@@ -75,5 +83,7 @@ def run_pass(engine: Engine, as_json: bool, name: str, quiet_if_empty: bool = Fa
                 left = max(0, planned - len(outcomes) - len(spared))
             report.summary_kill(outcomes, len(scan.verdicts), len(scan.victims), elapsed * 1000.0,
                                 engine.policy.dry_run, prefix=name,
-                                spared=[s.kind for s in spared], cut=cut, left=left)
+                                spared=[s.kind for s in spared], cut=cut, left=left,
+                                victims_are="idle" if engine.policy.keepalive is None
+                                else "without keep-alive")
     return Pass(scan, outcomes, spared, elapsed, engine.policy.dry_run, engine.interrupted)

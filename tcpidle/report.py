@@ -94,10 +94,14 @@ def reopen_logs() -> None:
             handler.reopen()
 
 
-def log_batch(outcomes: Sequence[Outcome], spared: Sequence = ()) -> None:
-    """The log lines of one destroy batch: one per victim acted on, one per victim spared."""
+def log_batch(outcomes: Sequence[Outcome], spared: Sequence = (), said_per_owner=frozenset()) -> None:
+    """The log lines of one destroy batch: one per victim acted on, one per victim spared.
+
+    `said_per_owner`: the inodes of victims whose failure is said once per owner
+    (a refused pidfd_getfd): their lines are info (log file, syslog, -v), not warnings.
+    """
     for outcome in outcomes:
-        log_outcome(outcome)
+        log_outcome(outcome, quiet=outcome.verdict.socket.inode in said_per_owner)
     for spare in spared:
         log_spared(spare.verdict, spare.reason)
 
@@ -113,11 +117,12 @@ def log_spared(verdict: Verdict, reason: str) -> None:
              verdict.idle_source or "-", reason)
 
 
-def log_outcome(outcome: Outcome) -> None:
-    """One log line per act: the key facts of the kill, cookie first."""
+def log_outcome(outcome: Outcome, quiet: bool = False) -> None:
+    """One log line per act: the key facts of the kill, cookie first (a failure is a
+    warning, unless `quiet`: said otherwise)."""
     v = outcome.verdict
     s = v.socket
-    level = logging.WARNING if outcome.action == "failed" else logging.INFO
+    level = logging.WARNING if outcome.action == "failed" and not quiet else logging.INFO
     if not log.isEnabledFor(level):  # no handler wants it: don't format it
         return
     log.log(
@@ -429,10 +434,10 @@ SPARED_TEXT = {"received-data": "data received after the scan",
 
 def summary_kill(outcomes: Sequence[Outcome], matched: int, victims: int, elapsed_ms: float,
                  dry_run: bool, prefix: str = "kill", spared=0, cut: Optional[str] = None,
-                 left: int = 0) -> None:
+                 left: int = 0, victims_are: str = "idle") -> None:
     """The one-line summary of a pass.  `spared`: a count (of victims that received
     data) or one Spare.kind per victim spared; `cut`: why the pass ended early,
-    with `left` victims not acted on."""
+    with `left` victims not acted on; `victims_are` what made them victims."""
     counts = Counter(o.action for o in outcomes)
     parts = ", ".join("%d %s" % (n, a) for a, n in sorted(counts.items()))
     kinds = Counter({"received-data": spared} if isinstance(spared, int) else spared)
@@ -442,8 +447,8 @@ def summary_kill(outcomes: Sequence[Outcome], matched: int, victims: int, elapse
             SPARED_TEXT.get(k, k) if len(kinds) == 1 else "%d %s" % (n, SPARED_TEXT.get(k, k))
             for k, n in sorted(kinds.items())))
     parts = parts or "nothing to do"
-    text = "%s%s: %s; %d idle of %d matched; %.0f ms" % (
-        prefix, " (dry run)" if dry_run else "", parts, victims, matched, elapsed_ms)
+    text = "%s%s: %s; %d %s of %d matched; %.0f ms" % (
+        prefix, " (dry run)" if dry_run else "", parts, victims, victims_are, matched, elapsed_ms)
     if cut:
         text += "; %s, %d not acted on" % (cut, left)
     _err(text)

@@ -123,6 +123,15 @@ def veth_pair(make_netns):
     return a, b
 
 
+@pytest.fixture
+def sockets():
+    """A list the test appends its own sockets to (lab.tcp); all closed on teardown."""
+    made = []
+    yield made
+    for s in made:
+        s.close()
+
+
 # -- farms ----------------------------------------------------------------------
 
 

@@ -23,7 +23,7 @@ FLOORS = [
     ["polling", "doctor"],
     ["passes"],
     ["engine", "kdestroy"],
-    ["evidence", "scope", "fallback", "signals"],
+    ["evidence", "scope", "fallback", "retrofit", "signals"],
     ["owners", "idle", "selectors", "report", "metrics", "privilege", "groups", "histogram",
      "explain"],
     ["health", "middlebox"],

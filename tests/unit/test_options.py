@@ -14,16 +14,20 @@ import socket
 import click
 import pytest
 
+
 from tcpidle import cli, options
 from tcpidle.errors import UsageError
+
+
+def _int_bad(lo, hi):
+    return [str(lo - 1), str(hi + 1), "1.5", "nan", "inf", "١٢", "²", "", "1e3", "0x1", "1_0", " 1"]
+
 
 MS_BAD = ["nan", "NaN", "inf", "-inf", "Infinity", "1e300", str(options.MAX_MS + 1), "-1", "-0.5",
           "٣", "²", "１０", "1_000", " 5", "5 ", "", "0x10", "5ms", "1e", "--"]
 S_BAD = ["nan", "inf", "1e300", "0", "-1", "0.001", "1e-300", "86401", "١", "", "1_0", "10s"]
 
 
-def _int_bad(lo, hi):
-    return [str(lo - 1), str(hi + 1), "1.5", "nan", "inf", "١٢", "²", "", "1e3", "0x1", "1_0", " 1"]
 
 
 PORTS_BAD = ["", "0", "65536", "٨٠", "²", "80,,81", "90-80", "abc", "1-", "-1", ",", "80, "]
@@ -32,6 +36,12 @@ CIDR_BAD = ["", "10.1.2.3/8", "fd00::1/64", "fe80::1%lo", "fe80::1%2/128", "nons
 STATE_BAD = ["", "bogus", ",", "established,"]
 COMM_BAD = ["", " ", "x" * 16, "é" * 8]
 CGROUP_BAD = ["", " ", "system.slice", "0::/x"]
+# The keep-alive retrofit: whole seconds / probes within the kernel's bounds (a zero is EINVAL there).
+KA_IDLE_BAD = _int_bad(1, 32767) + ["0", "-5", "1e300"]
+KA_COUNT_BAD = _int_bad(1, 127) + ["0", "1000"]
+KA_TRIPLE_BAD = ["", " ", "1", "1,1", "1,1,2,3", "0,1,2", "1,0,2", "1,1,0", "32768,1,1",
+                 "1,32768,1", "1,1,128", "1.5,1,2", "1,1,nan", "1, 1,2", "١,1,2", "1,,2", "a,b,c",
+                 "1;1;2"]
 
 
 @pytest.fixture
@@ -86,6 +96,12 @@ def bad_table(paths):
             "--exclude-port": PORTS_BAD, "--exclude-cidr": CIDR_BAD, "--event-log": logs,
             "--metrics-port": _int_bad(1, 65535),
             "--metrics-addr": ["", " ", "not a host", "fe80::1%lo", "-x", "a..b"],
+            "--keepalive": KA_TRIPLE_BAD,
+        }),
+        "keepalive": dict(selectors, **{
+            "--idle-time": MS_BAD, "--logfile": logs, "--exclude-port": PORTS_BAD,
+            "--exclude-cidr": CIDR_BAD, "--idle": KA_IDLE_BAD, "--interval": KA_IDLE_BAD,
+            "--count": KA_COUNT_BAD,
         }),
         "explain": dict(selectors, **{"--idle-time": MS_BAD, "--exclude-port": PORTS_BAD,
                                       "--exclude-cidr": CIDR_BAD}),
@@ -96,7 +112,8 @@ def bad_table(paths):
 # What each command needs besides the option under test: a selector (so that kill's
 # "needs a selector" guard cannot be what answers), and explain's CONNECTION.
 BASE = {"audit": ["-d", "1"], "kill": ["-d", "1"], "track": ["-d", "1"],
-        "explain": ["4097", "-d", "1"]}
+        "explain": ["4097", "-d", "1"],
+        "keepalive": ["-d", "1", "--idle", "1", "--interval", "1", "--count", "2"]}
 COMMANDS = list(BASE)
 
 
@@ -126,7 +143,14 @@ def good_table(paths):
         "--middlebox": ["aws-nlb", "aws-nat", "azure-lb", "gcp-nat", "gce-lb", "AWS-NLB", "3", "2.5",
                         str(7 * 86400)],
         "--risk-fraction": ["0.5", "1", ".25"],
+        "--keepalive": ["1,1,2", "60,10,6", "32767,32767,127"],
+        "--idle": ["1", "60", "32767"], "--count": ["1", "6", "127"],
     }
+
+
+# Where one spelling means another thing in one command: keepalive's --interval is the
+# probe interval (whole seconds), kill's and track's the poll period.
+GOOD_BY_COMMAND = {"keepalive": {"--interval": ["1", "10", "32767"]}}
 
 
 def parse(command, args):
@@ -193,8 +217,9 @@ def test_good_values_are_accepted(paths, command):
     try:
         good = good_table(paths)
         for option in sorted(_value_options(command)):
-            for value in good[option] + ([paths["fifo"]] if option in ("--logfile", "--event-log")
-                                         else []):
+            values = GOOD_BY_COMMAND.get(command, {}).get(option, good[option])
+            for value in values + ([paths["fifo"]] if option in ("--logfile", "--event-log")
+                                   else []):
                 parse(command, BASE[command] + [option, value])
     finally:
         os.close(reader)

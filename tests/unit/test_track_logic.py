@@ -189,10 +189,11 @@ def test_every_documented_series_is_exported_with_its_type():
     text = Metrics(process=False).render().decode()
     assert exported_series(text) == documented
     assert set(SERIES) == set(documented)  # the list other tests and the dashboard rely on
-    for o in ("destroyed", "would-destroy", "shutdown", "process-killed", "gone", "failed"):
+    every = ("destroyed", "would-destroy", "shutdown", "process-killed", "gone", "failed",
+             "keepalive-set", "would-set-keepalive", "keepalive-on")
+    for o in every:
         assert 'tcpidle_kills_total{outcome="%s"} 0.0' % o in text
-    assert set(OUTCOMES) == {"destroyed", "would-destroy", "shutdown", "process-killed", "gone",
-                             "failed"}
+    assert set(OUTCOMES) == set(every)
 
 
 def test_poll_feeds_gauges_histograms_and_counters():

@@ -172,6 +172,21 @@ MUTATIONS: List[Mutation] = [
         "victims = sorted(victims, key=lambda v: -(v.idle_ms or 0.0))[: self.policy.max_kills]",
         "victims = sorted(victims, key=lambda v: (v.idle_ms or 0.0))[: self.policy.max_kills]",
         ENGINE_TESTS),
+    Mutation(
+        "the owner's descriptor used without its cookie checked", "tcpidle/fallback.py",
+        "if got != cookie:",
+        "if False:",
+        ["tests/unit/test_retrofit.py", "tests/unit/test_owners_fallback.py"]),
+    Mutation(
+        "keep-alive set over the owner's own settings", "tcpidle/retrofit.py",
+        "if sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_KEEPALIVE):",
+        "if False:",
+        ["tests/unit/test_retrofit.py"]),
+    Mutation(
+        "keep-alive retrofit on a socket whose timer is armed", "tcpidle/idle.py",
+        "if policy.keepalive is not None and victim and health.keepalive_armed(sock):",
+        "if False:",
+        ["tests/unit/test_retrofit.py"]),
 ]
 
 

@@ -242,9 +242,15 @@ def _precision_against_ground_truth(probe, conns, record_property, label):
         client.sendall(b"x" * 100)
         assert server.recv(4096)
         time.sleep(0.01)
+    # The payload's arrival lies between the instant before the send and the
+    # instant the server has it (both CLOCK_MONOTONIC, the probe's clock too):
+    # the probe's time must fall inside, exactly.  Only the bracket's width
+    # depends on scheduling (a host loaded by other VMs stretches it); the
+    # error reported is the probe's distance from the send.
     t_send = time.monotonic_ns()
     client.sendall(b"last")
     assert server.recv(4096) == b"last"
+    t_received = time.monotonic_ns()
     time.sleep(0.3)
 
     now = time.monotonic_ns()
@@ -257,9 +263,10 @@ def _precision_against_ground_truth(probe, conns, record_property, label):
     record_property("tcp_info_error_ms", round(tcpinfo_err, 3))
     record_property("lab_bpf_error_ms_%s" % (probe.hook if label == "auto" else label),
                     "%.3f" % bpf_err)
-    print("idle truth %.3f ms: bpf error %.3f ms, tcp_info error %.3f ms"
-          % (truth_ms, bpf_err, tcpinfo_err))
-    assert bpf_err < 2.0
+    print("idle truth %.3f ms: bpf error %.3f ms (send to receive %.3f ms), tcp_info error %.3f ms"
+          % (truth_ms, bpf_err, (t_received - t_send) / 1e6, tcpinfo_err))
+    assert t_send <= act.last_data_ns <= t_received, (
+        "probe time %d outside [send %d, received %d]" % (act.last_data_ns, t_send, t_received))
     assert act.data_segments == 6
     assert act.bytes == 5 * 100 + 4
 
@@ -660,10 +667,11 @@ def test_ipv6_data_is_recorded_and_dropped_at_close(probe, make_conns):
     t_send = time.monotonic_ns()
     client.sendall(b"six")
     assert server.recv(16) == b"six"
+    t_received = time.monotonic_ns()
     ck = cookie(server)
     act = probe.activity()[ck]
     assert act.bytes == 3 and act.data_segments == 1
-    assert abs(act.last_data_ns - t_send) < 2_000_000
+    assert t_send <= act.last_data_ns <= t_received  # the same clock (see the precision test)
     client.close()
     server.close()
     assert wait_for(lambda: ck not in probe.activity(), timeout=5.0)

@@ -392,7 +392,9 @@ def track(idle_time: float, dry_run: bool, use_proc: bool, proc_action: str, log
         poller.run()
         report.note("stopped after %d polls (%d acted on, %d failed polls)%s" % (
             poller.polls, poller.acted, poller.errors,
-            "; BPF maps kept in %s" % opts["pin_dir"] if seen.present and opts["pin_dir"] else ""))
+            ("; the BPF probe records on, pinned in %s (`tcpidle track --cleanup` stops it)"
+             if seen.detached else "; BPF maps kept in %s") % opts["pin_dir"]
+            if seen.present and opts["pin_dir"] else ""))
         return 0
     finally:
         if seen is not None:

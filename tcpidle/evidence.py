@@ -13,7 +13,10 @@ Where it comes from is chosen here, in this order (`choose`):
      directory: history gathered by the tracker, read without compiling;
   3. nothing: idle times come from tcp_info alone, and the run says so
      (or fails with --require-bpf).
-The tracker attaches a probe of its own, its maps pinned (`attach_tracker`).
+The tracker has a probe of its own, its maps pinned (`attach_tracker`): where
+it can, the probe is loaded by a short-lived helper process and its link
+pinned too (probe/detached.py), so the tracker holds no compiler and the
+probe records on between trackers.
 
 Where the probe records into per-socket storage (tp_btf + sk_storage, Linux
 5.11 on), its evidence is read **inline**: the INET_DIAG dump the pass makes
@@ -50,8 +53,9 @@ class Evidence:
 
     def __init__(self, reader=None, description: str = NO_PROBE,
                  close: Optional[Callable[[], None]] = None,
-                 problems: Optional[Callable[[], List[str]]] = None):
+                 problems: Optional[Callable[[], List[str]]] = None, detached: bool = False):
         self.reader = reader
+        self.detached = detached  # the probe is pinned and records on after close()
         self.description = description
         self._close = close if close is not None else (reader.close if reader is not None else None)
         self._problems = problems
@@ -163,8 +167,9 @@ def attach_tracker(pin_dir: Optional[str], map_size: int = DEFAULT_MAP_SIZE, hoo
                    selector=None) -> Evidence:
     """The tracker's own probe, its maps pinned in `pin_dir` (None: not pinned).
 
-    Closing it detaches the probe and keeps the pins, so a restarted
-    tracker, and `audit`/`kill` meanwhile, carry on with its history.
+    Closing it keeps the pins, so a restarted tracker, and `audit`/`kill`
+    meanwhile, carry on with its history; a pinned (detached) probe also
+    goes on recording until `track --cleanup`, an in-process one detaches.
     BPF that cannot run here leaves tcp_info alone, with a warning (a
     RuntimeFailure with require_bpf); a pin directory that cannot be used
     (held by another tracker, foreign maps, no bpffs) is fatal: tracking on
@@ -173,8 +178,9 @@ def attach_tracker(pin_dir: Optional[str], map_size: int = DEFAULT_MAP_SIZE, hoo
     from . import probe  # ctypes, libbpf and bcc: the tracker's alone
 
     try:
-        attached = probe.Probe.attach(map_size=map_size, hook=hook, cache_dir=cache_dir,
-                                      pin_dir=pin_dir, sk_storage=True, selector=selector)
+        # loaded by a helper process and pinned where it can be (no bcc here)
+        attached = probe.tracker_probe(pin_dir, map_size=map_size, hook=hook,
+                                       cache_dir=cache_dir, selector=selector, log=log)
     except probe.PinError:
         raise
     except probe.ProbeUnavailable as e:
@@ -197,7 +203,8 @@ def attach_tracker(pin_dir: Optional[str], map_size: int = DEFAULT_MAP_SIZE, hoo
         return Evidence(InlineReader(attached.storage_fd, attached.storage_id, attached.hook,
                                      counters=attached), text,
                         close=lambda: attached.close(keep_pins=True),
-                        problems=attached.pin_problems)
+                        problems=attached.pin_problems,
+                        detached=isinstance(attached, probe.DetachedProbe))
     pins = attached.describe_pins()
     if pins:
         try:

@@ -10,6 +10,8 @@
                  selftest -- the attached `Probe`
     tpbtf.py     BPF_PROG_LOAD of a bcc-compiled function as tp_btf (bcc
                  cannot), and its attachment
+    detached.py  the tracker's probe loaded by a short-lived process and
+                 pinned (its BPF link too), so the tracker holds no bcc
 
 This module owns the probe's errors and the package's public names.  Those
 names are resolved lazily (PEP 562 `__getattr__`): `import tcpidle.probe`
@@ -70,6 +72,7 @@ _EXPORTS = {
         "plan_pinned_maps", "is_bpffs", "mount_bpffs", "ensure_bpffs", "pin_dir_holder",
         "remove_pins", "LOCK_DIR"),
     "loader": ("Probe", "bpf_source"),
+    "detached": ("DetachedProbe", "tracker_probe"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 

@@ -260,14 +260,14 @@ def selection_cflags(selector) -> List[str]:
 def build_cflags(map_size: int, hooks: Sequence[str], offsets: Optional[Dict[str, int]],
                  destroy: bool, selftest: bool = False, tp_has_sk: bool = False,
                  tracing_cookie_helper: bool = True, sk_storage: bool = False,
-                 selector=None) -> List[str]:
+                 selector=None, selection: Optional[Sequence[str]] = None) -> List[str]:
     """The -D flags that configure the C source (no text substitution).
 
     tp_has_sk: tcp:tcp_probe's record has skaddr/skbaddr (the selftest reads
     them); tracing_cookie_helper: tp_btf may call bpf_get_socket_cookie
     (KernelFeatures); sk_storage: tp_btf records into per-socket storage
     instead of the LRU map, created only for sockets of `selector`
-    (selection_cflags).
+    (selection_cflags), or `selection`, those flags made already.
     """
     flags = ["-DMAX_ENTRIES=%d" % map_size]
     for h in hooks:
@@ -278,7 +278,7 @@ def build_cflags(map_size: int, hooks: Sequence[str], offsets: Optional[Dict[str
         flags.append("-DTCPIDLE_TP_BTF_READ_COOKIE")
     if "tp_btf" in hooks and sk_storage:
         flags.append("-DTCPIDLE_SK_STORAGE")
-        flags += selection_cflags(selector)
+        flags += list(selection) if selection is not None else selection_cflags(selector)
     if offsets and (selftest or set(hooks) & {"tp_btf", "raw_tracepoint", "kprobe"}):
         flags += ["-D%s=%d" % kv for kv in sorted(offsets.items())]
     if destroy:

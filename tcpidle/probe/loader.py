@@ -164,7 +164,8 @@ class Probe:
     def attach(cls, map_size: int = DEFAULT_MAP_SIZE, hook: str = "auto", log=None,
                cache_dir: Optional[str] = None, selftest: bool = False,
                pin_dir: Optional[str] = None, sk_storage: bool = False,
-               selector=None) -> "Probe":
+               selector=None, held_lock: Optional[Tuple[int, str]] = None,
+               selection: Optional[Sequence[str]] = None) -> "Probe":
         """Compile and attach the probe; ProbeUnavailable(reason) if impossible.
 
         map_size bounds the activity map; hook is "auto" or one of HOOKS;
@@ -184,7 +185,13 @@ class Probe:
         on), record into per-socket storage (pinned as pin_dir/storage)
         instead of the activity map: read it inline in INET_DIAG dumps
         (storage_fd, storage_id).  selector (a model.Selector): the storage
-        is created only for its sockets (family, port spans), None: all.
+        is created only for its sockets (family, port spans), None: all;
+        selection: the -D flags of a selector made already
+        (features.selection_cflags), for a loader in another process.
+
+        held_lock: the pin directory's lock, taken by the caller
+        (pins.lock_pin_dir) and handed over; (-1, "") when the process that
+        started this one holds it (detached.py's loader).
         """
         log = log or _log
         t0 = time.monotonic()
@@ -196,10 +203,10 @@ class Probe:
             pin_dir = check_pin_dir(pin_dir)
         if os.geteuid() != 0:
             raise ProbeUnavailable("loading BPF needs root")
-        pins = PinSession.open(pin_dir, map_size, log) if pin_dir is not None else None
+        pins = PinSession.open(pin_dir, map_size, log, held_lock) if pin_dir is not None else None
         try:
             loaded = _load(map_size if pins is None else pins.map_size, hook, log,
-                           cache_dir, selftest, pins, sk_storage, selector)
+                           cache_dir, selftest, pins, sk_storage, selector, selection)
         except BaseException:
             if pins is not None:
                 pins.abort()
@@ -249,6 +256,13 @@ class Probe:
         """What became of the pins since attach: [] while they are there and
         hold this probe's maps (and when nothing is pinned)."""
         return [] if self._pins is None else self._pins.problems(self.reader.map_ids)
+
+    @property
+    def link_fd(self) -> Optional[int]:
+        """The BPF link of the attached tp_btf hook (None: another hook, or
+        suspended/closed): what detached.py pins so the probe outlives us."""
+        fds = self._module.tp_btf_fds if self._module is not None else ()
+        return fds[1] if self.hook == "tp_btf" and len(fds) == 2 else None
 
     @property
     def needs_cookie_priming(self) -> bool:
@@ -306,7 +320,8 @@ class Probe:
 
 
 def _load(map_size: int, hook: str, log, cache_dir: Optional[str], selftest: bool,
-          pins: Optional[PinSession], sk_storage: bool = False, selector=None) -> _Loaded:
+          pins: Optional[PinSession], sk_storage: bool = False, selector=None,
+          selection: Optional[Sequence[str]] = None) -> _Loaded:
     """Compile, load and attach: the body of attach() once inputs are checked."""
     try:
         Module = _module_class()
@@ -332,7 +347,7 @@ def _load(map_size: int, hook: str, log, cache_dir: Optional[str], selftest: boo
     cflags = build_cflags(map_size, candidates, feats.btf_offsets, destroy, selftest,
                           tp_has_sk=feats.tp_has_sk,
                           tracing_cookie_helper=feats.tracing_cookie_helper,
-                          sk_storage=sk_storage, selector=selector)
+                          sk_storage=sk_storage, selector=selector, selection=selection)
     if pins is not None:
         cflags += pins.cflags()
         if sk_storage:

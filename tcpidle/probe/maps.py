@@ -36,6 +36,11 @@ BPF_MAP_TYPE_SK_STORAGE = 24
 BPF_F_RDONLY = 1 << 3
 PIN_NAMES = ("activity", "counters")
 STORAGE_PIN = "storage"  # the per-socket storage, pinned where tp_btf + sk_storage records
+# The probe itself, pinned beside its maps where it outlives its loader
+# (detached.py): the BPF link of the receive hook, and a one-entry array
+# saying which program it is (the tag of the request it was loaded for).
+LINK_PIN = "link"
+META_PIN = "probe"
 # What each map must be: name -> (map type, key size, value size, max_entries
 # or None for any in 1..MAX_MAP_SIZE, map flags).  bcc creates both with no
 # flags; a flag such as BPF_F_NO_COMMON_LRU or BPF_F_RDONLY_PROG would change
@@ -258,14 +263,7 @@ class MapReader:
 
     def counters(self) -> Dict[str, int]:
         """The per-CPU counters, summed."""
-        buf = (ctypes.c_uint64 * self._ncpu)()
-        out = {}
-        for i, name in enumerate(COUNTERS):
-            key = ctypes.c_uint32(i)
-            _check(self._lib.bpf_map_lookup_elem(self.counters_fd, ctypes.byref(key), buf),
-                   "counters lookup")
-            out[name] = sum(buf)
-        return out
+        return read_counters(self.counters_fd, self._ncpu)
 
     # -- the API
 
@@ -327,11 +325,31 @@ class MapReader:
         self.activity_fd = self.counters_fd = -1
 
 
-def obj_get(path: str) -> int:
-    """A read-only fd on the BPF object pinned at path (OSError on failure)."""
+def read_counters(fd: int, ncpu: Optional[int] = None) -> Dict[str, int]:
+    """The per-CPU counters map at fd, summed over CPUs."""
+    lib = libbpf()
+    buf = (ctypes.c_uint64 * (ncpu or possible_cpus()))()
+    out = {}
+    for i, name in enumerate(COUNTERS):
+        key = ctypes.c_uint32(i)
+        _check(lib.bpf_map_lookup_elem(fd, ctypes.byref(key), buf), "counters lookup")
+        out[name] = sum(buf)
+    return out
+
+
+def obj_get(path: str, read_only: bool = True) -> int:
+    """An fd on the BPF object pinned at path (OSError on failure).
+
+    read_only for maps (enough to read them and to name them in an INET_DIAG
+    request); a BPF link must be opened read-write: the kernel refuses other
+    flags for links (bpf_obj_do_get, -EINVAL).
+    """
     lib = libbpf()
     raw = os.fsencode(path)
-    if getattr(lib, "_tcpidle_rdonly_get", False):
+    if not read_only:
+        fd = lib.bpf_obj_get_opts(raw, None) if getattr(lib, "_tcpidle_rdonly_get", False) \
+            else lib.bpf_obj_get(raw)
+    elif getattr(lib, "_tcpidle_rdonly_get", False):
         opts = _ObjGetOpts(ctypes.sizeof(_ObjGetOpts), BPF_F_RDONLY, 0)
         fd = lib.bpf_obj_get_opts(raw, ctypes.byref(opts))
     else:

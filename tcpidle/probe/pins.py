@@ -36,7 +36,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from ..errors import RuntimeFailure, UsageError
 from ..model import DEFAULT_PIN_DIR
 from . import PinError, ProbeUnavailable, one_line
-from .maps import PIN_NAMES, STORAGE_PIN, MapReader, layout_problem, map_info, obj_get
+from .maps import (LINK_PIN, META_PIN, PIN_NAMES, STORAGE_PIN, MapReader, layout_problem,
+                   map_info, obj_get)
+
+# Every name tcpidle pins in a pin directory: the maps, the storage, the probe.
+ALL_PINS = PIN_NAMES + (STORAGE_PIN, LINK_PIN, META_PIN)
 
 BPF_FS_MAGIC = 0xCAFE4A11
 SYS_BPFFS = "/sys/fs/bpf"
@@ -372,6 +376,19 @@ def _lock_dir(directory: str) -> Tuple[int, str]:
     raise PinError("lock for %s: kept changing under us" % directory)
 
 
+def lock_pin_dir(directory: str, log=None) -> Tuple[int, str]:
+    """Make directory ready on bpffs and lock it for this tracker: the lock
+    (fd, path), to hand to PinSession.open or release with unlock_pin_dir."""
+    ensure_bpffs(directory, log)
+    make_pin_dir(directory)
+    return _lock_dir(directory)
+
+
+def unlock_pin_dir(lock: Tuple[int, str]) -> None:
+    if lock[0] >= 0:
+        _unlock(*lock)
+
+
 def _unlock(fd: int, path: str) -> None:
     """Unlink the lock file, then let go (see _lock_dir): /run/tcpidle keeps
     no file for pin directories no tracker holds."""
@@ -428,15 +445,20 @@ class PinSession:
         self.notes = notes
 
     @classmethod
-    def open(cls, directory: str, map_size: int, log) -> "PinSession":
+    def open(cls, directory: str, map_size: int, log,
+             held_lock: Optional[Tuple[int, str]] = None) -> "PinSession":
+        """held_lock: the directory's lock, taken already (lock_pin_dir) and
+        handed over, released with the session; (-1, "") when the process
+        that spawned us holds it (the detached probe's loader)."""
         notes = ensure_bpffs(directory, log)
         make_pin_dir(directory)
-        lock = _lock_dir(directory)
+        lock = _lock_dir(directory) if held_lock is None else held_lock
         try:
             found = {name: pinned_info(os.path.join(directory, name)) for name in PIN_NAMES}
             size, reused, warnings = plan_pinned_maps(found, map_size, directory)
         except BaseException:
-            _unlock(*lock)
+            if lock[0] >= 0:
+                _unlock(*lock)
             raise
         for w in warnings:
             log.warning("%s", w)
@@ -511,7 +533,7 @@ class PinSession:
 
     def release(self, remove: bool) -> None:
         if remove:
-            self._unlink(PIN_NAMES + (STORAGE_PIN,))
+            self._unlink(ALL_PINS)
         self._unlock()
 
     def storage_problem(self) -> Optional[str]:
@@ -551,7 +573,9 @@ def remove_pins(directory: str = DEFAULT_PIN_DIR) -> List[str]:
         raise RuntimeFailure("%s: stop it before --cleanup" % e) from None
     removed = []
     try:
-        pins = [os.path.join(directory, name) for name in PIN_NAMES + (STORAGE_PIN,)]
+        # The link first: unpinning it detaches the probe (the last
+        # reference to a pinned link is its pin once no tracker runs).
+        pins = [os.path.join(directory, name) for name in (LINK_PIN,) + PIN_NAMES + (STORAGE_PIN, META_PIN)]
         present = [path for path in pins if check_pin(path)]  # all checked before any unlink
         for path in present:
             os.unlink(path)

@@ -1,0 +1,151 @@
+#!/usr/bin/env python3
+"""The tracker's own memory and per-poll cost, at 10k and 100k sockets, before/after.
+
+    sudo bench/bench_tracker.py                       # this tree, 10000,100000 sockets
+    sudo bench/bench_tracker.py --before DIR          # also a tree without the detached probe
+    sudo bench/bench_tracker.py --sizes 10000 --polls 5
+
+For each size: a fresh bench namespace holds size/2 connections (both ends
+there, spread over worker processes: 20,000 descriptors per process at most
+here); `tcpidle track --netns NS --all --dry-run -t 1d -i 3 -vv`, its
+storage and link pinned in a bench pin directory, starts from the host; once
+it polls, one byte each way on every connection gives every socket a probe
+record; then after --polls more polls its VmRSS and VmHWM (/proc/PID/status),
+whether bcc or LLVM is mapped in it (/proc/PID/maps), and its poll times
+(the -vv lines) are read.  Per-poll cost per matched socket = median poll
+time / matched sockets.  `--before DIR` runs the same with DIR's tcpidle
+(PYTHONPATH=DIR, the same interpreter): e.g. `git archive COMMIT | tar -x -C
+DIR` of the commit before the detached probe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Dict, List, Optional
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+from bench_cli import polls, proc_status, wait_for  # noqa: E402
+
+PORT = 2400
+
+
+def mapped(pid: int, words=("libbcc", "LLVM", "clang")) -> List[str]:
+    with open("/proc/%d/maps" % pid) as f:
+        libs = {line.split()[-1] for line in f if "/" in line}
+    return sorted(lib for lib in libs if any(w in lib for w in words))
+
+
+def run_tracker(ns: common.BenchNamespace, farm: common.Farm, tree: Optional[str], npolls: int,
+                label: str) -> Dict:
+    pins = common.pin_dir("track-" + label)
+    interval = 3.0
+    env = dict(os.environ)
+    argv = [common.python(), "-m", "tcpidle"]
+    if tree:
+        env["PYTHONPATH"] = tree
+    else:
+        env["PYTHONPATH"] = common.ROOT
+    argv += ["track", "--netns", ns.name, "--all", "--dry-run", "-t", "86400000",
+             "-i", str(interval), "--pin-dir", pins, "--disable-syslog", "-vv"]
+    errf = tempfile.NamedTemporaryFile(prefix="tibench-track-", suffix=".log", delete=False)
+    res: Dict = {"label": label, "tree": tree or common.ROOT}
+    t0 = time.monotonic()
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=errf, env=env,
+                            cwd=tree or common.ROOT)
+    try:
+        wait_for(errf.name, lambda t: len(polls(t)) >= 1, 300, proc)
+        res["startup_s"] = time.monotonic() - t0
+        res["rss_start_kb"] = proc_status(proc.pid)["VmRSS"]
+        farm.ping()
+        seen = len(polls(open(errf.name).read()))
+        text = wait_for(errf.name, lambda t: len(polls(t)) >= seen + npolls, 600, proc)
+        st = proc_status(proc.pid)
+        res["rss_kb"], res["hwm_kb"] = st["VmRSS"], st["VmHWM"]
+        res["bcc_mapped"] = mapped(proc.pid)
+        ps = polls(text)[seen:]
+        res["polls"] = ps
+        res["matched"] = ps[-1]["matched"]
+        res["poll_ms_median"] = statistics.median(p["ms"] for p in ps)
+        res["us_per_socket"] = res["poll_ms_median"] * 1000.0 / max(1, res["matched"])
+        res["probe_line"] = next((ln for ln in text.splitlines() if "BPF probe on" in ln), "")
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        errf.close()
+        os.unlink(errf.name)
+        subprocess.run(argv[:3] + ["track", "--cleanup", "--pin-dir", pins], env=env,
+                       cwd=tree or common.ROOT, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, check=False)
+        common.remove_pin_dir(pins)
+    return res
+
+
+def summary(machine: Dict, rows: List[Dict]) -> str:
+    out = ["Machine: %s, Linux %s, %s, Python %s; %s; load %s" % (
+        machine["cpus"], machine["kernel"], machine["memory"], machine["python"],
+        machine["date"], machine["load"]), "",
+        "| sockets | tree | RSS after start-up | RSS after polls | peak (VmHWM) | bcc/LLVM mapped "
+        "| poll (median) | per matched socket |",
+        "|---:|---|---:|---:|---:|---|---:|---:|"]
+    for r in rows:
+        out.append("| %d | %s | %.1f MB | %.1f MB | %.1f MB | %s | %.0f ms | %.2f µs |" % (
+            r["sockets"], r["label"], r["rss_start_kb"] / 1024.0, r["rss_kb"] / 1024.0,
+            r["hwm_kb"] / 1024.0, "yes" if r["bcc_mapped"] else "no", r["poll_ms_median"],
+            r["us_per_socket"]))
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="10000,100000", help="sockets, comma list (even)")
+    ap.add_argument("--before", help="a tcpidle tree to compare with (PYTHONPATH)")
+    ap.add_argument("--polls", type=int, default=4, help="polls measured after the traffic")
+    ap.add_argument("--json", dest="json_out", help="raw results here")
+    args = ap.parse_args(argv)
+    if os.geteuid() != 0:
+        sys.exit("bench: needs root")
+    common.bench_signals()
+    for name in common.reap_stale():
+        print("removed stale namespace %s" % name, file=sys.stderr)
+    sizes = sorted(int(x) for x in args.sizes.split(","))
+    rows = []
+    machine = common.machine()
+    for size in sizes:
+        nworkers = common.Farm.workers_for(int(size // 2 * 1.05))
+        with common.BenchNamespace("trk", workers=nworkers + 1) as ns, \
+                common.Farm(ns, nworkers) as farm:
+            farm.open("trk", PORT, size // 2)
+            trees = [("after", None)] + ([("before", args.before)] if args.before else [])
+            for label, tree in trees:
+                r = run_tracker(ns, farm, tree, args.polls, label)
+                r["sockets"] = size
+                rows.append(r)
+                print("%d sockets, %s: RSS %.1f MB (start %.1f, peak %.1f), bcc mapped: %s, "
+                      "poll %.0f ms, %.2f us/socket (%d matched)" % (
+                          size, label, r["rss_kb"] / 1024, r["rss_start_kb"] / 1024,
+                          r["hwm_kb"] / 1024, r["bcc_mapped"] or "no", r["poll_ms_median"],
+                          r["us_per_socket"], r["matched"]), file=sys.stderr)
+    text = summary(machine, rows)
+    print(text)
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump({"machine": machine, "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -78,7 +78,6 @@ def test_probe_records_while_no_tracker_runs_and_cleanup_stops_it(netns, pairs, 
     rc, _ = t.stop()
     assert rc == 0, t.stderr()
     assert "the BPF probe records on, pinned in %s" % pin_dir in t.stderr()
-    link_id, prog_id = pinned_ids(pin_dir)
 
     # Connections opened after the tracker stopped (never dumped before
     # their payload): the probe records them all the same.
@@ -93,6 +92,7 @@ def test_probe_records_while_no_tracker_runs_and_cleanup_stops_it(netns, pairs, 
     assert audit.returncode == 0, audit.stderr
     rows = {r["cookie"]: r for r in parse_json_lines(audit.stdout)}
     check_against_truth(rows, sent, t_start, t_end, "audit with no tracker running")
+    link_id, prog_id = pinned_ids(pin_dir)
 
     # cleanup unpins the link: the kernel detaches and frees the program
     res = run_tcpidle(netns, "track", "--cleanup", "--pin-dir", pin_dir)

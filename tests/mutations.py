@@ -32,6 +32,7 @@ from typing import List, Sequence, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENGINE_TESTS = ["tests/unit/test_engine.py"]
+EXPLAIN_TESTS = ["tests/unit/test_explain.py"]
 
 
 @dataclass
@@ -187,6 +188,22 @@ MUTATIONS: List[Mutation] = [
         "if policy.keepalive is not None and victim and health.keepalive_armed(sock):",
         "if False:",
         ["tests/unit/test_retrofit.py"]),
+    Mutation(
+        "explain: the protected list left out of a kill's clauses", "tcpidle/explain.py",
+        "if selector.exclude_ports is not None or selector.exclude_nets:",
+        "if False:",
+        EXPLAIN_TESTS),
+    Mutation(
+        "explain: a 4-tuple written from the peer's side preferred to the one as written",
+        "tcpidle/explain.py",
+        "return exact if exact else [s for o, s in found if o == 1]",
+        "return [s for o, s in found if o == 1] or exact",
+        EXPLAIN_TESTS),
+    Mutation(
+        "explain: the threshold judged without the probe's record", "tcpidle/explain.py",
+        "alone = idle.decide(sock, activity, now_ns, replace(policy, verdicts=None, middlebox=None))",
+        "alone = idle.decide(sock, None, now_ns, replace(policy, verdicts=None, middlebox=None))",
+        EXPLAIN_TESTS),
 ]
 
 

@@ -3,9 +3,11 @@
 Each test opens loopback connections inside a throw-away namespace (the test
 process owns them: it knows their cookies, descriptors and what it sent) and
 asks tcpidle about one of them: an idle one, an active one, one in
-CLOSE_WAIT, each with a threshold and --verdict as kill takes them; a cookie
-and a 4-tuple that do not exist; and, with a tracker running, the probe's
-record of the connection.
+CLOSE_WAIT (over veth, its 4-tuple written from the peer's side), each with a
+threshold and --verdict as kill takes them (and kill run after, to agree); the
+protected list; a cookie and a 4-tuple that do not exist; --netns from outside;
+one 4-tuple in two namespaces; and, with a tracker running, the probe's record
+of the connection.
 """
 
 import os
@@ -17,53 +19,32 @@ import time
 import pytest
 
 from conftest import REPO_ROOT, TCPIDLE, parse_json_lines
-from lab.netns import cookie_of, in_netns, wait_for
+from lab.netns import close_all, cookie_of, in_netns, wait_for
+from lab.window import Pairs
 
 pytestmark = pytest.mark.kernel
 # test_track's fixtures (trackers, bpffs, pin_dir), by name
 pytest_plugins = ["test_track"]
 
-PORT = 7601
-
-
-class Loopback:
-    """A listener and connections on 127.0.0.1 inside one namespace; the test holds both ends."""
-
-    def __init__(self, ns, port=PORT):
-        self.ns, self.port = ns, port
-        self.socks = []
-        self.listener = in_netns(ns.name, self._listen)
-
-    def _listen(self):
-        s = socket.socket()
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind(("127.0.0.1", self.port))
-        s.listen(16)
-        self.socks.append(s)
-        return s
-
-    def connect(self):
-        """(client, server end), one byte exchanged each way."""
-        c = in_netns(self.ns.name, lambda: socket.create_connection(("127.0.0.1", self.port), 5))
-        self.listener.settimeout(5)
-        a, _ = self.listener.accept()
-        self.socks += [c, a]
-        c.sendall(b"x")
-        assert a.recv(1) == b"x"
-        a.sendall(b"y")
-        assert c.recv(1) == b"y"
-        return c, a
-
-    def close(self):
-        for s in self.socks:
-            s.close()
+PORT = 7601  # the veth test's listener (the loopback pairs take any free port)
 
 
 @pytest.fixture
 def lo(netns):
-    pairs = Loopback(netns)
-    yield pairs
-    pairs.close()
+    """Loopback pairs in `netns`, both ends ours (lab.window.Pairs); `connect` exchanges a byte."""
+    made = Pairs(netns.name)
+    yield made
+    made.close()
+
+
+def connect(pairs):
+    """(client, server end) of a new connection, one byte exchanged each way."""
+    c, a = pairs.pair()
+    c.sendall(b"x")
+    assert a.recv(1) == b"x"
+    a.sendall(b"y")
+    assert c.recv(1) == b"y"
+    return c, a
 
 
 def explain(run_tcpidle, ns, *args):
@@ -88,17 +69,17 @@ def tuple_of(sock, reverse=False):
 
 def test_an_idle_connection_would_be_destroyed_past_the_threshold_and_spared_below_it(
         netns, lo, run_tcpidle):
-    client, server = lo.connect()
+    client, server = connect(lo)
     time.sleep(1.5)
     # Both ends are here: a 4-tuple names the one whose local end is written first.
     for sock in (client, server):
         rc, obj, err = explain(run_tcpidle, netns, tuple_of(sock))
         assert rc == 0 and obj["cookie"] == cookie_of(sock), err
-    rc, obj, err = explain(run_tcpidle, netns, cookie_of(client), "-d", PORT, "-t", 1000)
+    rc, obj, err = explain(run_tcpidle, netns, cookie_of(client), "-d", lo.server_port, "-t", 1000)
     assert rc == 0, err
     assert obj["cookie"] == cookie_of(client) and obj["state"] == "ESTABLISHED"
     assert (obj["src"], obj["sport"], obj["dst"], obj["dport"]) == (
-        "127.0.0.1", client.getsockname()[1], "127.0.0.1", PORT)
+        "127.0.0.1", client.getsockname()[1], "127.0.0.1", lo.server_port)
     assert obj["netns"] is None  # run inside the namespace: its own
     assert obj["owners"] == [{"pid": os.getpid(), "fd": client.fileno(), "comm": obj["comms"][0],
                               "cgroup": obj["owners"][0]["cgroup"]}]
@@ -119,20 +100,20 @@ def test_an_idle_connection_would_be_destroyed_past_the_threshold_and_spared_bel
     assert clause(obj, "idle-time")["holds"] and ">= -t 1.0 s" in clause(obj, "idle-time")["text"]
 
     # The same question with a threshold it has not reached: spared by -t.
-    rc, obj, err = explain(run_tcpidle, netns, cookie_of(client), "-d", PORT, "-t", 60000)
+    rc, obj, err = explain(run_tcpidle, netns, cookie_of(client), "-d", lo.server_port, "-t", 60000)
     assert rc == 0, err
     assert obj["kill"]["action"] == "spared" and obj["kill"]["by"] == "idle-time", obj["kill"]
     # ... and what the verdict filter says: not dead (no evidence of death).
-    rc, obj, err = explain(run_tcpidle, netns, cookie_of(client), "-d", PORT, "-t", 1000,
+    rc, obj, err = explain(run_tcpidle, netns, cookie_of(client), "-d", lo.server_port, "-t", 1000,
                            "--verdict", "dead")
     assert obj["kill"]["by"] == "verdict", obj["kill"]
     assert clause(obj, "verdict")["text"] == "verdict unknown is not in --verdict dead"
 
     # kill itself agrees with both answers.
-    res = run_tcpidle(netns, "kill", "-d", PORT, "-t", 1000, "--verdict", "dead", "--json",
+    res = run_tcpidle(netns, "kill", "-d", lo.server_port, "-t", 1000, "--verdict", "dead", "--json",
                       "--disable-syslog")
     assert res.returncode == 0 and parse_json_lines(res.stdout) == [], res
-    res = run_tcpidle(netns, "kill", "-d", PORT, "-t", 1000, "--json", "--disable-syslog")
+    res = run_tcpidle(netns, "kill", "-d", lo.server_port, "-t", 1000, "--json", "--disable-syslog")
     assert res.returncode == 0, res.stderr
     assert [(r["cookie"], r["action"]) for r in parse_json_lines(res.stdout)] == [
         (cookie_of(client), "destroyed")]
@@ -140,11 +121,11 @@ def test_an_idle_connection_would_be_destroyed_past_the_threshold_and_spared_bel
 
 def test_an_active_connection_is_spared_by_the_threshold_and_the_human_output_says_why(
         netns, lo, run_tcpidle):
-    client, server = lo.connect()
+    client, server = connect(lo)
     # The server end has just received data: active, and spared by -t 10000 whatever else.
     client.sendall(b"z")
     assert server.recv(1) == b"z"
-    rc, obj, err = explain(run_tcpidle, netns, cookie_of(server), "-s", PORT, "-t", 10000,
+    rc, obj, err = explain(run_tcpidle, netns, cookie_of(server), "-s", lo.server_port, "-t", 10000,
                            "--verdict", "active,dead")
     assert rc == 0, err
     assert obj["verdict"] == "active" and obj["verdict_rule"] == "active", obj
@@ -154,10 +135,10 @@ def test_an_active_connection_is_spared_by_the_threshold_and_the_human_output_sa
     assert clause(obj, "verdict")["holds"]  # active is in the list: -t alone spares it
     assert obj["peer_cookie"] == cookie_of(client) and obj["owners"][0]["fd"] == server.fileno()
 
-    res = run_tcpidle(netns, "explain", cookie_of(server), "-s", PORT, "-t", 10000)
+    res = run_tcpidle(netns, "explain", cookie_of(server), "-s", lo.server_port, "-t", 10000)
     assert res.returncode == 0, res.stderr
     text = res.stdout
-    assert "ipv4 ESTABLISHED 127.0.0.1:%d -> 127.0.0.1:%d" % (PORT, client.getsockname()[1]) in text
+    assert "ipv4 ESTABLISHED 127.0.0.1:%d -> 127.0.0.1:%d" % (lo.server_port, client.getsockname()[1]) in text
     assert "[%d] fd %d" % (os.getpid(), server.fileno()) in text
     assert "active (rule active: data received within the window)" in text
     assert "spared by -t: idle " in text
@@ -198,13 +179,12 @@ def test_a_close_wait_connection_by_4_tuple_is_spared_by_the_default_state(veth_
         assert [(r["cookie"], r["action"]) for r in parse_json_lines(res.stdout)] == [
             (cookie_of(client), "destroyed")], res
     finally:
-        for s in (lst, client, server):
-            s.close()
+        close_all([lst, client, server])
 
 
 def test_a_protected_port_spares_it_before_the_threshold(netns, lo, run_tcpidle):
-    client, _ = lo.connect()
-    rc, obj, err = explain(run_tcpidle, netns, cookie_of(client), "--all", "--exclude-port", PORT,
+    client, _ = connect(lo)
+    rc, obj, err = explain(run_tcpidle, netns, cookie_of(client), "--all", "--exclude-port", lo.server_port,
                            "-t", 0)
     assert rc == 0, err
     assert obj["kill"]["by"] == "protected", obj["kill"]
@@ -212,9 +192,9 @@ def test_a_protected_port_spares_it_before_the_threshold(netns, lo, run_tcpidle)
 
 
 def test_a_connection_that_does_not_exist_is_exit_1_with_one_plain_line(netns, lo, run_tcpidle):
-    client, _ = lo.connect()
+    client, _ = connect(lo)
     destroyed = cookie_of(client)
-    res = run_tcpidle(netns, "kill", "-d", PORT, "--disable-syslog")
+    res = run_tcpidle(netns, "kill", "-d", lo.server_port, "--disable-syslog")
     assert res.returncode == 0, res.stderr
     never = destroyed + 10 ** 12  # cookies count up from boot: far ahead of any socket
     for target, words in [(destroyed, "no connection with cookie %d " % destroyed),
@@ -229,7 +209,7 @@ def test_a_connection_that_does_not_exist_is_exit_1_with_one_plain_line(netns, l
 
 
 def test_netns_from_outside_names_the_namespace(netns, lo):
-    client, _ = lo.connect()
+    client, _ = connect(lo)
     res = subprocess.run(TCPIDLE + ["explain", str(cookie_of(client)), "--netns", netns.name,
                                     "--json"], cwd=REPO_ROOT, capture_output=True, text=True,
                          timeout=60)
@@ -244,12 +224,12 @@ def test_netns_from_outside_names_the_namespace(netns, lo):
 
 def test_with_a_tracker_running_the_probe_record_is_shown(netns, lo, run_tcpidle, trackers,
                                                            pin_dir):
-    t = trackers(netns, "-s", PORT, "-t", 600000, "--interval", 1, "--dry-run",
+    t = trackers(netns, "-s", lo.server_port, "-t", 600000, "--interval", 1, "--dry-run",
                  "--pin-dir", pin_dir)
     t.wait_ready()
     if "no BPF probe" in t.stderr():
         pytest.skip("no BPF probe here: %s" % t.stderr())
-    client, server = lo.connect()
+    client, server = connect(lo)
 
     def recorded():
         client.sendall(b"abcd")
@@ -275,3 +255,37 @@ def test_with_a_tracker_running_the_probe_record_is_shown(netns, lo, run_tcpidle
     assert abs(obj["idle_ms"] - p["last_data_ms"]) < 0.01, obj  # the probe's time, not tcp_info's
     assert "tracker" in obj["evidence_source"], obj["evidence_source"]
     t.stop()
+
+
+def test_one_4_tuple_in_two_namespaces_is_ambiguous_and_its_cookie_is_not(make_netns):
+    spaces = [make_netns(), make_netns()]
+    socks = []
+    try:
+        for ns in spaces:
+            def make():
+                lst = socket.create_server(("127.0.0.1", PORT + 1))
+                c = socket.socket()
+                c.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                c.bind(("127.0.0.1", PORT + 2))
+                c.connect(("127.0.0.1", PORT + 1))
+                return lst, c
+            lst, c = in_netns(ns.name, make)
+            a, _ = lst.accept()
+            socks += [lst, c, a]
+        clients = socks[1::3]
+        text = "127.0.0.1:%d-127.0.0.1:%d" % (PORT + 2, PORT + 1)
+        res = subprocess.run(TCPIDLE + ["explain", text, "--all-netns"], cwd=REPO_ROOT,
+                             capture_output=True, text=True, timeout=60)
+        assert res.returncode == 1 and res.stdout == "", res
+        lines = res.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("tcpidle: %s names 2 connections" % text), lines
+        for ns, c in zip(spaces, clients):
+            assert "cookie %d (netns %s)" % (cookie_of(c), ns.name) in lines[0]
+        # the cookie names one of them: cookies are unique on the host
+        res = subprocess.run(TCPIDLE + ["explain", str(cookie_of(clients[1])), "--all-netns",
+                                        "--json"], cwd=REPO_ROOT, capture_output=True, text=True,
+                             timeout=60)
+        assert res.returncode == 0, res.stderr
+        assert parse_json_lines(res.stdout)[0]["netns"] == spaces[1].name
+    finally:
+        close_all(socks)

@@ -431,11 +431,7 @@ def explain(connection: str, idle_time: float, all_: bool, exclude_ports=(), exc
     from . import owners
 
     target = why.parse_target(connection)
-    selector = replace(
-        build_selector(opts),
-        exclude_ports=selectors.parse_ports(exclude_ports, "--exclude-port"),
-        exclude_nets=selectors.parse_networks(exclude_cidrs, "--exclude-cidr"),
-    )
+    selector = _protected(build_selector(opts), exclude_ports, exclude_cidrs)
     namespaces = build_namespaces(opts)
     policy = build_policy(opts, idle_time)
     report.setup_logging(opts["verbose"], None, syslog=False)

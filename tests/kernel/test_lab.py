@@ -35,7 +35,9 @@ def ss_sockets(ns):
         found[(local, remote)] = {
             "cookie": int(cookie.group(1), 16) if cookie else None,
             "inode": int(inode.group(1)) if inode else None,
-            "lastrcv": int(lastrcv.group(1)) if lastrcv else None,
+            # ss prints lastrcv only when it is not 0 (tcp_show_info: "if
+            # (info->tcpi_last_data_recv)"): data this very millisecond.
+            "lastrcv": int(lastrcv.group(1)) if lastrcv else 0,
         }
     return found
 

@@ -52,6 +52,9 @@ def test_bash_completes_a_command():
     assert set(bash_complete(["tcpidle", ""])) >= {"audit", "kill", "track", "explain"}
     assert bash_complete(["tcpidle", "ex"]) == ["explain"]
     assert bash_complete(["tcpidle", "explain", "1", "--exclude-p"]) == ["--exclude-port"]
+    assert bash_complete(["tcpidle", "ke"]) == ["keepalive"]
+    assert bash_complete(["tcpidle", "keepalive", "--cou"]) == ["--count"]
+    assert bash_complete(["tcpidle", "track", "--keepa"]) == ["--keepalive"]
 
 
 def test_bash_completes_an_option_and_a_choice():

@@ -50,6 +50,14 @@ def test_explain_is_on_the_page_with_its_argument_and_its_json_keys():
         assert "\\fB%s\\fR" % manpage.escape(key) in page, key
 
 
+def test_keepalive_is_on_the_page_with_its_actions():
+    page = manpage.render(README)
+    assert ".SS tcpidle keepalive" in page and ".B tcpidle keepalive" in page
+    flat = page.replace("\n", " ")
+    for action in ("keepalive-set", "would-set-keepalive", "keepalive-on"):
+        assert manpage.escape(action) in flat, action
+
+
 def test_output_contract_and_exit_status_come_from_readme():
     page = manpage.render(README)
     output = re.search(r"^### Output\n(.*?)^## ", README, re.M | re.S).group(1)

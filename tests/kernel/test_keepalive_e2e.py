@@ -242,7 +242,7 @@ def test_the_tracker_arms_each_new_connection_once(netns, trackers, pin_dir, run
     events = str(tmp_path / "events.jsonl")
     t = trackers(netns, "-d", port, "--keepalive", "%d,%d,%d" % (IDLE, INTERVAL, COUNT),
                  "--interval", 0.2, "--pin-dir", pin_dir, "--event-log", events)
-    t.wait_ready()
+    t.wait_ready(timeout=180)  # the probe's compile: minutes on the lab's emulated kernels
     assert "arming keep-alive (idle 1 s, interval 1 s, 2 probes) instead of killing" in t.stderr()
     assert wait_for(lambda: keepalive_opts(first)[0] == 1, timeout=60), t.stderr()
     late, _ = pair(netns, netns, lst, "127.0.0.1", port, sockets)  # made while it runs

@@ -15,27 +15,30 @@
  * arrives during the pass is handled either before (and then seen here: the
  * socket is spared) or after the destroy (and answered with a reset).
  *
- * Configuration, fixed before load (-D flags from iterdestroy.cflags()):
- *   FAMILY_MASK   bit 0 AF_INET, bit 1 AF_INET6
- *   STATE_MASK    1 << TCP state, as INET_DIAG's idiag_states
- *   HAS_SPORTS, HAS_DPORTS, HAS_EXCL_PORTS: the port bitmaps below are used
- *   HAS_SRC, HAS_DST, HAS_EXCL_NETS: the LPM tries below are used
- *   HAS_OWNERS    only socket inodes in `owners` are selected (owner
- *                 selectors, resolved in user space by the /proc walk)
- *   HAS_UIDS      only socket uids in `uids` are selected (--uid)
- *   THRESH_J      idle threshold in jiffies (0: every selected socket)
- *   LIMIT_J       idle above this is unknown (0: no limit)
- *   IDLE_ANY      idle counts from the last ACK too (--idle-metric any)
- *   MAX_KILLS     destroys allowed in this pass (0: no cap)
- *   DRY_RUN       decide and report, destroy nothing
- *   OFF_*         byte offsets from the running kernel's BTF (no header
- *                 struct layout is used; fields are read with
- *                 bpf_probe_read_kernel)
+ * Configuration.  Only the running kernel's struct offsets are fixed at
+ * compile time (-D OFF_*, from its BTF; no header struct layout is used,
+ * fields are read with bpf_probe_read_kernel), so the compiled program is the
+ * same for every selection and is compiled once per boot and kept (see
+ * tcpidle/probe/itercache.py).  Everything a run decides is in maps, written
+ * before each pass:
+ *   config[0]     struct config below: families, states, which lists are
+ *                 given (CFG_*), the idle threshold and limit in jiffies,
+ *                 the kill cap
+ *   sports, dports, excl_ports   port bitmaps (bit p%64 of word p/64)
+ *   src_nets, dst_nets, excl_nets LPM tries of ::ffff:a.b.c.d / IPv6
+ *   owners        socket inodes the owner selectors matched (resolved in
+ *                 user space by the /proc walk)
+ *   uids          socket uids (--uid)
+ *   cookies       with CFG_COOKIES, only these sockets are looked at: the
+ *                 victims user space chose (the idlest N under a kill cap,
+ *                 a netlink batch SOCK_DESTROY refused); each is decided again
+ *                 here under its lock, and one that no longer qualifies is
+ *                 reported OUT_SPARED or OUT_LEFT instead of destroyed
  *
  * Output: one struct rec per socket acted on (selected and a victim), in the
  * iterator's seq output (bpf_seq_write).  Layout is decoded by
  * iterdestroy.decode_records; keep both in step.  counts[1] is the number of
- * sockets the selection matched, counts[0] the destroys against MAX_KILLS,
+ * sockets the selection matched, counts[0] the destroys against max_kills,
  * counts[2] the failed destroys whose error could not be kept in `errors`.
  *
  * The record is written BEFORE the destroy, and nothing is destroyed unless
@@ -60,6 +63,31 @@
 #define OUT_DRY_RUN 2
 #define OUT_CAPPED 3
 #define OUT_NOT_FULL 4
+#define OUT_SPARED 5 /* a chosen cookie, no longer idle enough: received since */
+#define OUT_LEFT 6   /* a chosen cookie that left the selection (its state...) */
+
+#define CFG_SPORTS (1 << 0)
+#define CFG_DPORTS (1 << 1)
+#define CFG_EXCL_PORTS (1 << 2)
+#define CFG_SRC (1 << 3)
+#define CFG_DST (1 << 4)
+#define CFG_EXCL_NETS (1 << 5)
+#define CFG_OWNERS (1 << 6)
+#define CFG_UIDS (1 << 7)
+#define CFG_COOKIES (1 << 8)
+#define CFG_IDLE_ANY (1 << 9) /* idle counts from the last ACK too (--idle-metric any) */
+#define CFG_DRY_RUN (1 << 10) /* decide and report, destroy nothing */
+
+/* Keep in step with iterdestroy.CONFIG. */
+struct config {
+    u32 family_mask; /* bit 0 AF_INET, bit 1 AF_INET6 */
+    u32 state_mask;  /* 1 << TCP state, as INET_DIAG's idiag_states */
+    u32 flags;       /* CFG_* */
+    u32 thresh_j;    /* idle threshold in jiffies (0: every selected socket) */
+    u32 limit_j;     /* idle above this is unknown (0: no limit) */
+    u32 pad;
+    u64 max_kills;   /* destroys allowed in this pass (0: no cap) */
+};
 
 /* bcc 0.26's helpers.h declares bpf_get_socket_cookie() returning u32; the
  * kernel's returns u64.  Through bcc's prototype clang keeps the low 32 bits
@@ -100,14 +128,18 @@ struct lpm_key {
     u8 addr[16]; /* IPv4 as ::ffff:a.b.c.d */
 };
 
+/* Sizes here are bcc's; tcpidle creates the maps itself at each load
+ * (itercache.py), owners, uids and cookies sized for the run. */
+BPF_ARRAY(config, struct config, 1);
 BPF_ARRAY(sports, u64, 1024);
 BPF_ARRAY(dports, u64, 1024);
 BPF_ARRAY(excl_ports, u64, 1024);
 BPF_LPM_TRIE(src_nets, struct lpm_key, u8, 1024);
 BPF_LPM_TRIE(dst_nets, struct lpm_key, u8, 1024);
 BPF_LPM_TRIE(excl_nets, struct lpm_key, u8, 1024);
-BPF_HASH(owners, u64, u8, OWNERS_SIZE);
-BPF_HASH(uids, u32, u8, UIDS_SIZE);
+BPF_HASH(owners, u64, u8, 1);
+BPF_HASH(uids, u32, u8, 1);
+BPF_HASH(cookies, u64, u8, 1);
 BPF_ARRAY(counts, u64, 3);
 BPF_HASH(errors, u64, s32, 4096);
 
@@ -124,6 +156,19 @@ static __always_inline void lpm_key_of(struct lpm_key *key, u8 *addr)
     __builtin_memcpy(key->addr, addr, 16);
 }
 
+/* Write r with outcome `out`; on a full seq buffer undo the matched count:
+ * the socket is shown again at the next read() and counted then. */
+static __always_inline int emit(void *seq, struct rec *r, u8 out, u64 *matched)
+{
+    r->outcome = out;
+    if (bpf_seq_write(seq, r, sizeof(*r))) {
+        if (matched)
+            *matched -= 1;
+        return -1;
+    }
+    return 0;
+}
+
 int bpf_iter__tcp(struct tcpidle_iter_tcp *ctx)
 {
     struct sock_common *skc = ctx->sk_common;
@@ -133,30 +178,45 @@ int bpf_iter__tcp(struct tcpidle_iter_tcp *ctx)
     u8 state = 0;
     u32 addr4 = 0;
     u32 word = 0;
-    u32 one = 1, two = 2;
+    u32 zero = 0, one = 1, two = 2;
     u64 *n;
     s32 err;
     void *sock_ptr = 0;
     struct lpm_key key = {};
+    struct config *cfg;
+    u32 flags;
+    int chosen;
 
     if (!skc)
         return 0;
+    cfg = config.lookup(&zero);
+    if (!cfg)
+        return 0;
+    flags = cfg->flags;
     bpf_probe_read_kernel(&family, 2, (char *)skc + OFF_FAMILY);
     bpf_probe_read_kernel(&state, 1, (char *)skc + OFF_STATE);
     if (family == 2) {
-        if (!(FAMILY_MASK & 1))
+        if (!(cfg->family_mask & 1))
             return 0;
     } else if (family == 10) {
-        if (!(FAMILY_MASK & 2))
+        if (!(cfg->family_mask & 2))
             return 0;
     } else {
         return 0;
     }
-    if (state > 12 || !((STATE_MASK >> state) & 1))
-        return 0;
+    /* A chosen socket is looked up first: if it left the selection since
+     * user space chose it, that is reported (OUT_LEFT), not ignored. */
+    chosen = 0;
+    if (flags & CFG_COOKIES) {
+        r.cookie = tcpidle_get_socket_cookie(skc);
+        if (!cookies.lookup(&r.cookie))
+            return 0;
+        chosen = 1;
+    }
 
     r.family = family;
     r.state = state;
+    r.uid = ctx->uid;
     bpf_probe_read_kernel(&r.sport, 2, (char *)skc + OFF_NUM);
     bpf_probe_read_kernel(&r.dport, 2, (char *)skc + OFF_DPORT);
     r.dport = (r.dport >> 8) | (r.dport << 8);
@@ -174,49 +234,48 @@ int bpf_iter__tcp(struct tcpidle_iter_tcp *ctx)
         bpf_probe_read_kernel(r.dst, 16, (char *)skc + OFF_V6_DADDR);
     }
 
-#if HAS_SPORTS
-    word = r.sport >> 6;
-    if (!bit_set(sports.lookup(&word), r.sport))
-        return 0;
-#endif
-#if HAS_DPORTS
-    word = r.dport >> 6;
-    if (!bit_set(dports.lookup(&word), r.dport))
-        return 0;
-#endif
-#if HAS_SRC
-    lpm_key_of(&key, r.src);
-    if (!src_nets.lookup(&key))
-        return 0;
-#endif
-#if HAS_DST
-    lpm_key_of(&key, r.dst);
-    if (!dst_nets.lookup(&key))
-        return 0;
-#endif
-#if HAS_EXCL_PORTS
-    word = r.sport >> 6;
-    if (bit_set(excl_ports.lookup(&word), r.sport))
-        return 0;
-    word = r.dport >> 6;
-    if (bit_set(excl_ports.lookup(&word), r.dport))
-        return 0;
-#endif
-#if HAS_EXCL_NETS
-    lpm_key_of(&key, r.src);
-    if (excl_nets.lookup(&key))
-        return 0;
-    lpm_key_of(&key, r.dst);
-    if (excl_nets.lookup(&key))
-        return 0;
-#endif
-
-    r.uid = ctx->uid;
-#if HAS_UIDS
-    if (!uids.lookup(&r.uid))
-        return 0;
-#endif
-    r.cookie = tcpidle_get_socket_cookie(skc);
+    if (state > 12 || !((cfg->state_mask >> state) & 1))
+        goto unselected;
+    if (flags & CFG_SPORTS) {
+        word = r.sport >> 6;
+        if (!bit_set(sports.lookup(&word), r.sport))
+            goto unselected;
+    }
+    if (flags & CFG_DPORTS) {
+        word = r.dport >> 6;
+        if (!bit_set(dports.lookup(&word), r.dport))
+            goto unselected;
+    }
+    if (flags & CFG_SRC) {
+        lpm_key_of(&key, r.src);
+        if (!src_nets.lookup(&key))
+            goto unselected;
+    }
+    if (flags & CFG_DST) {
+        lpm_key_of(&key, r.dst);
+        if (!dst_nets.lookup(&key))
+            goto unselected;
+    }
+    if (flags & CFG_EXCL_PORTS) {
+        word = r.sport >> 6;
+        if (bit_set(excl_ports.lookup(&word), r.sport))
+            goto unselected;
+        word = r.dport >> 6;
+        if (bit_set(excl_ports.lookup(&word), r.dport))
+            goto unselected;
+    }
+    if (flags & CFG_EXCL_NETS) {
+        lpm_key_of(&key, r.src);
+        if (excl_nets.lookup(&key))
+            goto unselected;
+        lpm_key_of(&key, r.dst);
+        if (excl_nets.lookup(&key))
+            goto unselected;
+    }
+    if ((flags & CFG_UIDS) && !uids.lookup(&r.uid))
+        goto unselected;
+    if (!chosen)
+        r.cookie = tcpidle_get_socket_cookie(skc);
 
     /* TIME_WAIT and request sockets are not full sockets: the iterator does
      * not lock them, they have no receive stamps, and bpf_sock_destroy()
@@ -224,16 +283,14 @@ int bpf_iter__tcp(struct tcpidle_iter_tcp *ctx)
      * mini sockets do not have.  Never passed to it: reported, so user space
      * can hand them to SOCK_DESTROY. */
     if (state == TCP_TIME_WAIT || state == TCP_NEW_SYN_RECV) {
-        if (HAS_OWNERS)
-            return 0; /* no file holds them: no owner matches */
+        if (flags & CFG_OWNERS)
+            goto unselected; /* no file holds them: no owner matches */
         n = counts.lookup(&one);
         if (n)
             *n += 1;
-        if (THRESH_J > 0)
+        if (cfg->thresh_j > 0)
             return 0; /* no idle time known: never a victim */
-        r.outcome = OUT_NOT_FULL;
-        if (bpf_seq_write(seq, &r, sizeof(r)) && n)
-            *n -= 1; /* shown again at the next read(): counted then */
+        emit(seq, &r, OUT_NOT_FULL, n);
         return 0;
     }
 
@@ -241,10 +298,8 @@ int bpf_iter__tcp(struct tcpidle_iter_tcp *ctx)
     bpf_probe_read_kernel(&sock_ptr, sizeof(sock_ptr), (char *)skc + OFF_SK_SOCKET);
     if (sock_ptr)
         bpf_probe_read_kernel(&r.inode, 8, (char *)sock_ptr + OFF_SOCKET_INO);
-#if HAS_OWNERS
-    if (!owners.lookup(&r.inode))
-        return 0;
-#endif
+    if ((flags & CFG_OWNERS) && !owners.lookup(&r.inode))
+        goto unselected;
     n = counts.lookup(&one);
     if (n)
         *n += 1;
@@ -254,56 +309,50 @@ int bpf_iter__tcp(struct tcpidle_iter_tcp *ctx)
         u32 lrcv = 0, ack = 0, idle;
         bpf_probe_read_kernel(&lrcv, 4, (char *)skc + OFF_LRCVTIME);
         idle = now - lrcv;
-#if IDLE_ANY
-        bpf_probe_read_kernel(&ack, 4, (char *)skc + OFF_RCV_TSTAMP);
-        if (now - ack < idle)
-            idle = now - ack;
-#endif
-        if (!(LIMIT_J > 0 && idle > LIMIT_J)) {
+        if (flags & CFG_IDLE_ANY) {
+            bpf_probe_read_kernel(&ack, 4, (char *)skc + OFF_RCV_TSTAMP);
+            if (now - ack < idle)
+                idle = now - ack;
+        }
+        if (!(cfg->limit_j > 0 && idle > cfg->limit_j)) {
             r.idle_j = idle;
             r.idle_known = 1;
         }
     }
-    if (THRESH_J > 0 && !(r.idle_known && r.idle_j >= THRESH_J))
+    if (cfg->thresh_j > 0 && !(r.idle_known && r.idle_j >= cfg->thresh_j)) {
+        if (chosen)
+            emit(seq, &r, OUT_SPARED, n);
         return 0;
-    n = counts.lookup(&one); /* the matched count, undone if this socket is shown again */
+    }
 
-#if MAX_KILLS > 0
-    {
-        u32 zero = 0;
+    if (cfg->max_kills > 0) {
         u64 *k = counts.lookup(&zero);
         if (!k)
             return 0;
-        if (*k >= MAX_KILLS) {
-            r.outcome = OUT_CAPPED;
-            if (bpf_seq_write(seq, &r, sizeof(r)) && n)
-                *n -= 1;
+        if (*k >= cfg->max_kills) {
+            emit(seq, &r, OUT_CAPPED, n);
             return 0;
         }
         *k += 1;
-        r.outcome = DRY_RUN ? OUT_DRY_RUN : OUT_DESTROYED;
-        if (bpf_seq_write(seq, &r, sizeof(r))) {
+        if (emit(seq, &r, (flags & CFG_DRY_RUN) ? OUT_DRY_RUN : OUT_DESTROYED, n)) {
             *k -= 1;
-            if (n)
-                *n -= 1;
             return 0; /* not written, not destroyed: shown again at the next read() */
         }
-    }
-#else
-    r.outcome = DRY_RUN ? OUT_DRY_RUN : OUT_DESTROYED;
-    if (bpf_seq_write(seq, &r, sizeof(r))) {
-        if (n)
-            *n -= 1;
+    } else if (emit(seq, &r, (flags & CFG_DRY_RUN) ? OUT_DRY_RUN : OUT_DESTROYED, n)) {
         return 0; /* not written, not destroyed: shown again at the next read() */
     }
-#endif
-#if !DRY_RUN
-    err = ((int (*)(void *))KFUNC_SOCK_DESTROY)(skc);
-    if (err && errors.update(&r.cookie, &err)) {
-        n = counts.lookup(&two);
-        if (n)
-            *n += 1;
+    if (!(flags & CFG_DRY_RUN)) {
+        err = ((int (*)(void *))KFUNC_SOCK_DESTROY)(skc);
+        if (err && errors.update(&r.cookie, &err)) {
+            n = counts.lookup(&two);
+            if (n)
+                *n += 1;
+        }
     }
-#endif
+    return 0;
+
+unselected:
+    if (chosen)
+        emit(seq, &r, OUT_LEFT, 0);
     return 0;
 }

@@ -19,7 +19,7 @@ from dataclasses import replace
 from typing import Optional
 
 from . import evidence, groups, health, middlebox, netns, privilege, report, selectors
-from .engine import Engine
+from .engine import LEFT_SELECTION_OTHER, RECEIVED, Engine, Spare
 from .errors import PrivilegeError, RuntimeFailure, UsageError
 from .model import AF_INET, AF_INET6, DEFAULT_MAP_SIZE, DEFAULT_PIN_DIR, Keepalive, Policy, Selector
 from .scope import OpenDiag, Scope, open_diag
@@ -161,15 +161,17 @@ def kill(idle_time: float, dry_run: bool, use_proc: bool, proc_action: str, logf
     selector = build_selector(opts)
     namespaces = build_namespaces(opts)
     _require_narrowing(selector, all_, "kill")
-    policy = build_policy(opts, idle_time, dry_run=dry_run, use_proc=use_proc, proc_action=proc_action)
+    policy = build_policy(opts, idle_time, dry_run=dry_run, use_proc=use_proc, proc_action=proc_action,
+                          destroy_with="proc" if use_proc else destroy_with)
     if not dry_run:
         require_privilege("kill")
     report.setup_logging(opts["verbose"], logfile, syslog=not disable_syslog)
     if destroy_with == "bpf":
         return _kill_in_kernel(selector, namespaces, policy, opts)
     if opts["verbose"]:
-        report.log.info("destroy: %s", _destroy_note(use_proc))
+        report.log.info("destroy: %s", _destroy_note(policy.destroy_with))
     seen = _evidence(opts)
+    engine = None
     try:
         scope = Scope(selector, namespaces, open_diag)
         seen.bind_scope(scope)
@@ -182,6 +184,8 @@ def kill(idle_time: float, dry_run: bool, use_proc: bool, proc_action: str, logf
             return status
         return _poll(engine, interval, opts["as_json"], seen)
     finally:
+        if engine is not None:
+            engine.close()
         seen.close()
 
 
@@ -234,16 +238,23 @@ def _warn_if_late(policy: Policy) -> None:
                            ka.idle_s, box.timeout_ms / 1000.0)
 
 
-def _destroy_note(use_proc: bool) -> str:
+def _destroy_note(destroy_with: str) -> str:
     """What -v says about the destroy backend of a netlink or /proc run."""
     from . import kdestroy
 
-    first = ("the /proc fallback (--use-proc)" if use_proc else
-             "netlink SOCK_DESTROY, cookie-checked, re-checked before each batch (the /proc "
-             "fallback if the kernel answers EOPNOTSUPP)")
     reason = kdestroy.unavailable()
-    return "%s; the BPF iterator (--destroy-with bpf): %s" % (
-        first, "available" if reason is None else "unavailable: %s" % reason)
+    bpf = "available" if reason is None else "unavailable: %s" % reason
+    if destroy_with == "proc":
+        return "the /proc fallback (--use-proc); the BPF iterator (--destroy-with bpf): %s" % bpf
+    first = "netlink SOCK_DESTROY, cookie-checked, re-checked before each batch"
+    if destroy_with == "netlink":
+        return "%s (--destroy-with netlink: nothing else if the kernel answers EOPNOTSUPP); " \
+               "the BPF iterator (--destroy-with bpf): %s" % (first, bpf)
+    if reason is None:
+        return "%s; if the kernel answers EOPNOTSUPP, the BPF iterator (available here), " \
+               "then /proc" % first
+    return "%s; if the kernel answers EOPNOTSUPP, the /proc fallback (the BPF iterator is " \
+           "unavailable: %s)" % (first, reason)
 
 
 def _kill_in_kernel(selector: Selector, namespaces, policy: Policy, opts) -> int:
@@ -277,10 +288,13 @@ def _kill_in_kernel(selector: Selector, namespaces, policy: Policy, opts) -> int
     if done.capped:
         report.log.warning("%d more idle connections over the kill cap were left alone",
                            done.capped)
-    report.log_batch(outcomes, [])
+    spared = [Spare(v, RECEIVED + " (between the kill cap's two passes)" if what == "spared"
+                    else LEFT_SELECTION_OTHER) for v, what in done.spared]
+    report.log_batch(outcomes, spared)
     report.show(outcomes, opts["as_json"])
-    report.summary_kill(outcomes, done.matched, len(outcomes) + done.capped,
-                        (time.monotonic() - started) * 1000.0, policy.dry_run)
+    report.summary_kill(outcomes, done.matched, len(outcomes) + done.capped + len(spared),
+                        (time.monotonic() - started) * 1000.0, policy.dry_run,
+                        spared=[s.kind for s in spared])
     for text in done.missing:
         report.error(text)
     return 1 if done.missing or done.untold_failures or any(o.action == "failed" for o in outcomes) \

@@ -31,7 +31,11 @@ Owns the order of operations, which is where correctness lives:
 6. Namespaces are reached through the descriptors the scan opened (kept
    in the Scan, `Scope.batches`), so the destroy goes where the dump went.
 7. EOPNOTSUPP (a kernel without CONFIG_INET_DIAG_DESTROY) switches this and
-   every later pass to the /proc fallback, said once in the log.
+   every later pass (`--destroy-with auto`, the default) to the BPF iterator
+   where the kernel has bpf_sock_destroy (Linux >= 6.5: each batch's victims,
+   by cookie, decided again and destroyed under their locks; kdestroy), else
+   to the /proc fallback; said once in the log.  `--destroy-with netlink`
+   forces SOCK_DESTROY: EOPNOTSUPP is then a failure of each victim.
 8. With `Policy.keepalive` (tcpidle keepalive, track --keepalive) the same
    pass arms keep-alive in its victims instead (`tcpidle.retrofit`: the
    owner's descriptor duplicated, checked, setsockopt), after the same
@@ -56,6 +60,8 @@ from .model import (NO_OWNERS, Action, Activity, Outcome, OwnerSummary, Policy, 
 from .scope import NamespaceFds, Scope
 
 log = logging.getLogger("tcpidle")
+
+BATCH = 256  # victims per destroy batch (Scope.batches' chunk)
 
 _EXPOSED = ("past", "at-risk")  # middlebox.PAST, middlebox.AT_RISK
 GONE = object()  # a re-check's answer: the kernel no longer has that cookie at that 4-tuple
@@ -176,6 +182,7 @@ class Engine:
         self.evidence = evidence if evidence is not None else Evidence()
         self.want_owners = want_owners
         self.use_proc = policy.use_proc
+        self.in_kernel = None  # kdestroy.ChosenDestroy once SOCK_DESTROY said EOPNOTSUPP
         self.spared = 0  # victims spared by the re-check, over all passes
         self.interrupted = 0  # victims of the last pass not acted on: stopped before their batch
         # Keep-alive retrofit: the cookies this engine armed (or found armed by their
@@ -332,6 +339,8 @@ class Engine:
         if self.policy.keepalive is not None:
             armed, refused = self._retrofit(go)
             return Batch(outcomes + armed, spared, refused=refused)
+        if self.in_kernel is not None:
+            return self._destroy_in_kernel(scan, go, outcomes, spared)
         if self.use_proc:
             return Batch(outcomes + self._fallback(go, owners), spared)
         errs = nl.destroy([v.socket for v in go])
@@ -363,13 +372,62 @@ class Engine:
             else:
                 outcomes.append(self._outcome(verdict, Action.FAILED, "SOCK_DESTROY: " + os.strerror(err), owners))
         if unsupported:
-            log.warning(
-                "SOCK_DESTROY is not supported by this kernel (CONFIG_INET_DIAG_DESTROY is off): "
-                "falling back to /proc (%s)", self.policy.proc_action,
-            )
-            self.use_proc = True
-            outcomes += self._fallback(unsupported, owners)
+            return self._unsupported(scan, unsupported, Batch(outcomes, spared, fatal))
         return Batch(outcomes, spared, fatal)
+
+    def _unsupported(self, scan: Scan, victims: List[Verdict], batch: "Batch") -> "Batch":
+        """SOCK_DESTROY answered EOPNOTSUPP: the next backend, for these and every later batch.
+
+        The BPF iterator goes before /proc: it needs no rights over the
+        owners (pidfd_getfd needs ptrace rights over each) and it decides
+        each socket under its lock.  Forced netlink has no next backend."""
+        from . import kdestroy
+
+        text = "SOCK_DESTROY is not supported by this kernel (CONFIG_INET_DIAG_DESTROY is off)"
+        if self.policy.destroy_with == "netlink":
+            batch.outcomes += [self._outcome(v, Action.FAILED, text + " (--destroy-with netlink)",
+                                             scan.owners) for v in victims]
+            return batch
+        reason = kdestroy.unavailable()
+        if reason is None:
+            log.warning("%s: destroying in the kernel from now on (BPF TCP iterator + "
+                        "bpf_sock_destroy, each victim decided again under its lock)", text)
+            self.in_kernel = kdestroy.ChosenDestroy(self.selector, self.policy, BATCH)
+            return self._destroy_in_kernel(scan, victims, batch.outcomes, batch.spared,
+                                           batch.fatal)
+        log.warning("%s, nor is the BPF iterator (%s): falling back to /proc (%s)",
+                    text, reason, self.policy.proc_action)
+        self.use_proc = True
+        batch.outcomes += self._fallback(victims, scan.owners)
+        return batch
+
+    def _destroy_in_kernel(self, scan: Scan, victims: List[Verdict], outcomes: List[Outcome],
+                           spared: List[Spare], fatal=None) -> "Batch":
+        """One iterator pass in the victims' namespace, given their cookies."""
+        from .probe import ProbeUnavailable
+
+        label = victims[0].socket.netns
+        fd = scan.fd_of(label) if label is not None else None
+        try:
+            acted, kept, not_full = self.in_kernel.destroy(victims, fd)
+        except (ProbeUnavailable, OSError) as exc:
+            text = "the BPF iterator failed (%s)" % why(exc)
+            return Batch(outcomes + [self._outcome(v, Action.FAILED, text, scan.owners)
+                                     for v in victims], spared, fatal)
+        outcomes = outcomes + [self._outcome(v, action, err, scan.owners)
+                               for v, action, err in acted]
+        for v, what in kept:
+            spared.append(Spare(v, RECEIVED + " (decided again in the kernel)"
+                                if what == "spared" else LEFT_SELECTION_OTHER))
+        if not_full:  # TIME_WAIT, request sockets: neither SOCK_DESTROY nor the kfunc
+            outcomes += self._fallback(not_full, scan.owners)
+        return Batch(outcomes, spared, fatal)
+
+    def close(self) -> None:
+        """Release what a pass loaded (the BPF iterator, if SOCK_DESTROY sent us there)."""
+        if self.in_kernel is not None:
+            self.in_kernel.close()
+            self.in_kernel = None
 
     def _recheck(self, scan: Scan, part: Sequence[Verdict], nl: diag.DiagSocket
                  ) -> List[Tuple[Optional[Socket], object]]:

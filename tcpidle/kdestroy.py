@@ -23,8 +23,8 @@ import os
 import socket
 import struct
 import time
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from . import diag, selectors
 from .model import Action, Outcome, Policy, Selector, Socket, Verdict
@@ -38,11 +38,13 @@ NOT_FULL = "not a full socket (TIME_WAIT or request): bpf_sock_destroy cannot ta
 
 
 def unavailable() -> Optional[str]:
-    """Why this kernel cannot destroy from a BPF iterator, or None when it can."""
+    """Why this kernel cannot destroy from a BPF iterator, or None when it can.
+
+    Found once per boot (BTF ids, HZ, offsets; probe.iterprog's cache), so
+    asking costs a file read, not a BTF parse."""
     from .probe import iterdestroy
     try:
         iterdestroy.kernel_ids()
-        iterdestroy.kernel_hz()
     except ProbeUnavailable as e:
         return str(e)
     return None
@@ -67,6 +69,7 @@ class KernelPass:
     outcomes: List[Outcome] = field(default_factory=list)
     matched: int = 0
     capped: int = 0
+    spared: List = field(default_factory=list)  # (Verdict, "spared" | "left-selection")
     untold_failures: int = 0
     missing: List[str] = field(default_factory=list)
     ms_by_namespace: Dict[object, float] = field(default_factory=dict)
@@ -84,7 +87,7 @@ def run(scope: Scope, policy: Policy, owner_inodes: Optional[Sequence[int]] = No
         try:
             for fd, label in scope.namespace_fds(fds):
                 started = time.monotonic()
-                result = prog.run(fd)
+                result = prog.kill(fd)
                 done.ms_by_namespace[label] = (time.monotonic() - started) * 1000
                 done.matched += result.matched
                 if result.untold_failures:
@@ -122,6 +125,9 @@ def _outcomes(done: KernelPass, records, label, fd: Optional[int], hz: int,
             done.capped += 1
         elif rec.outcome == "not-full-socket":
             not_full.append(verdict)
+        elif rec.outcome in ("spared", "left-selection"):
+            # the kill cap's second pass: chosen, then no longer a victim under its lock
+            done.spared.append((verdict, rec.outcome))
         else:
             done.outcomes.append(Outcome(verdict, Action.FAILED, "unknown iterator outcome %s"
                                          % rec.outcome))
@@ -151,3 +157,65 @@ def _by_netlink(victims: List[Verdict], label, fd: Optional[int],
     return out
 
 
+
+
+class ChosenDestroy:
+    """The iterator for victims user space already chose: the netlink path's batches
+    when SOCK_DESTROY answers EOPNOTSUPP (a kernel without CONFIG_INET_DIAG_DESTROY).
+
+    Each batch's cookies are given to one pass in their namespace; each
+    victim is decided again there under its lock (selection and threshold,
+    as the re-check would) and destroyed, or reported back as spared.  The
+    program is loaded at the first batch and reused for the rest.
+    """
+
+    def __init__(self, selector: Selector, policy: Policy, room: int):
+        self.selector = selector
+        self.policy = replace(policy, max_kills=None)  # the engine applied the cap already
+        self.room = room
+        self._prog = None
+
+    def destroy(self, victims: Sequence[Verdict], fd: Optional[int]
+                ) -> Tuple[List[Tuple[Verdict, str, Optional[str]]], List[Tuple[Verdict, str]],
+                           List[Verdict]]:
+        """(verdict, action, error) for those acted on, (verdict, why) for those spared,
+        and the not-full sockets the kfunc cannot take (for the caller's next backend)."""
+        from .probe.iterdestroy import IterDestroy
+
+        if self._prog is None:
+            self._prog = IterDestroy(self.selector, self.policy,
+                                     selectors.states_mask(self.selector.states),
+                                     cookie_room=self.room)
+        by_cookie = {v.socket.cookie: v for v in victims}
+        self._prog.choose(by_cookie)
+        result = self._prog.run(fd)
+        acted: List[Tuple[Verdict, str, Optional[str]]] = []
+        spared: List[Tuple[Verdict, str]] = []
+        not_full: List[Verdict] = []
+        for rec in result.records:
+            v = by_cookie.pop(rec.cookie, None)
+            if v is None:
+                continue  # not one we chose (cannot happen: the program looks at no other)
+            if rec.outcome == "destroyed":
+                acted.append((v, Action.DESTROYED, None))
+            elif rec.outcome == "dry-run":
+                acted.append((v, Action.WOULD_DESTROY, None))
+            elif rec.outcome == "failed" and -rec.err == errno.ENOENT:
+                acted.append((v, Action.GONE, None))
+            elif rec.outcome == "failed":
+                acted.append((v, Action.FAILED, "bpf_sock_destroy: %s" % os.strerror(-rec.err)))
+            elif rec.outcome == "not-full-socket":
+                not_full.append(v)
+            else:  # spared, left-selection
+                spared.append((v, rec.outcome))
+        if result.untold_failures:
+            log.error("%d destroys failed without their error being kept; they are reported "
+                      "as destroyed", result.untold_failures)
+        # chosen, but not in the namespace any more
+        acted.extend((v, Action.GONE, None) for v in by_cookie.values())
+        return acted, spared, not_full
+
+    def close(self) -> None:
+        if self._prog is not None:
+            self._prog.close()
+            self._prog = None

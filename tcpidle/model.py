@@ -200,6 +200,9 @@ class Policy:
     dry_run: bool = False
     use_proc: bool = False
     proc_action: str = "shutdown"  # "shutdown" or "kill"
+    # --destroy-with: "auto" (netlink, on EOPNOTSUPP the BPF iterator where the
+    # kernel has it, then /proc), or one forced: "netlink", "bpf", "proc".
+    destroy_with: str = "auto"
     max_kills: Optional[int] = None
     # Health (tcpidle/health.py): data received within window_ms is "active";
     # past it a connection is quiet, dead or unknown by the evidence.

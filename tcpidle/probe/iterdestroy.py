@@ -5,25 +5,21 @@ lock, and what did such a pass do?".  bpf/iterdestroy.bpf.c is an `iter/tcp`
 program that applies the selection, the idle decision, the protected list and
 the kill cap to each TCP socket and calls the kfunc bpf_sock_destroy()
 (Linux >= 6.5) on each victim, writing one record per socket acted on to the
-iterator's seq output; this module compiles it, loads it, runs a pass in a
-namespace and decodes the records.
+iterator's seq output.
 
-What bcc 0.26 does not do, done here with bpf(2) through ctypes:
-  * BPF_PROG_LOAD as BPF_PROG_TYPE_TRACING with expected attach type
-    BPF_TRACE_ITER and attach_btf_id = vmlinux BTF id of `bpf_iter_tcp`
-    (bcc only compiles, through loader.compile_only, the one bcc import; its
-    maps are created by bcc and their fds are already in the bytecode);
-  * the kfunc call: bcc cannot emit a call to an extern __ksym, so the C calls
-    a sentinel helper number (KFUNC_SOCK_DESTROY) and the instruction is
-    rewritten into a BPF_PSEUDO_KFUNC_CALL whose imm is the BTF id of
-    `bpf_sock_destroy` (off 0: vmlinux BTF);
-  * BPF_LINK_CREATE (attach type BPF_TRACE_ITER) and BPF_ITER_CREATE; the
-    iterator walks the namespace of the process that creates the iterator fd
-    (bpf_iter_init_seq_net), so both are made inside the namespace
-    (tcpidle.netns, the only setns) and read from ours.
+The program is compiled once per boot and loaded with maps of tcpidle's own
+(iterprog.py: the cache, BPF_PROG_LOAD as an iterator, the kfunc call); this
+module writes a run's selection and policy into those maps (`config_of`,
+`IterDestroy`), runs passes and decodes them.  The iterator walks the
+namespace of the process that creates the iterator fd
+(bpf_iter_init_seq_net), so that fd is made inside the namespace
+(tcpidle.netns, the only setns) and read from ours.
 
-Kept in one place until the probe's own ctypes loader (probe-v2) lands; this
-module's `_bpf` is meant to be replaced by it.
+A kill cap picks the idlest N, as the netlink path does, in two passes: the
+first decides without destroying (every victim and its idle time comes
+back), user space keeps the N idlest, and the second pass is given exactly
+those cookies: each is decided again under its lock and destroyed, or
+reported spared if it received data in between.
 
 Idle time here is what the socket holds: `icsk_ack.lrcvtime` (jiffies of the
 last data segment received; what tcp_info's tcpi_last_data_recv is made from)
@@ -34,7 +30,6 @@ tcp_info, since they are the same fields.
 
 from __future__ import annotations
 
-import ctypes
 import gzip
 import math
 import os
@@ -45,18 +40,16 @@ from ipaddress import IPv4Network, IPv6Network, ip_address
 from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 from ..model import AF_INET, AF_INET6, Policy, PortSet, Selector
-from . import ProbeUnavailable
+from . import ProbeUnavailable, iterprog
 
 # --- the record the BPF program writes (struct rec in bpf/iterdestroy.bpf.c)
 REC = struct.Struct("<QBBBBiHHI16s16sI4xQ")
-OUTCOMES = {0: "destroyed", 1: "failed", 2: "dry-run", 3: "capped", 4: "not-full-socket"}
-KFUNC_SENTINEL = 0x7FFFF
-
-# bpf(2) commands, program type, attach type (include/uapi/linux/bpf.h)
-BPF_PROG_LOAD, BPF_LINK_CREATE, BPF_ITER_CREATE = 5, 28, 33
-BPF_PROG_TYPE_TRACING, BPF_TRACE_ITER = 26, 28
-BPF_PSEUDO_KFUNC_CALL = 2
-_NR_BPF = {"x86_64": 321, "aarch64": 280}
+OUTCOMES = {0: "destroyed", 1: "failed", 2: "dry-run", 3: "capped", 4: "not-full-socket",
+            5: "spared", 6: "left-selection"}
+# the kfunc call patch lives with the loader; named here for the pure tests
+KFUNC_SENTINEL, BPF_PSEUDO_KFUNC_CALL, patch_kfunc = (iterprog.KFUNC_SENTINEL,
+                                                      iterprog.BPF_PSEUDO_KFUNC_CALL,
+                                                      iterprog.patch_kfunc)
 
 
 class Record(NamedTuple):
@@ -143,39 +136,64 @@ OFFSET_FIELDS = {
 SOCKET_INO = "OFF_SOCKET_INO"
 
 
-def cflags(selector: Selector, policy: Policy, hz: int, offsets: Dict[str, int],
-           state_mask: int, owners: Optional[int] = None) -> List[str]:
-    """The -D flags that fix a pass's selection and policy before load.
+CFG = {"sports": 1 << 0, "dports": 1 << 1, "excl_ports": 1 << 2, "src": 1 << 3,
+       "dst": 1 << 4, "excl_nets": 1 << 5, "owners": 1 << 6, "uids": 1 << 7,
+       "cookies": 1 << 8, "idle_any": 1 << 9, "dry_run": 1 << 10}
+# struct config in bpf/iterdestroy.bpf.c
+CONFIG = struct.Struct("<IIIIIIQ")
+
+
+class Config(NamedTuple):
+    family_mask: int
+    state_mask: int
+    flags: int
+    thresh_j: int
+    limit_j: int
+    max_kills: int
+
+    def pack(self) -> bytes:
+        return CONFIG.pack(self.family_mask, self.state_mask, self.flags, self.thresh_j,
+                           self.limit_j, 0, self.max_kills)
+
+
+def config_of(selector: Selector, policy: Policy, hz: int, state_mask: int,
+              owners: bool = False, cookies: bool = False, dry_run: Optional[bool] = None,
+              max_kills: Optional[int] = None) -> Config:
+    """What the program's config map says for a selection and policy (pure).
 
     `state_mask` is selectors.states_mask(selector.states) (the selection's
     own rule, SYN_RECV asking for request sockets too; the probe package sits
-    below selectors).  `owners` is the number of owner socket inodes (None:
-    no owner selector).
+    below selectors).  `owners`: an owner selector was resolved into socket
+    inodes; `cookies`: only the chosen cookies are looked at.  `dry_run` and
+    `max_kills` override the policy's (the cap's first pass).
     """
     fam = (1 if AF_INET in selector.families else 0) | (2 if AF_INET6 in selector.families else 0)
     limit = policy.last_recv_limit_ms
-    flags = {
-        "FAMILY_MASK": fam,
-        "STATE_MASK": state_mask,
-        "HAS_SPORTS": int(selector.sports is not None),
-        "HAS_DPORTS": int(selector.dports is not None),
-        "HAS_EXCL_PORTS": int(selector.exclude_ports is not None),
-        "HAS_SRC": int(bool(selector.src)),
-        "HAS_DST": int(bool(selector.dst)),
-        "HAS_EXCL_NETS": int(bool(selector.exclude_nets)),
-        "HAS_OWNERS": int(owners is not None),
-        "OWNERS_SIZE": max(1, owners or 0),
-        "HAS_UIDS": int(bool(selector.uids)),
-        "UIDS_SIZE": max(1, len(selector.uids)),
-        "THRESH_J": ms_to_jiffies(policy.idle_time_ms, hz),
-        # "above the limit": floor, so limit_ms itself stays known
-        "LIMIT_J": int(limit * hz // 1000) if limit is not None else 0,
-        "IDLE_ANY": int(policy.idle_metric == "any"),
-        "MAX_KILLS": policy.max_kills or 0,
-        "DRY_RUN": int(policy.dry_run),
+    given = {
+        "sports": selector.sports is not None,
+        "dports": selector.dports is not None,
+        "excl_ports": selector.exclude_ports is not None,
+        "src": bool(selector.src),
+        "dst": bool(selector.dst),
+        "excl_nets": bool(selector.exclude_nets),
+        "owners": owners,
+        "uids": bool(selector.uids),
+        "cookies": cookies,
+        "idle_any": policy.idle_metric == "any",
+        "dry_run": policy.dry_run if dry_run is None else dry_run,
     }
-    flags.update({k: offsets[k] for k in list(OFFSET_FIELDS) + [SOCKET_INO]})
-    return ["-D%s=%d" % kv for kv in sorted(flags.items())]
+    return Config(
+        family_mask=fam, state_mask=state_mask,
+        flags=sum(CFG[k] for k, on in given.items() if on),
+        thresh_j=ms_to_jiffies(policy.idle_time_ms, hz),
+        # "above the limit": floor, so limit_ms itself stays known
+        limit_j=int(limit * hz // 1000) if limit is not None else 0,
+        max_kills=(policy.max_kills or 0) if max_kills is None else max_kills)
+
+
+def idlest(records: Sequence["Record"], n: int) -> List["Record"]:
+    """The n victims idle longest (unknown idle last, as the netlink path orders)."""
+    return sorted(records, key=lambda r: -(r.idle_jiffies or 0))[:n]
 
 
 # --- facts about this kernel
@@ -198,89 +216,9 @@ def kernel_hz(release: Optional[str] = None) -> int:
 
 def kernel_ids() -> Tuple[int, int]:
     """BTF ids of bpf_iter_tcp and bpf_sock_destroy; ProbeUnavailable when absent."""
-    from .btf import FUNC, BTF, BTFError
-    try:
-        btf = BTF.load()
-        iter_id = btf.find("bpf_iter_tcp", FUNC)
-    except BTFError as e:
-        raise ProbeUnavailable("no BPF TCP iterator: %s" % e) from None
-    try:
-        kfunc = btf.find("bpf_sock_destroy", FUNC)
-    except BTFError:
-        raise ProbeUnavailable("this kernel has no bpf_sock_destroy() kfunc (Linux >= 6.5)") \
-            from None
-    return iter_id, kfunc
-
-
-def btf_offsets() -> Dict[str, int]:
-    from .btf import BTF, BTFError
-    try:
-        btf = BTF.load()
-        out = {k: btf.offsetof(s, m) for k, (s, m) in OFFSET_FIELDS.items()}
-        out[SOCKET_INO] = (btf.offsetof("socket_alloc", "vfs_inode")
-                           - btf.offsetof("socket_alloc", "socket")
-                           + btf.offsetof("inode", "i_ino"))
-        return out
-    except BTFError as e:
-        raise ProbeUnavailable("BTF offsets for the BPF destroy: %s" % e) from None
-
-
-# --- bpf(2)
-
-def _bpf(cmd: int, attr: bytearray) -> int:
-    nr = _NR_BPF.get(platform.machine())
-    if nr is None:
-        raise ProbeUnavailable("bpf(2) number unknown on %s" % platform.machine())
-    libc = ctypes.CDLL(None, use_errno=True)
-    buf = ctypes.create_string_buffer(bytes(attr), len(attr))
-    r = libc.syscall(nr, cmd, buf, len(attr))
-    if r < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-    return r
-
-
-def patch_kfunc(code: bytearray, btf_id: int) -> int:
-    """Turn each call of the sentinel helper into a kfunc call; the count patched."""
-    n = 0
-    for i in range(0, len(code), 8):
-        op, regs, _off, imm = struct.unpack_from("<BBhi", code, i)
-        if op == 0x85 and imm == KFUNC_SENTINEL and regs >> 4 == 0:
-            struct.pack_into("<BBhi", code, i, op, (regs & 0x0F) | (BPF_PSEUDO_KFUNC_CALL << 4),
-                             0, btf_id)
-            n += 1
-    return n
-
-
-def _prog_load(code: bytes, attach_btf_id: int) -> int:
-    insns = ctypes.create_string_buffer(code, len(code))
-    lic = ctypes.create_string_buffer(b"GPL")
-    log = ctypes.create_string_buffer(1 << 20)
-    attr = bytearray(128)
-    struct.pack_into("<IIQQIIQ", attr, 0, BPF_PROG_TYPE_TRACING, len(code) // 8,
-                     ctypes.addressof(insns), ctypes.addressof(lic), 1, len(log),
-                     ctypes.addressof(log))
-    attr[48:48 + 12] = b"tcpidle_kill"
-    struct.pack_into("<I", attr, 68, BPF_TRACE_ITER)
-    struct.pack_into("<I", attr, 108, attach_btf_id)
-    try:
-        return _bpf(BPF_PROG_LOAD, attr)
-    except OSError as e:
-        tail = log.value.decode(errors="replace").strip().splitlines()[-3:]
-        raise ProbeUnavailable("the kernel refused the BPF destroy program (%s)%s" % (
-            e.strerror, ": " + " / ".join(tail) if tail else "")) from None
-
-
-def _iter_fd(prog_fd: int) -> int:
-    attr = bytearray(64)
-    struct.pack_into("<III", attr, 0, prog_fd, 0, BPF_TRACE_ITER)
-    link = _bpf(BPF_LINK_CREATE, attr)
-    try:
-        attr = bytearray(8)
-        struct.pack_into("<II", attr, 0, link, 0)
-        return _bpf(BPF_ITER_CREATE, attr)
-    finally:
-        os.close(link)
+    from .iterprog import kernel_facts
+    facts = kernel_facts()
+    return facts.iter_id, facts.kfunc_id
 
 
 # --- the backend
@@ -304,69 +242,86 @@ def with_errors(records: List[Record], errors: Dict[int, int]) -> List[Record]:
 
 
 class IterDestroy:
-    """The destroy program compiled and loaded for one selection and policy.
+    """The destroy program loaded for one selection and policy (no compile: iterprog).
 
     `state_mask`: selectors.states_mask(selector.states).  `owner_inodes`:
     the socket inodes the owner selectors matched (None: no owner selector).
-    `run(netns_fd)` is one pass in that namespace (None: ours).
+    `cookie_room`: how many chosen cookies a pass may be given (`choose`).
+    `run(netns_fd)` is one pass in that namespace (None: ours); `kill(netns_fd)`
+    is the pass with the kill cap's order (the idlest N).
     """
 
     def __init__(self, selector: Selector, policy: Policy, state_mask: int,
-                 owner_inodes: Optional[Iterable[int]] = None):
-        iter_id, kfunc_id = kernel_ids()
-        self.hz = kernel_hz()
+                 owner_inodes: Optional[Iterable[int]] = None, cookie_room: int = 0):
+        facts = iterprog.kernel_facts()
+        self.hz = facts.hz
+        self.selector, self.policy, self.state_mask = selector, policy, state_mask
         owners = None if owner_inodes is None else sorted(set(owner_inodes))
-        flags = cflags(selector, policy, self.hz, btf_offsets(), state_mask,
-                       None if owners is None else len(owners))
-        self._module = _compile(flags)
+        self.has_owners = owners is not None
+        room = max(cookie_room, policy.max_kills or 0)
+        self._prog = iterprog.Loaded(facts, iterprog.compiled(facts), {
+            "owners": len(owners or ()), "uids": len(selector.uids), "cookies": room})
+        self.room = max(1, room)
+        self.code = self._prog.code
         try:
             self._fill(selector, owners)
-            code = bytearray(self._module.dump_func(b"bpf_iter__tcp"))
-            if not policy.dry_run and patch_kfunc(code, kfunc_id) != 1:
-                raise ProbeUnavailable("the BPF destroy program has no bpf_sock_destroy call")
-            self._prog = _prog_load(bytes(code), iter_id)
+            self.configure()
         except BaseException:
-            _dispose(self._module)
+            self._prog.close()
             raise
 
+    def _update(self, name: str, key: bytes, value: bytes) -> None:
+        iterprog.map_update(self._prog.fds[name], key, value)
+
     def _fill(self, selector: Selector, owners: Optional[List[int]]) -> None:
-        m = self._module
-        for name, ports in ((b"sports", selector.sports), (b"dports", selector.dports),
-                            (b"excl_ports", selector.exclude_ports)):
+        for name, ports in (("sports", selector.sports), ("dports", selector.dports),
+                            ("excl_ports", selector.exclude_ports)):
             if ports is not None:
-                table = m[name]
                 for word, bits in port_bitmap(ports).items():
-                    table[ctypes.c_int(word)] = ctypes.c_uint64(bits)
-        for name, nets in ((b"src_nets", selector.src), (b"dst_nets", selector.dst),
-                           (b"excl_nets", selector.exclude_nets)):
-            table = m[name]
+                    self._update(name, struct.pack("<I", word), struct.pack("<Q", bits))
+        for name, nets in (("src_nets", selector.src), ("dst_nets", selector.dst),
+                           ("excl_nets", selector.exclude_nets)):
             for plen, addr in lpm_entries(nets):
-                key = table.Key()
-                key.prefixlen = plen
-                key.addr = (ctypes.c_ubyte * 16)(*addr)
-                table[key] = ctypes.c_ubyte(1)
-        if owners:
-            table = m[b"owners"]
-            for inode in owners:
-                table[ctypes.c_uint64(inode)] = ctypes.c_ubyte(1)
-        table = m[b"uids"]
+                self._update(name, struct.pack("<I", plen) + addr, b"\1")
+        for inode in owners or ():
+            self._update("owners", struct.pack("<Q", inode), b"\1")
         for uid in selector.uids:
-            table[ctypes.c_uint32(uid)] = ctypes.c_ubyte(1)
+            self._update("uids", struct.pack("<I", uid), b"\1")
+
+    def configure(self, cookies: bool = False, dry_run: Optional[bool] = None,
+                  max_kills: Optional[int] = None) -> Config:
+        """Write the config the next passes run with (the policy's, unless overridden)."""
+        cfg = config_of(self.selector, self.policy, self.hz, self.state_mask, self.has_owners,
+                        cookies, dry_run, max_kills)
+        self._update("config", struct.pack("<I", 0), cfg.pack())
+        return cfg
+
+    def choose(self, cookies: Iterable[int]) -> None:
+        """Only these sockets from now on (at most `cookie_room`), each decided again."""
+        fd = self._prog.fds["cookies"]
+        for key in iterprog.map_keys(fd, 8):
+            iterprog.map_delete(fd, key)
+        wanted = sorted(set(cookies))
+        if len(wanted) > self.room:
+            raise ValueError("%d cookies for a map of %d" % (len(wanted), self.room))
+        for c in wanted:
+            iterprog.map_update(fd, struct.pack("<Q", c), b"\1")
+        self.configure(cookies=True)
 
     def run(self, netns_fd: Optional[int] = None) -> PassResult:
         """One pass: every TCP socket of the namespace, decided and acted on under its lock."""
         from .. import netns
-        counts = self._module[b"counts"]
+        fds = self._prog.fds
         for i in range(3):
-            counts[ctypes.c_int(i)] = ctypes.c_uint64(0)
-        errors = self._module[b"errors"]
-        errors.clear()
+            iterprog.map_update(fds["counts"], struct.pack("<I", i), bytes(8))
+        for key in iterprog.map_keys(fds["errors"], 8):
+            iterprog.map_delete(fds["errors"], key)
         start = time.monotonic()
         if netns_fd is None:
-            fd = _iter_fd(self._prog)
+            fd = iterprog.iter_fd(self._prog.prog)
         else:
             with netns.entered_fd(netns_fd):
-                fd = _iter_fd(self._prog)
+                fd = iterprog.iter_fd(self._prog.prog)
         chunks = []
         try:
             while True:
@@ -376,30 +331,54 @@ class IterDestroy:
                 chunks.append(data)
         finally:
             os.close(fd)
-        failed = {k.value: v.value for k, v in errors.items()}
+        failed = {}
+        for key in iterprog.map_keys(fds["errors"], 8):
+            value = iterprog.map_lookup(fds["errors"], key, 4)
+            if value is not None:
+                failed[struct.unpack("<Q", key)[0]] = struct.unpack("<i", value)[0]
         records = with_errors(decode_records(b"".join(chunks)), failed)
-        return PassResult(records, counts[ctypes.c_int(1)].value,
-                          (time.monotonic() - start) * 1000, counts[ctypes.c_int(2)].value)
+        counts = [struct.unpack("<Q", iterprog.map_lookup(fds["counts"], struct.pack("<I", i), 8)
+                                or bytes(8))[0] for i in range(3)]
+        return PassResult(records, counts[1], (time.monotonic() - start) * 1000, counts[2])
+
+    def kill(self, netns_fd: Optional[int] = None) -> PassResult:
+        """The pass under the policy's kill cap, which keeps the idlest N (two passes).
+
+        Without a cap, or in a dry run, this is one pass (a dry run's cap
+        orders the records it returns).  With one, the first pass decides
+        without destroying, the N idlest victims are chosen, and the second
+        pass is given only those: each decided again, under its lock, and
+        destroyed, or reported "spared" if it received data in between.  The
+        rest come back "capped"."""
+        cap = self.policy.max_kills
+        if not cap:
+            return self.run(netns_fd)
+        self.configure(dry_run=True, max_kills=0)
+        first = self.run(netns_fd)
+        # victims: those it would destroy, and the not-full sockets it would
+        # hand to SOCK_DESTROY (unknown idle: last, as on the netlink path)
+        victims = [r for r in first.records if r.outcome in ("dry-run", "not-full-socket")]
+        keep = idlest(victims, cap)
+        kept = {r.cookie for r in keep}
+        capped = [r._replace(outcome="capped") for r in victims if r.cookie not in kept]
+        if self.policy.dry_run:
+            self.configure()
+            return first._replace(records=keep + capped)
+        try:
+            self.choose(kept)
+            second = self.run(netns_fd) if kept else PassResult([], 0, 0.0)
+        finally:
+            self.configure()
+        return PassResult(second.records + capped, first.matched,
+                          first.elapsed_ms + second.elapsed_ms, second.untold_failures)
 
     def close(self) -> None:
         if self._prog is not None:
-            os.close(self._prog)
+            self._prog.close()
             self._prog = None
-            _dispose(self._module)
 
     def __enter__(self) -> "IterDestroy":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _compile(flags: List[str]):
-    """bcc compiles bpf/iterdestroy.bpf.c and creates its maps (through loader.py)."""
-    from .loader import compile_only
-    return compile_only("iterdestroy.bpf.c", flags + ["-Wno-int-to-void-pointer-cast"])
-
-
-def _dispose(module) -> None:
-    from .loader import dispose
-    dispose(module)

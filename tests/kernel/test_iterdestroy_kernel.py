@@ -208,6 +208,58 @@ def test_kill_cap_destroys_that_many_and_reports_the_rest(netns, pairs):
     assert sum(closed(p.clients)) == 3
 
 
+def test_the_kill_cap_picks_the_idlest_not_the_first_met(netns, pairs):
+    """The iterator meets sockets in hash order; the cap must keep the N idlest
+    (two passes: decide, choose in user space, destroy those chosen)."""
+    iterdestroy = _iterdestroy()
+    p = pairs(netns, 7033, 8)
+    time.sleep(0.3)
+    fresh = p.pairs[:5]
+    for c, a in fresh:       # these received data just now: the least idle
+        a.sendall(b"x")
+        c.recv(1)
+    time.sleep(0.05)
+    fd = nsfd(netns)
+    sel = Selector(dports=parse_ports(["7033"]))
+    try:
+        with iterdestroy.IterDestroy(sel, Policy(idle_time_ms=0, max_kills=3),
+                                     states_mask(sel.states)) as it:
+            result = it.kill(fd)
+    finally:
+        os.close(fd)
+    idlest = p.clients[5:]
+    assert sorted(r.cookie for r in result.records if r.outcome == "destroyed") == \
+        sorted(cookie_of(c) for c in idlest)
+    assert sorted(r.cookie for r in result.records if r.outcome == "capped") == \
+        sorted(cookie_of(c) for c, _ in fresh)
+    assert result.matched == 8
+    assert closed(p.clients) == [False] * 5 + [True] * 3
+
+
+def test_chosen_cookies_are_decided_again_and_the_rest_untouched(netns, pairs):
+    """A pass given cookies looks at those only, and decides each again: one
+    that received data since it was chosen is reported spared, not destroyed."""
+    iterdestroy = _iterdestroy()
+    p = pairs(netns, 7035, 4)
+    time.sleep(IDLE_MS / 1000 + 0.1)
+    chosen = p.pairs[:3]
+    chosen[0][1].sendall(b"x")  # received after being chosen
+    time.sleep(0.05)
+    fd = nsfd(netns)
+    sel = Selector(dports=parse_ports(["7035"]))
+    try:
+        with iterdestroy.IterDestroy(sel, Policy(idle_time_ms=IDLE_MS), states_mask(sel.states),
+                                     cookie_room=8) as it:
+            it.choose(cookie_of(c) for c, _ in chosen)
+            recs = it.run(fd).records
+    finally:
+        os.close(fd)
+    got = {r.cookie: r.outcome for r in recs}
+    assert got == {cookie_of(chosen[0][0]): "spared", cookie_of(chosen[1][0]): "destroyed",
+                   cookie_of(chosen[2][0]): "destroyed"}
+    assert closed(p.clients) == [False, True, True, False]
+
+
 def test_owner_inodes_limit_the_pass(netns, pairs):
     p = pairs(netns, 7041, 6)
     chosen = [os.fstat(c.fileno()).st_ino for c in p.clients[1:3]]
@@ -319,7 +371,7 @@ def test_the_cookie_is_kept_whole_64_bits():
     iterdestroy = _iterdestroy()
     sel = Selector()
     with iterdestroy.IterDestroy(sel, Policy(), states_mask(sel.states)) as it:
-        insns = decode(it._module.dump_func(b"bpf_iter__tcp"))
+        insns = decode(it.code)
     assert cookie_truncations(insns) == []
 
 

@@ -177,5 +177,76 @@ def test_verbose_says_which_backend_and_whether_bpf_is_available(netns, run_tcpi
     r = run_tcpidle(netns, "kill", "-d", "7251", "--dry-run", "-v", "--disable-syslog")
     assert r.returncode == 0, r.stderr
     assert "destroy: netlink SOCK_DESTROY" in r.stderr
-    assert "the BPF iterator (--destroy-with bpf): available" in r.stderr
+    assert "if the kernel answers EOPNOTSUPP, the BPF iterator (available here), then /proc" \
+        in r.stderr
     assert os.path.exists("/sys/kernel/btf/vmlinux")
+
+
+def test_eopnotsupp_from_netlink_switches_to_the_iterator_before_proc(netns, monkeypatch, caplog):
+    """auto: a kernel without CONFIG_INET_DIAG_DESTROY answers SOCK_DESTROY with
+    EOPNOTSUPP, and the victims go to the BPF iterator, not to /proc.
+
+    This kernel has SOCK_DESTROY, so only that one answer is substituted; the
+    dump, the re-check's lookups and the iterator's destroys are real.  While
+    the kernel "refuses", one victim receives a byte and another one's owner
+    shuts it: the iterator, deciding again under each socket's lock, spares
+    both.  A second pass goes straight to the iterator."""
+    import errno
+    import socket
+
+    from tcpidle import diag, netns as tnetns
+    from tcpidle.engine import Engine
+    from tcpidle.model import Policy, PortSet, Selector
+    from tcpidle.scope import Scope
+
+    p = Pairs(netns, 7261, 6)
+    talker = Talker(p.pairs[:1])
+    calls = []
+    woken, shut = p.pairs[1], p.pairs[2]
+
+    def no_destroy(self, sockets, batch=256):
+        calls.append(len(sockets))
+        woken[1].sendall(b"w")          # data for one victim after the re-check
+        shut[0].shutdown(socket.SHUT_WR)  # another leaves ESTABLISHED (FIN_WAIT)
+        time.sleep(0.05)
+        return [errno.EOPNOTSUPP] * len(sockets)
+
+    try:
+        time.sleep(THRESHOLD_MS / 1000 + 0.2)
+        monkeypatch.setattr(diag.DiagSocket, "destroy", no_destroy)
+        engine = Engine(Scope(Selector(dports=PortSet(((7261, 7262),))),
+                              [tnetns.resolve(netns.name)]),
+                        Policy(idle_time_ms=THRESHOLD_MS))
+        try:
+            with caplog.at_level("INFO", logger="tcpidle"):
+                scan = engine.scan()
+                assert sorted(v.socket.cookie for v in scan.victims) == \
+                    sorted(cookie_of(c) for c in p.clients[1:])
+                batches = list(engine.act_batches(scan))
+                scan.close()
+                outcomes = [o for b in batches for o in b.outcomes]
+                spared = {s.verdict.socket.cookie: s.kind for b in batches for s in b.spared}
+                assert sorted(o.verdict.socket.cookie for o in outcomes) == \
+                    sorted(cookie_of(c) for c in p.clients[3:])
+                assert {o.action for o in outcomes} == {"destroyed"}
+                assert spared == {cookie_of(woken[0]): "received-data",
+                                  cookie_of(shut[0]): "left-selection"}
+                assert closed(p.clients) == [False, False, False, True, True, True]
+                # sticky: the next pass goes to the iterator without asking netlink again
+                more = Pairs(netns, 7262, 2)
+                time.sleep(THRESHOLD_MS / 1000 + 0.2)
+                again = engine.act(engine.scan())
+                # (the woken victim is idle again by now: its byte came before the sleep)
+                assert sorted(o.verdict.socket.cookie for o in again) == \
+                    sorted(cookie_of(c) for c in more.clients + [woken[0]])
+                assert {o.action for o in again} == {"destroyed"} and all(closed(more.clients))
+                more.close()
+        finally:
+            engine.close()
+    finally:
+        talker.stop()
+        p.close()
+    assert calls == [5]
+    said = [r.getMessage() for r in caplog.records if "CONFIG_INET_DIAG_DESTROY" in r.getMessage()]
+    assert len(said) == 1 and "destroying in the kernel from now on" in said[0], said
+    assert not any("/proc" in r.getMessage() for r in caplog.records)

@@ -114,6 +114,10 @@ def test_eopnotsupp_switches_to_the_proc_fallback_once_and_says_so(
         return [errno.EOPNOTSUPP] * len(sockets)
 
     monkeypatch.setattr(diag.DiagSocket, "destroy", no_destroy)
+    # ... and no bpf_sock_destroy (a kernel before 6.5, or without BTF): where the
+    # kernel has it, the BPF iterator goes before /proc (test_kill_bpf_e2e.py)
+    from tcpidle import kdestroy
+    monkeypatch.setattr(kdestroy, "unavailable", lambda: "no bpf_sock_destroy (Linux < 6.5)")
     engine = Engine(Scope(Selector(dports=PortSet(((PORT, PORT),))), [tnetns.resolve(netns.name)]),
                     Policy())
     with caplog.at_level("WARNING", logger="tcpidle"):

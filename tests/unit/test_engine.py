@@ -350,7 +350,16 @@ def log_lines():
     logger.removeHandler(handler)
 
 
-def test_eopnotsupp_switches_to_the_proc_fallback_once(kernel, log_lines):
+@pytest.fixture
+def no_iterator(monkeypatch):
+    """A kernel without bpf_sock_destroy (before 6.5): EOPNOTSUPP goes to /proc.
+    (Where the kernel has it, the iterator goes first: tests/kernel/test_kill_bpf_e2e.py.)"""
+    from tcpidle import kdestroy
+    monkeypatch.setattr(kdestroy, "unavailable",
+                        lambda: "this kernel has no bpf_sock_destroy() kfunc (Linux >= 6.5)")
+
+
+def test_eopnotsupp_switches_to_the_proc_fallback_once(kernel, log_lines, no_iterator):
     socks = kernel.own.established(V4, 300, dport=5432)
     make_proc(kernel.proc, {FIRST_PID: Holder("psql", [s.inode for s in socks])})
     kernel.own.destroy_supported = False
@@ -360,7 +369,9 @@ def test_eopnotsupp_switches_to_the_proc_fallback_once(kernel, log_lines):
     kernel.own.established(V4, 2, dport=5432, first_sport=40000)
     second = engine.act(engine.scan())
     assert len(kernel.of_kind("destroy")) == 1  # nor did the second pass try again
-    assert len([m for m in log_lines if "SOCK_DESTROY is not supported" in m]) == 1
+    said = [m for m in log_lines if "SOCK_DESTROY is not supported" in m]
+    assert len(said) == 1 and "nor is the BPF iterator (this kernel has no bpf_sock_destroy" \
+        in said[0] and "falling back to /proc" in said[0]
     assert len(first) == 300 and len(second) == 302
     # The fallback's outcomes: its owner (an impossible pid) has "exited".
     assert {o.action for o in first} == {Action.GONE}
@@ -390,6 +401,20 @@ def test_a_kernel_that_cannot_destroy_time_wait_keeps_sock_destroy_for_the_rest(
     second = engine.act(engine.scan())
     assert {o.action for o in second if o.verdict.socket.cookie in {s.cookie for s in more}} == {
         Action.DESTROYED}  # still through SOCK_DESTROY, not /proc
+
+
+def test_eopnotsupp_with_forced_netlink_fails_each_victim_and_goes_nowhere_else(kernel,
+                                                                                 log_lines):
+    socks = kernel.own.established(V4, 3, dport=5432)
+    make_proc(kernel.proc, {FIRST_PID: Holder("psql", [s.inode for s in socks])})
+    kernel.own.destroy_supported = False
+    engine = engine_for(kernel, 5432, idle_time_ms=1000, destroy_with="netlink")
+    out = engine.act(engine.scan())
+    assert [o.action for o in out] == [Action.FAILED] * 3
+    assert all("CONFIG_INET_DIAG_DESTROY is off" in o.error and "--destroy-with netlink"
+               in o.error for o in out)
+    assert engine.in_kernel is None and not engine.use_proc
+    assert len(kernel.own.sockets) == 3
 
 
 # -- owners, dry run, max kills -----------------------------------------------------------

@@ -1,7 +1,7 @@
 """Pure parts of the BPF iterator destroy backend (no root, no BPF).
 
 The record decoder against records packed as the C struct lays them out, the
--D flags a selection and a policy become, the port bitmap and LPM keys the
+config map a selection and a policy become, the port bitmap and LPM keys the
 maps are filled with, and the kfunc call patch.
 """
 
@@ -15,15 +15,12 @@ from tcpidle.model import AF_INET, AF_INET6, Policy, Selector, TcpState
 from tcpidle.probe import iterdestroy as it
 from tcpidle.selectors import parse_networks, parse_ports, states_mask
 
-OFFSETS = {k: i for i, k in enumerate(sorted(it.OFFSET_FIELDS) + [it.SOCKET_INO], start=100)}
+def config_of(selector, policy, hz=250, **kw):
+    return it.config_of(selector, policy, hz, states_mask(selector.states), **kw)
 
 
-def flags_of(selector, policy, hz=250, owners=None):
-    out = {}
-    for flag in it.cflags(selector, policy, hz, OFFSETS, states_mask(selector.states), owners):
-        name, _, value = flag[2:].partition("=")
-        out[name] = int(value)
-    return out
+def given(config):
+    return {name for name, bit in it.CFG.items() if config.flags & bit}
 
 
 def test_records_decode_as_the_c_struct_lays_them_out():
@@ -77,41 +74,45 @@ def test_threshold_in_jiffies_is_the_first_age_tcp_info_would_call_that_idle():
     assert it.ms_to_jiffies(1000, 1000) == 1000
 
 
-def test_cflags_from_a_selection_and_a_policy():
+def test_config_from_a_selection_and_a_policy():
     sel = Selector(families=frozenset({AF_INET6}),
                    states=frozenset({TcpState.ESTABLISHED, TcpState.SYN_RECV}),
                    dports=parse_ports(["443"]),
                    exclude_nets=parse_networks(["10.0.0.0/8"], "--exclude-cidr"))
-    f = flags_of(sel, Policy(idle_time_ms=60000, idle_metric="any", max_kills=5,
-                             last_recv_limit_ms=1000.0), owners=3)
-    assert f["FAMILY_MASK"] == 2
-    assert f["STATE_MASK"] == (1 << 1) | (1 << 3) | (1 << 12)  # SYN_RECV asks for requests too
-    assert (f["HAS_SPORTS"], f["HAS_DPORTS"], f["HAS_EXCL_PORTS"]) == (0, 1, 0)
-    assert (f["HAS_SRC"], f["HAS_DST"], f["HAS_EXCL_NETS"]) == (0, 0, 1)
-    assert (f["HAS_OWNERS"], f["OWNERS_SIZE"]) == (1, 3)
-    assert (f["HAS_UIDS"], f["UIDS_SIZE"]) == (0, 1)
-    assert (f["THRESH_J"], f["LIMIT_J"], f["IDLE_ANY"]) == (15000, 250, 1)
-    assert (f["MAX_KILLS"], f["DRY_RUN"]) == (5, 0)
-    assert {k: f[k] for k in OFFSETS} == OFFSETS
+    c = config_of(sel, Policy(idle_time_ms=60000, idle_metric="any", max_kills=5,
+                              last_recv_limit_ms=1000.0), owners=True)
+    assert c.family_mask == 2
+    assert c.state_mask == (1 << 1) | (1 << 3) | (1 << 12)  # SYN_RECV asks for requests too
+    assert given(c) == {"dports", "excl_nets", "owners", "idle_any"}
+    assert (c.thresh_j, c.limit_j, c.max_kills) == (15000, 250, 5)
+    # as struct config lays it out: six u32 (one of them padding), then the u64 cap
+    assert c.pack() == struct.pack("<IIIIIIQ", 2, c.state_mask, c.flags, 15000, 250, 0, 5)
 
 
-def test_cflags_defaults_select_everything_established_with_no_cap():
-    f = flags_of(Selector(), Policy(dry_run=True))
-    assert f["FAMILY_MASK"] == 3 and f["STATE_MASK"] == 1 << 1
-    assert f["HAS_OWNERS"] == 0 and f["OWNERS_SIZE"] == 1
-    assert (f["THRESH_J"], f["LIMIT_J"], f["IDLE_ANY"], f["MAX_KILLS"], f["DRY_RUN"]) == \
-        (0, 0, 0, 0, 1)
+def test_config_defaults_select_everything_established_with_no_cap():
+    c = config_of(Selector(), Policy(dry_run=True))
+    assert c.family_mask == 3 and c.state_mask == 1 << 1
+    assert given(c) == {"dry_run"}
+    assert (c.thresh_j, c.limit_j, c.max_kills) == (0, 0, 0)
 
 
-def test_cflags_say_which_lists_are_given():
-    f = flags_of(Selector(src=parse_networks(["10.0.0.0/8"], "--src"),
-                          sports=parse_ports(["1"]), exclude_ports=parse_ports(["2"])), Policy())
-    assert (f["HAS_SRC"], f["HAS_DST"], f["HAS_EXCL_NETS"]) == (1, 0, 0)
-    assert (f["HAS_SPORTS"], f["HAS_DPORTS"], f["HAS_EXCL_PORTS"]) == (1, 0, 1)
-    f = flags_of(Selector(dst=parse_networks(["::1/128"], "--dst"),
-                          uids=frozenset({0, 1000})), Policy())
-    assert (f["HAS_SRC"], f["HAS_DST"]) == (0, 1)
-    assert (f["HAS_UIDS"], f["UIDS_SIZE"]) == (1, 2)
+def test_config_says_which_lists_are_given_and_overrides_for_the_caps_first_pass():
+    c = config_of(Selector(src=parse_networks(["10.0.0.0/8"], "--src"),
+                           sports=parse_ports(["1"]), exclude_ports=parse_ports(["2"])), Policy())
+    assert given(c) == {"src", "sports", "excl_ports"}
+    c = config_of(Selector(dst=parse_networks(["::1/128"], "--dst"), uids=frozenset({0, 1000})),
+                  Policy(max_kills=7), cookies=True, dry_run=True, max_kills=0)
+    assert given(c) == {"dst", "uids", "cookies", "dry_run"}
+    assert c.max_kills == 0
+
+
+def test_the_cap_keeps_the_idlest_unknown_last():
+    v4 = b"\0" * 10 + b"\xff\xff" + bytes([10, 0, 0, 1])
+    recs = it.decode_records(b"".join(
+        it.REC.pack(cookie, AF_INET, 1, 2, known, 0, 1, 2, idle, v4, v4, 0, 0)
+        for cookie, known, idle in ((1, 1, 50), (2, 0, 0), (3, 1, 900), (4, 1, 300))))
+    assert [r.cookie for r in it.idlest(recs, 2)] == [3, 4]
+    assert [r.cookie for r in it.idlest(recs, 9)] == [3, 4, 1, 2]
 
 
 def test_port_bitmap():
@@ -145,3 +146,19 @@ def test_failed_destroys_are_told_apart_by_the_errors_map():
     assert [(r.cookie, r.outcome, r.err) for r in out] == [
         (1, "destroyed", 0), (2, "failed", -95), (3, "dry-run", 0)]
     assert it.with_errors(recs, {}) == recs
+
+
+def test_flag_bits_and_outcomes_are_the_c_files():
+    import re
+
+    from tcpidle.probe import iterprog
+    with open(iterprog.source_path()) as f:
+        c = f.read()
+    bits = {m.group(1).lower(): 1 << int(m.group(2))
+            for m in re.finditer(r"#define CFG_(\w+) \(1 << (\d+)\)", c)}
+    assert bits == it.CFG
+    outs = {int(m.group(2)): m.group(1) for m in re.finditer(r"#define OUT_(\w+) (\d+)", c)}
+    assert {k: v.lower().replace("_", "-") for k, v in outs.items()} == {
+        k: {"not-full-socket": "not-full", "left-selection": "left"}.get(v, v)
+        for k, v in it.OUTCOMES.items()}
+    assert set(re.findall(r"^BPF_\w+\((\w+),", c, re.M)) == set(iterprog.MAP_NAMES)

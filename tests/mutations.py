@@ -204,6 +204,16 @@ MUTATIONS: List[Mutation] = [
         "alone = idle.decide(sock, activity, now_ns, replace(policy, verdicts=None, middlebox=None))",
         "alone = idle.decide(sock, None, now_ns, replace(policy, verdicts=None, middlebox=None))",
         EXPLAIN_TESTS),
+    Mutation(
+        "--destroy-with netlink falls back on EOPNOTSUPP anyway", "tcpidle/engine.py",
+        'if self.policy.destroy_with == "netlink":',
+        "if False:",
+        ENGINE_TESTS),
+    Mutation(
+        "the BPF cap keeps the first met, not the idlest", "tcpidle/probe/iterdestroy.py",
+        "return sorted(records, key=lambda r: -(r.idle_jiffies or 0))[:n]",
+        "return list(records)[:n]",
+        ["tests/unit/test_iterdestroy.py"]),
 ]
 
 

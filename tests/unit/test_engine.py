@@ -403,8 +403,8 @@ def test_a_kernel_that_cannot_destroy_time_wait_keeps_sock_destroy_for_the_rest(
         Action.DESTROYED}  # still through SOCK_DESTROY, not /proc
 
 
-def test_eopnotsupp_with_forced_netlink_fails_each_victim_and_goes_nowhere_else(kernel,
-                                                                                 log_lines):
+def test_eopnotsupp_with_forced_netlink_fails_each_victim_and_goes_nowhere_else(
+        kernel, log_lines, no_iterator):
     socks = kernel.own.established(V4, 3, dport=5432)
     make_proc(kernel.proc, {FIRST_PID: Holder("psql", [s.inode for s in socks])})
     kernel.own.destroy_supported = False

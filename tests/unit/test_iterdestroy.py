@@ -162,3 +162,68 @@ def test_flag_bits_and_outcomes_are_the_c_files():
         k: {"not-full-socket": "not-full", "left-selection": "left"}.get(v, v)
         for k, v in it.OUTCOMES.items()}
     assert set(re.findall(r"^BPF_\w+\((\w+),", c, re.M)) == set(iterprog.MAP_NAMES)
+
+
+def test_the_program_cache_is_used_only_when_no_one_else_could_write_it(tmp_path, monkeypatch,
+                                                                        caplog):
+    """root loads what the cache holds into the kernel: a file another user
+    could have written is not believed (the header cache's rules)."""
+    import json
+    import os
+
+    from tcpidle.probe import iterprog
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("TCPIDLE_CACHE_DIR", str(cache))
+    monkeypatch.setattr(iterprog, "boot_identity", lambda: "6.18 boot-1")
+    iterprog._write_cache("iterdestroy-x.json", {"format": iterprog.FORMAT, "boot": "6.18 boot-1",
+                                                 "code": "00"})
+    path = cache / "iterdestroy-x.json"
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    assert oct(cache.stat().st_mode & 0o777) == "0o700"
+    assert iterprog._read_cache("iterdestroy-x.json", "6.18 boot-1")["code"] == "00"
+    assert iterprog._read_cache("iterdestroy-x.json", "6.18 boot-2") is None  # another boot
+    os.chmod(path, 0o622)
+    with caplog.at_level("WARNING", logger="tcpidle.probe"):
+        assert iterprog._read_cache("iterdestroy-x.json", "6.18 boot-1") is None
+    assert "writable by other users" in caplog.text
+    os.chmod(path, 0o600)
+    os.chmod(cache, 0o777)
+    with caplog.at_level("WARNING", logger="tcpidle.probe"):
+        assert iterprog._read_cache("iterdestroy-x.json", "6.18 boot-1") is None
+    path.write_text(json.dumps({"format": iterprog.FORMAT + 1, "boot": "6.18 boot-1"}))
+    os.chmod(cache, 0o700)
+    assert iterprog._read_cache("iterdestroy-x.json", "6.18 boot-1") is None  # other format
+
+
+def test_relocation_points_each_map_reference_at_the_run_s_map():
+    from tcpidle.probe import iterprog
+    ld = struct.pack("<BBhi", 0x18, 0x11, 0, 7) + struct.pack("<BBhi", 0, 0, 0, 0)
+    mov = struct.pack("<BBhi", 0xB7, 0x01, 0, 7)
+    code = iterprog.relocate(ld + mov + ld, [(0, "config"), (3, "counts")],
+                             {"config": 41, "counts": 42})
+    assert struct.unpack_from("<BBhi", code, 0) == (0x18, 0x11, 0, 41)
+    assert struct.unpack_from("<BBhi", code, 24) == (0x18, 0x11, 0, 42)
+    assert code[16:24] == mov
+    with pytest.raises(ValueError):
+        iterprog.relocate(mov, [(0, "config")], {"config": 1})
+
+
+def test_hz_measured_from_two_timer_list_samples():
+    s = 10 ** 9
+    assert it.hz_of_samples((5 * s, 1000), (5 * s + s // 5, 1050)) == 250
+    assert it.hz_of_samples((5 * s, 1000), (5 * s + s // 5, 1051)) == 250  # one tick of slack
+    assert it.hz_of_samples((0, 0), (s // 5, 200)) == 1000
+    assert it.hz_of_samples((0, 0), (s // 5, 60)) == 300
+    assert it.hz_of_samples((0, 0), (s // 5, 20)) == 100
+    with pytest.raises(ValueError):
+        it.hz_of_samples((0, 0), (s // 5, 40))  # 200 Hz: no such HZ
+    with pytest.raises(ValueError):
+        it.hz_of_samples((s, 0), (s, 10))
+
+
+def test_hz_from_the_timer_list_when_no_config_says_it(tmp_path):
+    """The running kernel's own /proc/timer_list (root) gives its HZ: the same as its config."""
+    import os
+    if not os.access(it.TIMER_LIST, os.R_OK):
+        pytest.skip("/proc/timer_list is root's")
+    assert it.hz_from_timer_list() == it.kernel_hz()

@@ -53,8 +53,8 @@ def unavailable() -> Optional[str]:
 def socket_of(rec, label, hz: int) -> Socket:
     """A Socket as INET_DIAG would have reported it, from an iterator record."""
     fam = rec.family
-    src = socket.inet_pton(fam, rec.src).ljust(16, b"\0")
-    dst = socket.inet_pton(fam, rec.dst).ljust(16, b"\0")
+    src = rec.src_raw or socket.inet_pton(fam, rec.src).ljust(16, b"\0")
+    dst = rec.dst_raw or socket.inet_pton(fam, rec.dst).ljust(16, b"\0")
     raw = _SOCKID.pack(socket.htons(rec.sport), socket.htons(rec.dport), src, dst,
                        rec.cookie & 0xFFFFFFFF, rec.cookie >> 32)
     idle_ms = None if rec.idle_jiffies is None else rec.idle_jiffies * 1000 // hz

@@ -33,9 +33,11 @@ def test_records_decode_as_the_c_struct_lays_them_out():
     assert it.REC.size == 72
     a, b, c = it.decode_records(data)
     assert a == it.Record(7, AF_INET, TcpState.ESTABLISHED, "destroyed", 0, "10.0.0.1", 40000,
-                          "10.0.0.2", 443, 1234, 1000, 2 ** 40 + 3)
+                          "10.0.0.2", 443, 1234, 1000, 2 ** 40 + 3,
+                          bytes([10, 0, 0, 1]) + bytes(12), bytes([10, 0, 0, 2]) + bytes(12))
     assert (b.cookie, b.outcome, b.err, b.src, b.sport, b.dport, b.idle_jiffies) == \
         (2 ** 63 + 5, "failed", -103, "fd00:231::1", 22, 50000, None)
+    assert b.src_raw == v6
     assert (c.state, c.outcome) == (TcpState.TIME_WAIT, "not-full-socket")
     assert it.decode_records(b"") == []
 

@@ -8,12 +8,15 @@
  * link was created in.
  *
  * Why it is exact: since Linux 6.5 the TCP iterator batches one hash bucket,
- * then calls this program for each full socket under lock_sock_fast() (the
- * socket spinlock with bottom halves off, or the owner lock).  The receive
- * path takes the same lock (bh_lock_sock), so no segment is processed between
- * the read of the receive stamp below and bpf_sock_destroy(): a segment that
- * arrives during the pass is handled either before (and then seen here: the
- * socket is spared) or after the destroy (and answered with a reset).
+ * then calls this program for each full socket under lock_sock() (the owner
+ * lock; lock_sock_fast() before, which would deadlock in tcp_abort()'s
+ * bh_lock_sock()).  While the socket is owned, the receive path (under
+ * bh_lock_sock) queues its segments on the socket's backlog instead of
+ * processing them, and release_sock() processes that backlog after this
+ * program: no segment is processed between the read of the receive stamp
+ * below and bpf_sock_destroy().  A segment that arrives during the pass is
+ * handled either before (and then seen here: the socket is spared) or after
+ * the destroy (on a closed socket: dropped, answered with a reset).
  *
  * Configuration.  Only the running kernel's struct offsets are fixed at
  * compile time (-D OFF_*, from its BTF; no header struct layout is used,

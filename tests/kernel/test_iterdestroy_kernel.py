@@ -344,12 +344,13 @@ def test_a_victim_receiving_data_during_the_pass_is_never_destroyed(netns, pairs
                 recs = it.run(fd).records
                 t.join()
                 time.sleep(0.05)
-                dead = {r.cookie for r in recs if r.outcome == "destroyed"}
+                dead = {r.cookie: r for r in recs if r.outcome == "destroyed"}
                 for c in p.clients:
                     got = bytes_received(c)
                     if tcp_state(c) == TCP_CLOSE:
                         assert cookie_of(c) in dead
-                        assert got == 1, "destroyed after receiving data"
+                        assert got == 1, "destroyed after receiving data: %r (round %s)" % (
+                            dead[cookie_of(c)], both)
                         both["destroyed"] += 1
                     else:
                         assert cookie_of(c) not in dead

@@ -240,21 +240,22 @@ def test_chosen_cookies_are_decided_again_and_the_rest_untouched(netns, pairs):
     """A pass given cookies looks at those only, and decides each again: one
     that received data since it was chosen is reported spared, not destroyed."""
     iterdestroy = _iterdestroy()
+    idle_ms = 1000  # > the time from the byte's arrival to the decision, under emulation too
     p = pairs(netns, 7035, 4)
-    time.sleep(IDLE_MS / 1000 + 0.1)
+    time.sleep(idle_ms / 1000 + 0.1)
     chosen = p.pairs[:3]
-    chosen[0][1].sendall(b"x")  # received after being chosen
-    # ground truth first: under emulation (the lab) delivery can lag the send
-    deadline = time.monotonic() + 10
-    while bytes_received(chosen[0][0]) < 2 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert bytes_received(chosen[0][0]) == 2
     fd = nsfd(netns)
     sel = Selector(dports=parse_ports(["7035"]))
     try:
-        with iterdestroy.IterDestroy(sel, Policy(idle_time_ms=IDLE_MS), states_mask(sel.states),
+        with iterdestroy.IterDestroy(sel, Policy(idle_time_ms=idle_ms), states_mask(sel.states),
                                      cookie_room=8) as it:
             it.choose(cookie_of(c) for c, _ in chosen)
+            chosen[0][1].sendall(b"x")  # received after being chosen
+            # ground truth first: under emulation (the lab) delivery can lag the send
+            deadline = time.monotonic() + 10
+            while bytes_received(chosen[0][0]) < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert bytes_received(chosen[0][0]) == 2
             recs = it.run(fd).records
     finally:
         os.close(fd)
@@ -320,18 +321,31 @@ def test_a_victim_receiving_data_during_the_pass_is_never_destroyed(netns, pairs
     """The race, made on purpose: while the pass runs, the peers send one byte
     to every victim.  Each victim either received its byte (and lives) or was
     destroyed before it arrived (and never received it): destroyed with the
-    byte received would be the race the lock closes."""
+    byte received would be the race the lock closes.
+
+    That holds while every byte is younger than the threshold at each
+    decision, i.e. the pass is shorter than the threshold: a round whose pass
+    (from the first send on) took half the threshold or more proves nothing
+    either way (a byte that arrived then may be idle enough by the kernel's
+    clock; the lab's emulated CPUs stall for 100 ms at a time) and is not
+    judged.  The threshold is sized from a dry pass over the same sockets."""
     iterdestroy = _iterdestroy()
     rounds, n = 20, 200
     fd = nsfd(netns)
-    both = {"destroyed": 0, "spared": 0}
+    both = {"destroyed": 0, "spared": 0, "unjudged rounds": 0}
+    sel = Selector(dports=parse_ports(["7071"]))
     try:
-        sel = Selector(dports=parse_ports(["7071"]))
-        with iterdestroy.IterDestroy(sel, Policy(idle_time_ms=IDLE_MS),
+        p = pairs(netns, 7071, n)
+        with iterdestroy.IterDestroy(sel, Policy(dry_run=True), states_mask(sel.states)) as dry:
+            started = time.monotonic()
+            dry.run(fd)
+            idle_ms = max(IDLE_MS, 8000 * (time.monotonic() - started))
+        p.close()
+        with iterdestroy.IterDestroy(sel, Policy(idle_time_ms=idle_ms),
                                      states_mask(sel.states)) as it:
             for _ in range(rounds):
                 p = pairs(netns, 7071, n)
-                time.sleep(IDLE_MS / 1000 + 0.1)
+                time.sleep(idle_ms / 1000 + 0.1)
                 go = threading.Event()
 
                 def send():
@@ -344,29 +358,36 @@ def test_a_victim_receiving_data_during_the_pass_is_never_destroyed(netns, pairs
 
                 t = threading.Thread(target=send)
                 t.start()
+                started = time.monotonic()
                 go.set()
                 recs = it.run(fd).records
+                judged = (time.monotonic() - started) * 1000 < idle_ms / 2
                 t.join()
-                time.sleep(0.05)
+                deadline = time.monotonic() + 10
+                while time.monotonic() < deadline and not all(
+                        tcp_state(c) == TCP_CLOSE or bytes_received(c) == 2 for c in p.clients):
+                    time.sleep(0.01)  # delivery can lag the send under emulation
                 dead = {r.cookie: r for r in recs if r.outcome == "destroyed"}
+                both["unjudged rounds"] += not judged
                 for c in p.clients:
                     got = bytes_received(c)
                     if tcp_state(c) == TCP_CLOSE:
                         assert cookie_of(c) in dead
-                        assert got == 1, "destroyed after receiving data: %r (round %s)" % (
-                            dead[cookie_of(c)], both)
-                        both["destroyed"] += 1
+                        if judged:
+                            assert got == 1, "destroyed after receiving data: %r (%s)" % (
+                                dead[cookie_of(c)], both)
+                            both["destroyed"] += 1
                     else:
                         assert cookie_of(c) not in dead
                         assert got == 2
-                        both["spared"] += 1
+                        if judged:
+                            both["spared"] += 1
                 p.close()
     finally:
         os.close(fd)
-    # the race was really run: both sides of it happened
-    print("race outcomes", both)
-    assert both["destroyed"] > 0 and both["spared"] > 0, both
-    print("race outcomes", both)
+    # the race was really run: both sides of it happened, in most rounds
+    print("race outcomes (threshold %.0f ms)" % idle_ms, both)
+    assert both["unjudged rounds"] <= rounds // 2, both
     assert both["destroyed"] > 0 and both["spared"] > 0, both
 
 

@@ -383,6 +383,16 @@ def polls(text: str) -> List[Dict]:
 
 
 def map_stats(pinned_map, pins: str) -> Dict[str, int]:
+    if not os.path.exists(os.path.join(pins, "activity")):
+        # per-socket storage: no activity map; records created = inserts
+        from tcpidle.probe.maps import obj_get, read_counters
+
+        fd = obj_get(os.path.join(pins, "counters"))
+        try:
+            c = read_counters(fd)
+        finally:
+            os.close(fd)
+        return {"entries": c["inserts"], "max_entries": 0, "evicted": 0}
     pm = pinned_map.open(pins)
     try:
         return pm.stats()

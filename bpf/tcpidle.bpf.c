@@ -112,11 +112,20 @@ struct tcpidle_activity {
  * MAX_ENTRIES), else creates the map and pins it there.  A restarted tracker
  * thus attaches its programs to the maps, and the history, of the last one.
  */
+/*
+ * With TCPIDLE_SK_STORAGE the build holds the tp_btf hook alone, recording
+ * into per-socket storage: no activity map is declared (bcc would create it,
+ * preallocated, MAX_ENTRIES x 112 bytes of kernel memory, for nothing), and
+ * no destroy hook.  loader.py builds the LRU variant instead where that one
+ * is refused.
+ */
+#ifndef TCPIDLE_SK_STORAGE
 #ifdef TCPIDLE_PIN_ACTIVITY
 BPF_TABLE_PINNED("lru_hash", u64, struct tcpidle_activity, activity, MAX_ENTRIES,
 		 TCPIDLE_PIN_ACTIVITY);
 #else
 BPF_TABLE("lru_hash", u64, struct tcpidle_activity, activity, MAX_ENTRIES);
+#endif
 #endif
 #ifdef TCPIDLE_PIN_COUNTERS
 BPF_TABLE_PINNED("percpu_array", int, u64, counters, N_COUNTERS, TCPIDLE_PIN_COUNTERS);
@@ -176,6 +185,7 @@ static __always_inline void note(struct tcpidle_activity *a, u64 now, u32 data_l
 	}
 }
 
+#ifndef TCPIDLE_SK_STORAGE
 static __always_inline int record(u64 cookie, u32 data_len)
 {
 	u64 now = bpf_ktime_get_ns();
@@ -207,6 +217,7 @@ static __always_inline int record(u64 cookie, u32 data_len)
 	note(a, now, data_len);
 	return 0;
 }
+#endif
 
 #ifdef TCPIDLE_SKB_CB_OFF
 /* bytes of tcp_skb_cb read: up to and including tcp_flags (u8, or u16 since

@@ -262,8 +262,10 @@ def bpffs_and_pins(pin_dir: str = DEFAULT_PIN_DIR) -> List[Check]:
                          % root, "bpffs"))
     found = {}
     try:
-        for name in probe.PIN_NAMES:
+        for name in probe.PIN_NAMES + ("storage",):
             found[name] = probe.pinned_info(os.path.join(pin_dir, name))
+        # the probe itself, pinned where it records while no tracker runs
+        linked = probe.check_pin(os.path.join(pin_dir, "link"))
     except probe.ProbeUnavailable as e:
         out.append(Check("pins", "warn", _one_line(e), "pinned maps"))
         return out
@@ -273,6 +275,9 @@ def bpffs_and_pins(pin_dir: str = DEFAULT_PIN_DIR) -> List[Check]:
         return out
     parts = ["%s%s" % (n, " (%d entries max)" % i.max_entries if i and n == "activity" else "")
              for n, i in found.items() if i]
+    if linked:
+        parts.append("the probe's link (it records while no tracker runs; "
+                     "`tcpidle track --cleanup` stops it)")
     holder = probe.pin_dir_holder(pin_dir)
     who = ("held by a running tracker (pid %d)" % holder if holder else
            "held by a running tracker") if holder is not None else "no tracker running"

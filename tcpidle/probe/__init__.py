@@ -70,7 +70,7 @@ _EXPORTS = {
     "pins": (
         "BPF_FS_MAGIC", "SYS_BPFFS", "PinInfo", "PinnedMap", "check_pin_dir", "pinned_info",
         "plan_pinned_maps", "is_bpffs", "mount_bpffs", "ensure_bpffs", "pin_dir_holder",
-        "remove_pins", "LOCK_DIR"),
+        "remove_pins", "LOCK_DIR", "check_pin"),
     "loader": ("Probe", "bpf_source"),
     "detached": ("DetachedProbe", "tracker_probe"),
 }

@@ -255,7 +255,12 @@ class Probe:
     def pin_problems(self) -> List[str]:
         """What became of the pins since attach: [] while they are there and
         hold this probe's maps (and when nothing is pinned)."""
-        return [] if self._pins is None else self._pins.problems(self.reader.map_ids)
+        if self._pins is None:
+            return []
+        ids = dict(self.reader.map_ids)
+        if self.storage_id is not None:
+            ids["storage"] = self.storage_id
+        return self._pins.problems(ids)
 
     @property
     def link_fd(self) -> Optional[int]:
@@ -324,7 +329,7 @@ def _load(map_size: int, hook: str, log, cache_dir: Optional[str], selftest: boo
           selection: Optional[Sequence[str]] = None) -> _Loaded:
     """Compile, load and attach: the body of attach() once inputs are checked."""
     try:
-        Module = _module_class()
+        _module_class()  # bcc importable?
     except ImportError:
         raise ProbeUnavailable("bcc Python module not found (install python3-bpfcc)") from None
 
@@ -333,9 +338,6 @@ def _load(map_size: int, hook: str, log, cache_dir: Optional[str], selftest: boo
     feats = detect_features(need_btf, cache_dir)
     candidates, notes = plan_hooks(hook, unavailable_reasons(feats))
     destroy = bool(feats.destroy_fields and "sock_cookie" in feats.destroy_fields)
-    if not destroy:
-        notes.append("no tcp:tcp_destroy_sock with sock_cookie: entries of closed "
-                     "sockets stay until evicted")
     if selftest and not (feats.tp_has_sk and feats.btf_offsets):
         raise ProbeUnavailable("selftest needs tcp_probe skbaddr/skaddr and kernel BTF")
     try:
@@ -344,6 +346,36 @@ def _load(map_size: int, hook: str, log, cache_dir: Optional[str], selftest: boo
         raise ProbeUnavailable(one_line(e)) from None
 
     sk_storage = sk_storage and feats.tracing_sk_storage and "tp_btf" in candidates
+    build = dict(map_size=map_size, feats=feats, tree=tree, selftest=selftest, pins=pins,
+                 selector=selector, selection=selection, log=log)
+    if sk_storage:
+        # The storage build first: the tp_btf hook alone, no activity map
+        # (it would be created, preallocated, for nothing) and no destroy
+        # hook.  Where the kernel refuses it (the verifier; a helper missing
+        # for tracing programs despite the version), the LRU build of the
+        # whole plan follows: a second compile, on that failure only.
+        try:
+            return _build(["tp_btf"], list(notes), destroy=False, storage=True, **build)
+        except PinError:
+            raise
+        except ProbeUnavailable as e:
+            notes.append("tp_btf + sk_storage refused (%s): the LRU map instead" % e)
+            log.info("%s", notes[-1])
+            if pins is not None and pins.storage_created:  # no program writes it
+                pins.drop_storage()
+    if not destroy:
+        notes.append("no tcp:tcp_destroy_sock with sock_cookie: entries of closed "
+                     "sockets stay until evicted")
+    return _build(candidates, notes, destroy=destroy, storage=False, **build)
+
+
+def _build(candidates: Sequence[str], notes: List[str], destroy: bool, storage: bool, map_size,
+           feats, tree, selftest, pins, selector, selection, log) -> _Loaded:
+    """Compile bpf/tcpidle.bpf.c for these hooks, attach the first the kernel
+    takes; storage: the per-socket storage build (tp_btf alone)."""
+    Module = _module_class()
+    sk_storage = storage
+
     cflags = build_cflags(map_size, candidates, feats.btf_offsets, destroy, selftest,
                           tp_has_sk=feats.tp_has_sk,
                           tracing_cookie_helper=feats.tracing_cookie_helper,
@@ -386,7 +418,8 @@ def _load(map_size: int, hook: str, log, cache_dir: Optional[str], selftest: boo
                     log.debug("bcc %s: %s", h, d)
 
         chosen, notes = attach_first(candidates, try_attach, notes, log)
-        reader = MapReader(module[b"activity"].get_fd(), module[b"counters"].get_fd())
+        reader = MapReader(None if storage else module[b"activity"].get_fd(),
+                           module[b"counters"].get_fd())
     except ProbeUnavailable:
         _dispose(module)
         raise

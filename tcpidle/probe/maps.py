@@ -189,20 +189,25 @@ class MapReader:
     if either is not tcpidle's).
     """
 
-    def __init__(self, activity_fd: int, counters_fd: int, own_fds: bool = False):
+    def __init__(self, activity_fd: Optional[int], counters_fd: int, own_fds: bool = False):
+        """activity_fd None: the probe records into per-socket storage and
+        has no activity map (its reads are empty; the counters remain)."""
         self._lib = libbpf()
-        self.activity_fd = activity_fd
+        self.activity_fd = -1 if activity_fd is None else activity_fd
         self.counters_fd = counters_fd
         self._own = own_fds
         infos = {}
         for name, fd in zip(PIN_NAMES, (activity_fd, counters_fd)):
+            if fd is None:
+                continue
             info = infos[name] = map_info(fd)
             problem = layout_problem(name, info.type, info.key_size, info.value_size,
                                      info.max_entries, info.map_flags)
             if problem:
                 raise ProbeUnavailable("the %s map is %s" % (name, problem))
-        self.max_entries = infos["activity"].max_entries
-        self.map_ids = (infos["activity"].id, infos["counters"].id)
+        self.max_entries = infos["activity"].max_entries if "activity" in infos else 0
+        # pin name -> map id, what PinSession.problems checks
+        self.map_ids = {name: info.id for name, info in infos.items()}
         self._ncpu = possible_cpus()
         self._batch = True
 
@@ -252,6 +257,8 @@ class MapReader:
         return keys, b"".join(vals)
 
     def _read(self) -> Tuple[List[int], bytes]:
+        if self.activity_fd < 0:  # no activity map (per-socket storage)
+            return [], b""
         if self._batch:
             try:
                 return self._read_batch()
@@ -279,6 +286,8 @@ class MapReader:
         cookies that beats reading a large map whole; past that the whole
         map is read and filtered.
         """
+        if self.activity_fd < 0:
+            return {}
         if len(cookies) > 4096:
             wanted = set(cookies)
             return {c: a for c, a in self.activity().items() if c in wanted}

@@ -477,16 +477,16 @@ class PinSession:
             return "new maps"
         return "reused %s" % " and ".join(self.reused)
 
-    def problems(self, map_ids: Sequence[int]) -> List[str]:
-        """What became of the pins while attached: [] while both are there and
-        hold the maps with these ids (the attached probe's).
+    def problems(self, map_ids: Dict[str, int]) -> List[str]:
+        """What became of the pins while attached: [] while each pin named in
+        map_ids is there and holds the map of that id (the attached probe's).
 
         A pin vanishes when bpffs is unmounted or someone removes it; the maps
         live on in this process, but other processes (audit, kill) can no
         longer read them and the next tracker starts without their history.
         """
         out = []
-        for name, want in zip(PIN_NAMES, map_ids):
+        for name, want in map_ids.items():
             path = self.path(name)
             try:
                 st = os.lstat(path)
@@ -535,6 +535,11 @@ class PinSession:
         if remove:
             self._unlink(ALL_PINS)
         self._unlock()
+
+    def drop_storage(self) -> None:
+        """Unpin the storage this attach created (its program was refused)."""
+        self._unlink([STORAGE_PIN])
+        self.storage_created = False
 
     def storage_problem(self) -> Optional[str]:
         """Why the storage pinned here cannot be reused (None: nothing pinned, or ours).

@@ -329,3 +329,69 @@ def _send_on(pairs_like, port):
     pairs_like.socks += [c, s]
     assert s.recv(16) == b"y"
     return s, t
+
+
+def held_map_types():
+    """Map types of the BPF maps this process holds open (/proc/self/fdinfo)."""
+    types = []
+    for fd in os.listdir("/proc/self/fdinfo"):
+        try:
+            with open("/proc/self/fdinfo/" + fd) as f:
+                text = f.read()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            if line.startswith("map_type:"):
+                types.append(int(line.split()[1]))
+    return types
+
+
+def test_the_storage_build_creates_no_activity_map(bpffs):
+    """With per-socket storage the probe has no LRU activity map: none held,
+    none pinned (it would be preallocated kernel memory for nothing)."""
+    from tcpidle.probe import Probe
+    from tcpidle.probe.maps import BPF_MAP_TYPE_LRU_HASH, BPF_MAP_TYPE_SK_STORAGE
+
+    inline_storage_or_skip()
+    pdir = os.path.join(bpffs, "tinolru-%d" % os.getpid())
+    before = held_map_types()
+    p = Probe.attach(map_size=4096, pin_dir=pdir, sk_storage=True)
+    try:
+        assert p.storage == "sk_storage", p.describe()
+        held = held_map_types()
+        assert held.count(BPF_MAP_TYPE_SK_STORAGE) > before.count(BPF_MAP_TYPE_SK_STORAGE)
+        assert held.count(BPF_MAP_TYPE_LRU_HASH) == before.count(BPF_MAP_TYPE_LRU_HASH), held
+        assert sorted(os.listdir(pdir)) == ["counters", "storage"]
+        assert p.pin_problems() == []
+    finally:
+        p.close()
+
+
+def test_a_refused_storage_program_falls_back_to_tp_btf_with_the_lru_map(bpffs, monkeypatch):
+    """Where the kernel refuses the storage build (not this one: the refusal
+    is injected, the rest is real), tp_btf records into the LRU map, and the
+    storage pin that build made is gone (no program would write it)."""
+    from tcpidle.probe import ProbeUnavailable, loader
+    from tcpidle.probe.maps import STORAGE_PIN
+
+    inline_storage_or_skip()
+    real = loader._build
+    pdir = os.path.join(bpffs, "tifallback-%d" % os.getpid())
+
+    def refusing(candidates, notes, destroy, storage, **kw):
+        if storage:
+            loaded = real(candidates, notes, destroy, storage, **kw)  # compiled, pinned...
+            loader._dispose(loaded.module)  # ...then refused
+            raise ProbeUnavailable("refused (injected)")
+        return real(candidates, notes, destroy, storage, **kw)
+
+    monkeypatch.setattr(loader, "_build", refusing)
+    p = loader.Probe.attach(map_size=64, pin_dir=pdir, sk_storage=True)
+    try:
+        assert (p.hook, p.storage) == ("tp_btf", "lru"), p.describe()
+        assert "tp_btf + sk_storage refused (refused (injected)): the LRU map instead" \
+            in p.describe()
+        assert not os.path.exists(os.path.join(pdir, STORAGE_PIN))
+        assert sorted(os.listdir(pdir)) == ["activity", "counters"]
+    finally:
+        p.close()

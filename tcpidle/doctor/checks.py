@@ -37,6 +37,7 @@ from typing import Callable, Dict, List, Optional
 from .. import diag, netns
 from ..errors import TcpidleError
 from ..model import DEFAULT_PIN_DIR, TcpState
+from ..probe import features
 from .verdict import PIDFD_GETFD, SOCK_DESTROY, Check
 
 VMLINUX_BTF = "/sys/kernel/btf/vmlinux"
@@ -190,6 +191,12 @@ def sk_storage() -> Check:
         return Check("sk_storage", "no", "BPF_MAP_TYPE_SK_STORAGE refused: %s" % _one_line(e), title)
     finally:
         os.close(btf_fd)
+    if not features.release_at_least(os.uname().release, (5, 11)):
+        # The map type exists since 5.2, but bpf_sk_storage_get() is callable
+        # from tracing programs (the probe's tp_btf) only since 5.11.
+        return Check("sk_storage", "warn", "BPF_MAP_TYPE_SK_STORAGE map created, but tracing "
+                     "programs can use it only from Linux 5.11: the probe records into its LRU "
+                     "map here", title)
     return Check("sk_storage", "ok", "BPF_MAP_TYPE_SK_STORAGE map created", title)
 
 

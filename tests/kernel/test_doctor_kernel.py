@@ -122,6 +122,9 @@ def test_sk_storage_before_5_11_is_a_warning(monkeypatch):
 
     from tcpidle.doctor import checks
 
-    monkeypatch.setattr(os, "uname", lambda: types.SimpleNamespace(release="5.10.0-46-amd64"))
+    real = os.uname()
+    monkeypatch.setattr(os, "uname", lambda: types.SimpleNamespace(
+        sysname=real.sysname, nodename=real.nodename, release="5.10.0-46-amd64",
+        version=real.version, machine=real.machine))
     c = checks.sk_storage()
     assert (c.status, "Linux 5.11" in c.detail) == ("warn", True), c

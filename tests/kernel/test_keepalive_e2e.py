@@ -22,7 +22,7 @@ import time
 import pytest
 
 from lab.netns import cookie_of, wait_for
-from lab.tcp import accept, connect, cut, exchange, listen
+from lab.tcp import accept, connect, cut, exchange, fill_window, listen
 from test_track import read_lines
 
 pytestmark = pytest.mark.kernel
@@ -212,25 +212,6 @@ def test_a_refused_pidfd_getfd_changes_nothing_and_is_one_line_per_owner(
     finally:
         owner.kill()
         owner.wait()
-
-
-def fill_window(writer, timeout=10):
-    """Write until the peer's window and our send buffer are full (the peer never reads):
-    data then waits behind a zero window, and INET_DIAG shows the zero-window probe
-    timer instead of the keep-alive one."""
-    writer.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    writer.setblocking(False)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            writer.send(b"w" * 4096)
-        except BlockingIOError:
-            time.sleep(0.3)
-            try:
-                writer.send(b"w" * 4096)
-            except BlockingIOError:
-                return
-    raise AssertionError("the window never filled")
 
 
 def test_the_tracker_arms_each_new_connection_once(netns, trackers, pin_dir, run_tcpidle,

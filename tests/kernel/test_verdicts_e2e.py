@@ -18,7 +18,7 @@ import time
 import pytest
 
 from lab.netns import cookie_of, wait_for
-from lab.tcp import accept, connect, cut, exchange, listen
+from lab.tcp import accept, connect, cut, exchange, fill_window, listen
 
 pytestmark = pytest.mark.kernel
 
@@ -87,18 +87,7 @@ def test_a_reader_that_stops_reading_gives_zero_window(netns, run_tcpidle, json_
     writer = connect(netns, "127.0.0.1", port)
     reader = accept(lst)
     sockets.extend([lst, writer, reader])
-    writer.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    writer.setblocking(False)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:  # until the window and our buffer are full
-        try:
-            writer.send(b"w" * 4096)
-        except BlockingIOError:
-            time.sleep(0.3)
-            try:
-                writer.send(b"w" * 4096)
-            except BlockingIOError:
-                break
+    fill_window(writer)  # until the window and our buffer are full
 
     def zw():
         rows = rows_by_cookie(run_tcpidle, json_lines, netns, "-d", port)

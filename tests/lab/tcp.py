@@ -7,6 +7,7 @@ namespace: lab.netns.in_netns), so it can look at them directly
 """
 
 import socket
+import time
 
 from lab.netns import in_netns
 
@@ -67,3 +68,22 @@ def cut(a, b, how):
         a.ip("neigh", "replace", "10.231.0.2", "lladdr", mac_of(b, "veth1"), "dev", "veth0",
              "nud", "permanent")
         b.run("tc", "qdisc", "add", "dev", "veth1", "root", "pfifo", "limit", "0")
+
+
+def fill_window(writer, timeout=10):
+    """Write until the peer's window and our send buffer are full (the peer never reads):
+    data then waits behind a zero window, and INET_DIAG shows the zero-window probe
+    timer instead of the keep-alive one."""
+    writer.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    writer.setblocking(False)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            writer.send(b"w" * 4096)
+        except BlockingIOError:
+            time.sleep(0.3)
+            try:
+                writer.send(b"w" * 4096)
+            except BlockingIOError:
+                return
+    raise AssertionError("the window never filled")

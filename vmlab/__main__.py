@@ -23,12 +23,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Under TCG a bcc compile takes 20-60 s, so the plans keep the probe tests that
 # prove each hook (the header-less compile, the hook chosen, every hook forced,
 # ground-truth precision per hook, the selftest, lazy cookies, every branch
-# compiling) and the INET_DIAG tier (dumps, one walk, SOCK_DESTROY, TIME_WAIT
-# destroy), which compiles nothing.
+# compiling), the INET_DIAG tier (dumps, one walk, SOCK_DESTROY, TIME_WAIT
+# destroy), which compiles nothing, and `tcpidle doctor` (its answers are
+# checked against the kernel and published as lab facts).
 PROBE_PROOFS = ("header_less or auto_hook or forced_hook or precision or lazy_cookie "
                 "or readers_agree or every_hook_branch")
 SUBSET = ["tests/kernel/test_diag_kernel.py", "tests/kernel/test_probe_kernel.py",
-          "-k", "test_diag_kernel or " + PROBE_PROOFS]
+          "tests/kernel/test_doctor_kernel.py",
+          "-k", "test_diag_kernel or test_doctor_kernel or " + PROBE_PROOFS]
 PLANS: Dict[str, List[str]] = {
     "5.10": SUBSET,
     "6.1": SUBSET,

@@ -62,6 +62,20 @@ def preflight() -> Optional[str]:
     return None
 
 
+# Directories the guest's init mounts afresh (tmpfs) over this machine's root:
+# what the guest writes there (junit.xml, env) is lost with the VM.
+GUEST_PRIVATE = ("/tmp", "/var/tmp", "/var/log", "/run", "/dev")
+
+
+def guest_private(path: str) -> Optional[str]:
+    """The directory of GUEST_PRIVATE that `path` is in, or None (pure)."""
+    real = os.path.realpath(path)
+    for top in GUEST_PRIVATE:
+        if real == top or real.startswith(top + "/"):
+            return top
+    return None
+
+
 def parse_args(argv: Sequence[str]):
     argv = list(argv)
     pytest_args: Optional[List[str]] = None
@@ -89,6 +103,11 @@ def parse_args(argv: Sequence[str]):
             p.error("unknown KERNEL %r (want %s)" % (k, ", ".join(ORDER)))
     if a.timeout <= 0:
         p.error("--timeout must be positive")
+    private = guest_private(a.cache)
+    if private:
+        p.error("--cache %s (or TCPIDLE_LAB_CACHE): the guest mounts a fresh %s, so its test "
+                "report would never reach this side; use a directory elsewhere (default %s)"
+                % (a.cache, private, kernels.DEFAULT_CACHE))
     a.pytest_args = pytest_args
     return a
 

@@ -195,6 +195,17 @@ def test_unknown_kernel_is_a_usage_error(capsys):
     assert "unknown KERNEL '4.19'" in capsys.readouterr().err
 
 
+def test_a_cache_the_guest_mounts_afresh_is_a_usage_error(capsys):
+    # virtme-ng's init mounts tmpfs there: the guest's report would be lost.
+    with pytest.raises(SystemExit) as e:
+        cli.parse_args(["6.1", "--cache", "/tmp/lab-cache"])
+    assert e.value.code == 2
+    assert "--cache /tmp/lab-cache (or TCPIDLE_LAB_CACHE): the guest mounts a fresh /tmp" in (
+        capsys.readouterr().err)
+    assert cli.guest_private("/var/lib/tcpidle-lab") is None
+    assert cli.guest_private("/tmpfoo") is None and cli.guest_private("/run") == "/run"
+
+
 def test_pytest_args_after_double_dash():
     a = cli.parse_args(["6.1", "--no-headers", "--", "-k", "probe", "--", "x"])
     assert a.kernels == ["6.1"] and a.no_headers

@@ -56,7 +56,6 @@ import collections
 import json
 import os
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -446,13 +445,7 @@ def track_phase(farm, ns, args, tcpidle: List[str], results: Dict) -> None:
         res["error"] = str(exc)
         log(str(exc))
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        common.stop_tracker(proc, timeout=30)
         res["rc"] = proc.returncode
         errf.close()
         os.unlink(errf.name)

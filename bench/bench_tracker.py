@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -78,13 +77,7 @@ def run_tracker(ns: common.BenchNamespace, farm: common.Farm, tree: Optional[str
         res["us_per_socket"] = res["poll_ms_median"] * 1000.0 / max(1, res["matched"])
         res["probe_line"] = next((ln for ln in text.splitlines() if "BPF probe on" in ln), "")
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        common.stop_tracker(proc, timeout=60)
         errf.close()
         os.unlink(errf.name)
         subprocess.run(argv[:3] + ["track", "--cleanup", "--pin-dir", pins], env=env,

@@ -402,6 +402,18 @@ def _spread(total: int, capacity: Sequence[int]) -> List[int]:
 # --- describing the machine ---------------------------------------------------------------
 
 
+def stop_tracker(proc: subprocess.Popen, timeout: float) -> None:
+    """SIGTERM a tracker still running (it exits between polls), SIGKILL it after `timeout` s."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def machine() -> Dict[str, str]:
     """Kernel, CPU, memory, iproute2, Python, load: for the results' header."""
     cpu = "?"

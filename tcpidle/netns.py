@@ -119,14 +119,15 @@ _NS_TYPES = {0x00020000: "mount", 0x00008000: "cgroup", 0x04000000: "UTS", 0x080
              0x10000000: "user", 0x20000000: "PID", 0x00000080: "time"}
 
 
-def _is_netns_fd(fd: int) -> bool:
-    """Whether `fd` is a network namespace (the nsfs ioctl; any other file answers ENOTTY)."""
+def _nstype(fd: int) -> Optional[int]:
+    """The kind of namespace `fd` is (CLONE_NEW*), None if it is none (nsfs's ioctl
+    NS_GET_NSTYPE; any other file answers ENOTTY)."""
     import fcntl
 
     try:
-        return fcntl.ioctl(fd, NS_GET_NSTYPE) == CLONE_NEWNET
+        return fcntl.ioctl(fd, NS_GET_NSTYPE)
     except OSError:
-        return False
+        return None
 
 
 def _check_netns_file(spec: str, path: str, st: os.stat_result) -> None:
@@ -137,7 +138,6 @@ def _check_netns_file(spec: str, path: str, st: os.stat_result) -> None:
     device is never opened.  The nsfs ioctl NS_GET_NSTYPE then says which
     kind of namespace it is; any other file answers ENOTTY.
     """
-    import fcntl
     import stat
 
     if not stat.S_ISREG(st.st_mode):
@@ -148,9 +148,7 @@ def _check_netns_file(spec: str, path: str, st: os.stat_result) -> None:
     except OSError as exc:
         raise UsageError("--netns %s: %s: %s" % (spec, path, exc.strerror or exc)) from None
     try:
-        nstype = fcntl.ioctl(fd, NS_GET_NSTYPE)
-    except OSError:
-        nstype = None
+        nstype = _nstype(fd)
     finally:
         os.close(fd)
     if nstype != CLONE_NEWNET:
@@ -284,7 +282,7 @@ def entered_fd(fd: int) -> Iterator[None]:
         try:
             _setns(fd)
         except OSError as exc:
-            if exc.errno == errno.EINVAL and not _is_netns_fd(fd):
+            if exc.errno == errno.EINVAL and _nstype(fd) != CLONE_NEWNET:
                 # `ip netns add` creates /run/netns/NAME as an empty file before
                 # it bind-mounts the namespace on it (and `delete` leaves the
                 # file a moment after the unmount): listed in that window, the

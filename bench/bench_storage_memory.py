@@ -94,7 +94,7 @@ def grow(farm, group: str, port: int, n: int, probe) -> tuple:
     return growth(before, after), probe.counters()["inserts"] - inserts, after
 
 
-def storage_caches(ctl: dict, sel: dict, sizes: dict, storages: int) -> dict:
+def storage_caches(ctl: dict, sel: dict, storages: int) -> dict:
     """The caches the storage went to: cache -> objects per socket, where the
     selected group grew by at least half an object per storage more than the
     control (the rest of the machine's slab traffic, a VM or a test suite
@@ -144,7 +144,7 @@ def main() -> int:
                 if storages <= 0:
                     print("round %d: no storage created" % r)
                     continue
-                caches = storage_caches(ctl, sel, sizes, storages)
+                caches = storage_caches(ctl, sel, storages)
                 b = sum(per * sizes[name][1] for name, per in caches.items())
                 per_socket.append(b)
                 print("round %d: %d storages: %s: %.0f B per socket" % (

@@ -37,6 +37,29 @@
  *                 a netlink batch SOCK_DESTROY refused); each is decided again
  *                 here under its lock, and one that no longer qualifies is
  *                 reported OUT_SPARED or OUT_LEFT instead of destroyed
+ *   sk_activity   (built with -DTCPIDLE_ITER_STORAGE only) the probe's
+ *                 per-socket storage (BPF_MAP_TYPE_SK_STORAGE, pinned by the
+ *                 tracker; layout of bpf/tcpidle.bpf.c): no map of ours, the
+ *                 pinned map's fd is written into the instructions at load
+ *
+ * The idle decision is idle.py's merge rule, on the socket under its lock.
+ * What the socket holds: icsk_ack.lrcvtime (jiffies of the last data
+ * segment; tcp_info's tcpi_last_data_recv) and, with CFG_IDLE_ANY,
+ * tcp_sock.rcv_tstamp (last ACK; tcpi_last_ack_recv): one jiffy of
+ * precision, unknown above limit_j.  With the probe's storage, its record's
+ * bpf_ktime_get_ns() stamp (last_data_ns, or last_segment_ns with
+ * CFG_IDLE_ANY) against bpf_ktime_get_ns() now (the same clock): ns
+ * precision -- unless it is more than SLACK_NS (idle.JIFFY_SLACK_MS) older
+ * than what the socket says (the probe missed traffic: detached, or a tracker
+ * stopped), then the socket's jiffies win, as in user space.  A socket with
+ * no record (or none with data yet) is decided on its jiffies alone.
+ * bpf_sk_storage_get() without F_CREATE never adds a record: it returns
+ * NULL for a socket without one (and for sockets that are not full sockets).
+ * It is allowed in BPF_TRACE_ITER programs since Linux 5.11
+ * (bpf_sk_storage_tracing_allowed), on the iterator's sock_common pointer
+ * (bpf_sk_storage_get_tracing_proto takes a BTF sock_common); the probe's
+ * receive hook updates the record under the socket's lock, which this pass
+ * holds, so the record read here is the socket's last word.
  *
  * Output: one struct rec per socket acted on (selected and a victim), in the
  * iterator's seq output (bpf_seq_write).  Layout is decoded by
@@ -81,6 +104,15 @@
 #define CFG_IDLE_ANY (1 << 9) /* idle counts from the last ACK too (--idle-metric any) */
 #define CFG_DRY_RUN (1 << 10) /* decide and report, destroy nothing */
 
+/* rec.idle_known bits */
+#define IDLE_JIFFIES (1 << 0) /* idle_j is known (the socket's stamps, within limit_j) */
+#define IDLE_BPF (1 << 1)     /* idle_ns is the probe's (else idle_j in ns) */
+#define IDLE_RX (1 << 2)      /* last_rx_ns: age of the probe's last segment */
+
+/* idle.JIFFY_SLACK_MS: how much older than the socket's jiffies the
+ * probe's stamp may be before it is not believed */
+#define SLACK_NS 10000000ULL
+
 /* Keep in step with iterdestroy.CONFIG. */
 struct config {
     u32 family_mask; /* bit 0 AF_INET, bit 1 AF_INET6 */
@@ -90,6 +122,8 @@ struct config {
     u32 limit_j;     /* idle above this is unknown (0: no limit) */
     u32 pad;
     u64 max_kills;   /* destroys allowed in this pass (0: no cap) */
+    u64 thresh_ns;   /* the same threshold in ns, for the probe's stamps */
+    u64 jiffy_ns;    /* one jiffy in ns (1e9 / HZ) */
 };
 
 /* bcc 0.26's helpers.h declares bpf_get_socket_cookie() returning u32; the
@@ -124,6 +158,8 @@ struct rec {
     u32 uid;
     u32 pad;
     u64 inode; /* 0: no file holds it (orphan, TIME_WAIT, request) */
+    u64 idle_ns;    /* the idle decided on (IDLE_BPF: the probe's; else idle_j in ns) */
+    u64 last_rx_ns; /* IDLE_RX: since the probe's last segment of any kind */
 };
 
 struct lpm_key {
@@ -145,6 +181,29 @@ BPF_HASH(uids, u32, u8, 1);
 BPF_HASH(cookies, u64, u8, 1);
 BPF_ARRAY(counts, u64, 3);
 BPF_HASH(errors, u64, s32, 4096);
+
+#ifdef TCPIDLE_ITER_STORAGE
+/* The probe's record (struct tcpidle_activity of bpf/tcpidle.bpf.c). */
+struct activity {
+    u64 last_segment_ns;
+    u64 last_data_ns;
+    u64 segments;
+    u64 data_segments;
+    u64 bytes;
+};
+/* bcc's BPF_SK_STORAGE spelled out, as bpf/tcpidle.bpf.c does: bcc creates
+ * one at compile time (thrown away); the loader puts the pinned map there. */
+struct sk_activity_table_t {
+    int key;
+    struct activity leaf;
+    void *(*sk_storage_get)(void *, void *, int);
+    int (*sk_storage_delete)(void *);
+    u32 flags;
+};
+__attribute__((section("maps/sk_storage")))
+struct sk_activity_table_t sk_activity = { .flags = BPF_F_NO_PREALLOC };
+BPF_ANNOTATE_KV_PAIR(sk_activity, int, struct activity);
+#endif
 
 /* bcc resolves a map only where its name is written in the function, so
  * each lookup is spelled out below; these helpers do the rest. */
@@ -319,10 +378,34 @@ int bpf_iter__tcp(struct tcpidle_iter_tcp *ctx)
         }
         if (!(cfg->limit_j > 0 && idle > cfg->limit_j)) {
             r.idle_j = idle;
-            r.idle_known = 1;
+            r.idle_known = IDLE_JIFFIES;
+            r.idle_ns = (u64)idle * cfg->jiffy_ns;
         }
     }
-    if (cfg->thresh_j > 0 && !(r.idle_known && r.idle_j >= cfg->thresh_j)) {
+#ifdef TCPIDLE_ITER_STORAGE
+    {
+        struct activity *a = sk_activity.sk_storage_get(skc, 0, 0);
+        if (a) {
+            u64 now_ns = bpf_ktime_get_ns();
+            u64 stamp = (flags & CFG_IDLE_ANY) ? a->last_segment_ns : a->last_data_ns;
+            if (a->last_segment_ns) {
+                r.last_rx_ns = now_ns > a->last_segment_ns ? now_ns - a->last_segment_ns : 0;
+                r.idle_known |= IDLE_RX;
+            }
+            if (stamp) {
+                u64 probe_ns = now_ns > stamp ? now_ns - stamp : 0;
+                /* believed unless older than what the socket says by more than the slack */
+                if (!((r.idle_known & IDLE_JIFFIES) && probe_ns > r.idle_ns + SLACK_NS)) {
+                    r.idle_ns = probe_ns;
+                    r.idle_known |= IDLE_BPF;
+                }
+            }
+        }
+    }
+#endif
+    if (cfg->thresh_j > 0 &&
+        !((r.idle_known & IDLE_BPF) ? r.idle_ns >= cfg->thresh_ns
+                                    : ((r.idle_known & IDLE_JIFFIES) && r.idle_j >= cfg->thresh_j))) {
         if (chosen)
             emit(seq, &r, OUT_SPARED, n);
         return 0;

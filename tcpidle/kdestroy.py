@@ -12,7 +12,9 @@ come back unacted on and are handed to SOCK_DESTROY in the same namespace;
 where the kernel has no SOCK_DESTROY either they are `failed` with that said.
 Owner selectors (--pid, --comm, --cgroup, --uid) are resolved first by the
 /proc walk (owners.py) into the socket inodes those processes hold; the
-program only acts on those.
+program only acts on those.  Where the tracker's per-socket storage is pinned
+(`storage_fd_of` the run's Evidence), the program decides on its ns records
+(idle_source "bpf"), else on the socket's jiffies ("tcp_info").
 """
 
 from __future__ import annotations
@@ -50,6 +52,27 @@ def unavailable() -> Optional[str]:
     return None
 
 
+def storage_fd_of(evidence) -> Optional[int]:
+    """The probe's per-socket storage map behind a run's Evidence (the tracker's pin,
+    opened and its layout checked by evidence.choose), or None: no probe, or one
+    recording into an LRU map by cookie, which the iterator does not read."""
+    storages = getattr(getattr(evidence, "reader", None), "storages", None)
+    fds = getattr(storages, "map_fds", ())
+    return fds[0] if fds else None
+
+
+def verdict_of(rec, label, hz: int) -> Verdict:
+    """The Verdict the pass made of a socket: its idle time and where it came from
+    (the probe's ns record, "bpf", else the socket's jiffies, "tcp_info")."""
+    sock = socket_of(rec, label, hz)
+    if rec.idle_source == "bpf":
+        idle = rec.idle_ns / 1e6
+    else:
+        idle = None if sock.last_data_recv_ms is None else float(sock.last_data_recv_ms)
+    return Verdict(sock, idle, rec.idle_source, None if rec.last_rx_ns is None
+                   else rec.last_rx_ns / 1e6, True)
+
+
 def socket_of(rec, label, hz: int) -> Socket:
     """A Socket as INET_DIAG would have reported it, from an iterator record."""
     fam = rec.family
@@ -75,15 +98,18 @@ class KernelPass:
     ms_by_namespace: Dict[object, float] = field(default_factory=dict)
 
 
-def run(scope: Scope, policy: Policy, owner_inodes: Optional[Sequence[int]] = None) -> KernelPass:
-    """One iterator pass in every namespace of `scope`; ProbeUnavailable when it cannot load."""
+def run(scope: Scope, policy: Policy, owner_inodes: Optional[Sequence[int]] = None,
+        storage_fd: Optional[int] = None) -> KernelPass:
+    """One iterator pass in every namespace of `scope`; ProbeUnavailable when it cannot load.
+
+    `storage_fd`: the probe's per-socket storage (`storage_fd_of`), read by the pass."""
     from .probe.iterdestroy import IterDestroy
 
     selector: Selector = scope.selector
     done = KernelPass()
     fds = NamespaceFds()
     with IterDestroy(selector, policy, selectors.states_mask(selector.states),
-                     owner_inodes) as prog:
+                     owner_inodes, storage_fd=storage_fd) as prog:
         try:
             for fd, label in scope.namespace_fds(fds):
                 started = time.monotonic()
@@ -106,10 +132,7 @@ def _outcomes(done: KernelPass, records, label, fd: Optional[int], hz: int,
               policy: Policy) -> None:
     not_full: List[Verdict] = []
     for rec in records:
-        sock = socket_of(rec, label, hz)
-        verdict = Verdict(sock, None if sock.last_data_recv_ms is None
-                          else float(sock.last_data_recv_ms),
-                          "tcp_info" if rec.idle_jiffies is not None else None, None, True)
+        verdict = verdict_of(rec, label, hz)
         if rec.outcome == "destroyed":
             done.outcomes.append(Outcome(verdict, Action.DESTROYED))
         elif rec.outcome == "dry-run":
@@ -169,10 +192,12 @@ class ChosenDestroy:
     program is loaded at the first batch and reused for the rest.
     """
 
-    def __init__(self, selector: Selector, policy: Policy, room: int):
+    def __init__(self, selector: Selector, policy: Policy, room: int,
+                 storage_fd: Optional[int] = None):
         self.selector = selector
         self.policy = replace(policy, max_kills=None)  # the engine applied the cap already
         self.room = room
+        self.storage_fd = storage_fd  # the probe's storage, as the engine's evidence read it
         self._prog = None
 
     def destroy(self, victims: Sequence[Verdict], fd: Optional[int]
@@ -185,7 +210,7 @@ class ChosenDestroy:
         if self._prog is None:
             self._prog = IterDestroy(self.selector, self.policy,
                                      selectors.states_mask(self.selector.states),
-                                     cookie_room=self.room)
+                                     cookie_room=self.room, storage_fd=self.storage_fd)
         by_cookie = {v.socket.cookie: v for v in victims}
         self._prog.choose(by_cookie)
         result = self._prog.run(fd)

@@ -211,8 +211,24 @@ MUTATIONS: List[Mutation] = [
         ENGINE_TESTS),
     Mutation(
         "the BPF cap keeps the first met, not the idlest", "tcpidle/probe/iterdestroy.py",
-        "return sorted(records, key=lambda r: -(r.idle_jiffies or 0))[:n]",
+        "return sorted(records, key=lambda r: -(r.idle_ns or 0))[:n]",
         "return list(records)[:n]",
+        ["tests/unit/test_iterdestroy.py"]),
+    Mutation(
+        "a stale program file of this boot is removed while still in use",
+        "tcpidle/probe/iterprog.py",
+        "elif m.group(1) not in keep and (boot_of(name) != boot",
+        "elif m.group(1) not in keep and (True",
+        ["tests/unit/test_iterdestroy.py"]),
+    Mutation(
+        "compiling one variant removes the other", "tcpidle/probe/iterprog.py",
+        "for v in (False, True)], boot)",
+        "for v in (storage,)], boot)",
+        ["tests/unit/test_iterdestroy.py"]),
+    Mutation(
+        "the iterator's verdict says tcp_info for the probe's ns idle", "tcpidle/kdestroy.py",
+        'if rec.idle_source == "bpf":',
+        "if False:",
         ["tests/unit/test_iterdestroy.py"]),
 ]
 

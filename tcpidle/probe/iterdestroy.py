@@ -21,11 +21,18 @@ back), user space keeps the N idlest, and the second pass is given exactly
 those cookies: each is decided again under its lock and destroyed, or
 reported spared if it received data in between.
 
-Idle time here is what the socket holds: `icsk_ack.lrcvtime` (jiffies of the
-last data segment received; what tcp_info's tcpi_last_data_recv is made from)
-and, with --idle-metric any, `tcp_sock.rcv_tstamp` (last ACK received;
-tcpi_last_ack_recv).  Precision: one jiffy (1000/HZ ms; 4 ms at HZ=250), as
-tcp_info, since they are the same fields.
+Idle time is idle.py's merge rule, decided in the kernel.  What the socket
+holds: `icsk_ack.lrcvtime` (jiffies of the last data segment received; what
+tcp_info's tcpi_last_data_recv is made from) and, with --idle-metric any,
+`tcp_sock.rcv_tstamp` (last ACK received; tcpi_last_ack_recv).  Precision:
+one jiffy (1000/HZ ms; 4 ms at HZ=250), as tcp_info, since they are the same
+fields.  Given the probe's per-socket storage (`storage_fd`: the tracker's
+pinned map), the program reads each socket's record with
+bpf_sk_storage_get() (no create) and decides on its bpf_ktime_get_ns()
+stamp: nanoseconds, unless the record is older than the socket's own stamp
+by more than idle.JIFFY_SLACK_MS (the probe missed traffic); a socket
+without a record is decided on its jiffies.  Each record says which
+(`idle_source`: "bpf" or "tcp_info"), as a netlink pass's verdicts do.
 """
 
 from __future__ import annotations
@@ -44,7 +51,9 @@ from ..model import AF_INET, AF_INET6, Policy, PortSet, Selector
 from . import ProbeUnavailable, iterprog
 
 # --- the record the BPF program writes (struct rec in bpf/iterdestroy.bpf.c)
-REC = struct.Struct("<QBBBBiHHI16s16sI4xQ")
+REC = struct.Struct("<QBBBBiHHI16s16sI4xQQQ")
+# struct rec's idle_known bits
+IDLE_JIFFIES, IDLE_BPF, IDLE_RX = 1, 2, 4
 OUTCOMES = {0: "destroyed", 1: "failed", 2: "dry-run", 3: "capped", 4: "not-full-socket",
             5: "spared", 6: "left-selection"}
 # the kfunc call patch lives with the loader; named here for the pure tests
@@ -65,12 +74,16 @@ class Record(NamedTuple):
     sport: int
     dst: str
     dport: int
-    idle_jiffies: Optional[int]
+    idle_jiffies: Optional[int]  # what the socket's own stamps say (tcp_info's figure)
     uid: int
     inode: int  # 0: no file holds it
     # the addresses as inet_diag_sockid carries them (IPv4: 4 bytes, then zeros)
     src_raw: bytes = b""
     dst_raw: bytes = b""
+    # the idle decided on, ns: the probe's (idle_source "bpf") or the jiffies'
+    idle_ns: Optional[int] = None
+    idle_source: Optional[str] = None  # "bpf", "tcp_info", None: unknown
+    last_rx_ns: Optional[int] = None  # since the probe's last segment (with its record)
 
 
 def decode_records(data: bytes) -> List[Record]:
@@ -87,7 +100,8 @@ def decode_records(data: bytes) -> List[Record]:
     append = out.append
     new = Record.__new__
     for fields in REC.iter_unpack(data):
-        cookie, fam, state, outcome, known, err, sport, dport, idle, src, dst, uid, ino = fields
+        (cookie, fam, state, outcome, known, err, sport, dport, idle, src, dst, uid, ino,
+         idle_ns, rx_ns) = fields
         addrs = []
         for raw in (src, dst):
             found = texts.get((fam, raw))
@@ -99,8 +113,11 @@ def decode_records(data: bytes) -> List[Record]:
                 texts[(fam, raw)] = found
             addrs.append(found)
         append(new(Record, cookie, fam, state, OUTCOMES.get(outcome) or "unknown(%d)" % outcome,
-                   err, addrs[0][0], sport, addrs[1][0], dport, idle if known else None, uid, ino,
-                   addrs[0][1], addrs[1][1]))
+                   err, addrs[0][0], sport, addrs[1][0], dport,
+                   idle if known & IDLE_JIFFIES else None, uid, ino, addrs[0][1], addrs[1][1],
+                   idle_ns if known & (IDLE_JIFFIES | IDLE_BPF) else None,
+                   "bpf" if known & IDLE_BPF else "tcp_info" if known & IDLE_JIFFIES else None,
+                   rx_ns if known & IDLE_RX else None))
     return out
 
 
@@ -155,7 +172,7 @@ CFG = {"sports": 1 << 0, "dports": 1 << 1, "excl_ports": 1 << 2, "src": 1 << 3,
        "dst": 1 << 4, "excl_nets": 1 << 5, "owners": 1 << 6, "uids": 1 << 7,
        "cookies": 1 << 8, "idle_any": 1 << 9, "dry_run": 1 << 10}
 # struct config in bpf/iterdestroy.bpf.c
-CONFIG = struct.Struct("<IIIIIIQ")
+CONFIG = struct.Struct("<IIIIIIQQQ")
 
 
 class Config(NamedTuple):
@@ -165,10 +182,12 @@ class Config(NamedTuple):
     thresh_j: int
     limit_j: int
     max_kills: int
+    thresh_ns: int = 0
+    jiffy_ns: int = 0
 
     def pack(self) -> bytes:
         return CONFIG.pack(self.family_mask, self.state_mask, self.flags, self.thresh_j,
-                           self.limit_j, 0, self.max_kills)
+                           self.limit_j, 0, self.max_kills, self.thresh_ns, self.jiffy_ns)
 
 
 def config_of(selector: Selector, policy: Policy, hz: int, state_mask: int,
@@ -203,12 +222,14 @@ def config_of(selector: Selector, policy: Policy, hz: int, state_mask: int,
         thresh_j=ms_to_jiffies(policy.idle_time_ms, hz),
         # "above the limit": floor, so limit_ms itself stays known
         limit_j=int(limit * hz // 1000) if limit is not None else 0,
-        max_kills=(policy.max_kills or 0) if max_kills is None else max_kills)
+        max_kills=(policy.max_kills or 0) if max_kills is None else max_kills,
+        thresh_ns=int(round(policy.idle_time_ms * 1e6)) if policy.idle_time_ms > 0 else 0,
+        jiffy_ns=1_000_000_000 // hz)
 
 
 def idlest(records: Sequence["Record"], n: int) -> List["Record"]:
     """The n victims idle longest (unknown idle last, as the netlink path orders)."""
-    return sorted(records, key=lambda r: -(r.idle_jiffies or 0))[:n]
+    return sorted(records, key=lambda r: -(r.idle_ns or 0))[:n]
 
 
 # --- facts about this kernel
@@ -309,20 +330,26 @@ class IterDestroy:
     `state_mask`: selectors.states_mask(selector.states).  `owner_inodes`:
     the socket inodes the owner selectors matched (None: no owner selector).
     `cookie_room`: how many chosen cookies a pass may be given (`choose`).
-    `run(netns_fd)` is one pass in that namespace (None: ours); `kill(netns_fd)`
-    is the pass with the kill cap's order (the idlest N).
+    `storage_fd`: the probe's per-socket storage map (the tracker's pin; the
+    caller keeps it open and checked its layout): idle from its records where
+    a socket has one.  `run(netns_fd)` is one pass in that namespace (None:
+    ours); `kill(netns_fd)` is the pass with the kill cap's order (the idlest N).
     """
 
     def __init__(self, selector: Selector, policy: Policy, state_mask: int,
-                 owner_inodes: Optional[Iterable[int]] = None, cookie_room: int = 0):
+                 owner_inodes: Optional[Iterable[int]] = None, cookie_room: int = 0,
+                 storage_fd: Optional[int] = None):
         facts = iterprog.kernel_facts()
         self.hz = facts.hz
         self.selector, self.policy, self.state_mask = selector, policy, state_mask
         owners = None if owner_inodes is None else sorted(set(owner_inodes))
         self.has_owners = owners is not None
+        self.with_storage = storage_fd is not None
         room = max(cookie_room, policy.max_kills or 0)
-        self._prog = iterprog.Loaded(facts, iterprog.compiled(facts), {
-            "owners": len(owners or ()), "uids": len(selector.uids), "cookies": room})
+        self._prog = iterprog.Loaded(
+            facts, iterprog.compiled(facts, storage=self.with_storage),
+            {"owners": len(owners or ()), "uids": len(selector.uids), "cookies": room},
+            given={} if storage_fd is None else {iterprog.STORAGE_MAP: storage_fd})
         self.room = max(1, room)
         self.code = self._prog.code
         try:

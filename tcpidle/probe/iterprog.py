@@ -39,6 +39,7 @@ import json
 import logging
 import os
 import platform
+import re
 import struct
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
@@ -52,6 +53,10 @@ FUNCTION = b"bpf_iter__tcp"
 # Every map of the C file, by name.
 MAP_NAMES = ("config", "sports", "dports", "excl_ports", "src_nets", "dst_nets", "excl_nets",
              "owners", "uids", "cookies", "counts", "errors")
+# With storage=True (-DTCPIDLE_ITER_STORAGE) the program also reads the
+# probe's per-socket storage: a map never created here, the pinned one is given.
+STORAGE_MAP = "sk_activity"
+STORAGE_CFLAG = "-DTCPIDLE_ITER_STORAGE"
 KFUNC_SENTINEL = 0x7FFFF
 
 # bpf(2) commands, program type, attach type (include/uapi/linux/bpf.h)
@@ -274,6 +279,109 @@ def _write_cache(name: str, content: dict) -> None:
         pass  # a read-only cache only costs time
 
 
+# The names compiled() writes: the program files, and their temporaries
+# (_write_cache's "<name>.<pid>").  Nothing else in the cache is ever removed.
+_PROGRAM_FILE = re.compile(r"^iterdestroy-([0-9a-f]{24})\.json(?:\.([0-9]+))?$")
+# A program file of another key, this boot, unused this long is stale.  Not
+# at once: several tcpidle versions (an installed one, a checkout) can run
+# on one boot with one cache, and each would remove the other's file and
+# compile again at every run.  A use refreshes the file's mtime (compiled()).
+UNUSED_S = 24 * 3600
+
+
+def stale_files(names, keep, boot: str, boot_of, mtime_of, now: float, alive=None) -> List[str]:
+    """Of a cache directory's names, the program files to remove (pure given the callables).
+
+    A program file whose key is not one of `keep` (the keys of this source
+    and kernel) is stale when it belongs to another boot (`boot_of(name)`;
+    None: unreadable, also stale) or was last used UNUSED_S ago or more
+    (`mtime_of(name)`).  One of a current key is replaced in place by the
+    next compile, so it is kept.  A temporary is stale when its writer is
+    gone (`alive(pid)` false): a live one is another run's write under way.
+    """
+    alive = alive or _pid_alive
+    out = []
+    for name in names:
+        m = _PROGRAM_FILE.match(name)
+        if m is None:
+            continue
+        if m.group(2) is not None:
+            if not alive(int(m.group(2))):
+                out.append(name)
+        elif m.group(1) not in keep and (boot_of(name) != boot
+                                         or now - mtime_of(name) >= UNUSED_S):
+            out.append(name)
+    return sorted(out)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # EPERM: someone's
+    return True
+
+
+def remove_stale(keep, boot: str) -> List[str]:
+    """Remove the stale program files of the trusted cache (`stale_files`); their names.
+
+    Only in the directory the trust rules accept (the one compiled() wrote
+    to), only names of our own pattern, looked at and unlinked relative to
+    the directory opened once (a rename of a directory above cannot redirect
+    it), never following a symlink (unlink removes the link itself)."""
+    import time
+
+    where = _cache_dir()
+    if where is None:
+        return []
+    try:
+        dfd = os.open(where, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:
+        return []
+
+    def boot_of(name: str) -> Optional[str]:
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dfd)
+            with os.fdopen(fd) as f:
+                saved = json.load(f)
+            return saved.get("boot") if isinstance(saved, dict) else None
+        except (OSError, ValueError):
+            return None
+
+    def mtime_of(name: str) -> float:
+        try:
+            return os.stat(name, dir_fd=dfd, follow_symlinks=False).st_mtime
+        except OSError:
+            return 0.0
+
+    removed = []
+    try:
+        for name in stale_files(os.listdir(dfd), set(keep), boot, boot_of, mtime_of,
+                                time.time()):
+            try:
+                os.unlink(name, dir_fd=dfd)
+                removed.append(name)
+            except OSError:
+                pass  # gone meanwhile, or read-only: only costs disk
+    finally:
+        os.close(dfd)
+    if removed:
+        log.debug("removed stale BPF destroy program files from %s: %s", where, " ".join(removed))
+    return removed
+
+
+def _touch(name: str) -> None:
+    """The cache file was used now (its mtime: stale_files keeps used files)."""
+    where = _cache_dir()
+    if where is not None:
+        try:
+            os.utime(os.path.join(where, name), follow_symlinks=False)
+        except (OSError, NotImplementedError):
+            pass
+
+
 def boot_identity() -> str:
     from .btf import _boot_identity
     return _boot_identity()
@@ -346,29 +454,36 @@ def source_path() -> str:
     return os.path.join(os.path.dirname(bpf_source()), SOURCE)
 
 
-def program_key(source: bytes, offsets: Dict[str, int]) -> str:
-    """What the compiled program depends on: its text and the -D offsets."""
+def program_key(source: bytes, offsets: Dict[str, int], storage: bool = False) -> str:
+    """What the compiled program depends on: its text, the -D offsets, the variant."""
     h = hashlib.sha256(source)
     h.update(json.dumps(sorted(offsets.items())).encode())
     h.update(b"format %d" % FORMAT)
+    if storage:
+        h.update(STORAGE_CFLAG.encode())
     return h.hexdigest()[:24]
 
 
-def cflags(offsets: Dict[str, int]) -> List[str]:
-    return ["-D%s=%d" % kv for kv in sorted(offsets.items())] + ["-Wno-int-to-void-pointer-cast"]
+def cflags(offsets: Dict[str, int], storage: bool = False) -> List[str]:
+    return (["-D%s=%d" % kv for kv in sorted(offsets.items())] + ["-Wno-int-to-void-pointer-cast"]
+            + ([STORAGE_CFLAG] if storage else []))
 
 
-def _compile(offsets: Dict[str, int]) -> Compiled:
+def _compile(offsets: Dict[str, int], storage: bool = False) -> Compiled:
     """bcc compiles the C; its instructions, map references and map definitions are kept."""
+    from bcc import libbcc
+
     from .loader import compile_only, dispose
     from .maps import map_info
-    module = compile_only(SOURCE, cflags(offsets))
+    module = compile_only(SOURCE, cflags(offsets, storage))
     try:
         code = bytes(module.dump_func(FUNCTION))
         by_fd = {}
         maps = {}
-        for name in MAP_NAMES:
-            fd = module[name.encode()].map_fd
+        for name in MAP_NAMES + ((STORAGE_MAP,) if storage else ()):
+            # bcc 0.26's Table knows no socket storage: its fd from libbcc
+            fd = (module[name.encode()].map_fd if name != STORAGE_MAP
+                  else libbcc.lib.bpf_table_fd(module.module, name.encode()))
             info = map_info(fd)
             by_fd[fd] = name
             maps[name] = MapDef(info.type, info.key_size, info.value_size, info.max_entries,
@@ -386,15 +501,17 @@ def _compile(offsets: Dict[str, int]) -> Compiled:
     return Compiled(code, relocs, maps)
 
 
-def compiled(facts: KernelFacts) -> Compiled:
-    """The compiled program: from the cache of this boot, else compiled now and kept."""
+def compiled(facts: KernelFacts, storage: bool = False) -> Compiled:
+    """The compiled program (`storage`: the variant reading the probe's storage): from
+    the cache of this boot, else compiled now and kept."""
     with open(source_path(), "rb") as f:
         source = f.read()
-    key = program_key(source, facts.offsets)
+    key = program_key(source, facts.offsets, storage)
     name = "iterdestroy-%s.json" % key
     boot = boot_identity()
     saved = _read_cache(name, boot)
     if saved is not None and saved.get("key") == key:
+        _touch(name)
         try:
             return Compiled(bytes.fromhex(saved["code"]),
                             [(int(i), str(n)) for i, n in saved["relocs"]],
@@ -402,25 +519,37 @@ def compiled(facts: KernelFacts) -> Compiled:
                              for n, d in saved["maps"].items()})
         except (KeyError, TypeError, ValueError):
             pass
-    prog = _compile(facts.offsets)
+    prog = _compile(facts.offsets, storage)
     _write_cache(name, {"format": FORMAT, "boot": boot, "key": key, "code": prog.code.hex(),
                         "relocs": prog.relocs, "maps": {n: list(d) for n, d in prog.maps.items()}})
+    # both variants of this source and kernel stay; every other program file goes
+    remove_stale([program_key(source, facts.offsets, v) for v in (False, True)], boot)
     return prog
 
 
 class Loaded:
     """The program loaded with maps of its own; `sizes` overrides max_entries by map name.
 
+    `given` names maps not created here (the probe's storage): their fds are
+    the caller's, duplicated, so close() releases only copies of them.
     `fds[name]` are the maps; `prog` the program fd.  close() releases all.
     """
 
-    def __init__(self, facts: KernelFacts, prog: Compiled, sizes: Dict[str, int]):
+    def __init__(self, facts: KernelFacts, prog: Compiled, sizes: Dict[str, int],
+                 given: Optional[Dict[str, int]] = None):
+        given = given or {}
         self.facts = facts
         self.defs = {n: d._replace(max_entries=max(1, sizes.get(n, d.max_entries)))
-                     for n, d in prog.maps.items()}
+                     for n, d in prog.maps.items() if n not in given}
+        unknown = set(given) - set(prog.maps)
+        if unknown:
+            raise ProbeUnavailable("the BPF destroy program has no map %s"
+                                   % ", ".join(sorted(unknown)))
         self.fds: Dict[str, int] = {}
         self.prog: Optional[int] = None
         try:
+            for name, fd in given.items():
+                self.fds[name] = os.dup(fd)
             for name, d in self.defs.items():
                 self.fds[name] = map_create(name, d)
             code = relocate(prog.code, prog.relocs, self.fds)

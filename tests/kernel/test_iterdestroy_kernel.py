@@ -412,3 +412,94 @@ def test_every_destroy_is_reported_across_seq_buffer_boundaries(netns, pairs):
     assert sorted(r.cookie for r in result.records) == sorted(cookie_of(c) for c in p.clients)
     assert {r.outcome for r in result.records} == {"destroyed"}
     assert all(closed(p.clients))
+
+
+@pytest.fixture
+def storage_probe():
+    """The probe recording into per-socket storage (tp_btf + sk_storage), as a tracker
+    pins it; skipped where this kernel has no such build."""
+    from tcpidle.probe import Probe
+
+    try:
+        p = Probe.attach(map_size=16, sk_storage=True)
+    except ProbeUnavailable as e:
+        pytest.skip(str(e))
+    if p.storage_fd is None:
+        p.close()
+        pytest.skip("no tp_btf + sk_storage here (%s)" % p.describe())
+    yield p
+    p.close()
+
+
+def set_record(storage_fd, sock, last_data_ns, last_segment_ns=None):
+    """Write a socket's probe record from user space (the key of a socket storage map is
+    the socket's fd): the ground truth of what the probe says, exactly."""
+    from tcpidle.probe import iterprog
+    from tcpidle.probe.maps import VALUE
+
+    seg = last_data_ns if last_segment_ns is None else last_segment_ns
+    iterprog.map_update(storage_fd, struct.pack("=i", sock.fileno()),
+                        VALUE.pack(seg, last_data_ns, 1, 1 if last_data_ns else 0, 1))
+
+
+def test_the_probe_s_storage_decides_in_ns_and_says_so(netns, pairs, storage_probe):
+    """With the probe's storage the pass decides each socket on its record's
+    bpf_ktime_get_ns() stamp (CLOCK_MONOTONIC), the merge rule of idle.py:
+      - a record saying "received just now" spares a socket its jiffies call
+        idle (the probe saw what the socket's stamp did not: out-of-order data);
+      - a record older than the threshold kills, said "bpf", with its ns age;
+      - a record far older than the socket's own stamp is not believed (the
+        probe missed traffic): the jiffies decide, said "tcp_info";
+      - a socket with no record is decided on its jiffies, said "tcp_info";
+      - a record with segments but no data yet leaves the jiffies to decide,
+        its last segment's age reported.
+    The records are written by the test (the map's user-space update), so
+    what the probe says is known exactly; no record is ever created by the
+    pass (bpf_sk_storage_get without F_CREATE)."""
+    from tcpidle.probe import iterprog
+    from tcpidle.probe.maps import VALUE
+
+    iterdestroy = _iterdestroy()
+    threshold_ms = 1000
+    p = pairs(netns, 7091, 5)
+    time.sleep(threshold_ms / 1000 + 0.3)  # every socket idle by its jiffies
+    fresh, old, stale, none, nodata = p.clients
+    fd_map = storage_probe.storage_fd
+    # the hook recorded the set-up's segments into every socket: start from none
+    for c in p.clients:
+        try:
+            iterprog.map_delete(fd_map, struct.pack("=i", c.fileno()))
+        except OSError:
+            pass
+    now = time.monotonic_ns()
+    set_record(fd_map, fresh, now)
+    set_record(fd_map, old, now - 1_200_000_000)
+    set_record(fd_map, stale, now - 100_000_000_000)
+    set_record(fd_map, nodata, 0, last_segment_ns=now - 5_000_000)
+    sel = Selector(dports=parse_ports(["7091"]))
+    fd = nsfd(netns)
+    try:
+        with iterdestroy.IterDestroy(sel, Policy(idle_time_ms=threshold_ms),
+                                     states_mask(sel.states), storage_fd=fd_map) as it:
+            started = time.monotonic_ns()
+            recs = it.run(fd).records
+            ended = time.monotonic_ns()
+    finally:
+        os.close(fd)
+    got = {r.cookie: r for r in recs}
+    assert cookie_of(fresh) not in got and not closed([fresh])[0]
+    r = got[cookie_of(old)]
+    assert (r.outcome, r.idle_source) == ("destroyed", "bpf"), r
+    # its ns age: between what it was when the pass started and when it ended
+    assert started - now + 1_200_000_000 <= r.idle_ns <= ended - now + 1_200_000_000, r
+    r = got[cookie_of(stale)]
+    assert (r.outcome, r.idle_source) == ("destroyed", "tcp_info"), r
+    assert r.idle_ns < 100_000_000_000 / 2
+    assert (got[cookie_of(none)].idle_source, got[cookie_of(none)].last_rx_ns) == \
+        ("tcp_info", None)
+    r = got[cookie_of(nodata)]
+    assert (r.outcome, r.idle_source) == ("destroyed", "tcp_info"), r
+    assert 5_000_000 <= r.last_rx_ns <= ended - now + 5_000_000, r
+    assert closed(p.clients) == [False, True, True, True, True]
+    # the pass looked its record up and made none (the socket is closed, not freed)
+    assert iterprog.map_lookup(fd_map, struct.pack("=i", none.fileno()), VALUE.size) is None

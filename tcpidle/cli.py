@@ -119,6 +119,12 @@ _logfile = click.option("-f", "--logfile", type=options.LogPath(), default=None,
                         help="Append a log line per connection acted on to this file.")
 _disable_syslog = click.option("--disable-syslog", "--disable_syslog", "disable_syslog", is_flag=True,
                                help="Do not log to syslog.")
+_destroy_with = click.option(
+    "--destroy-with", type=click.Choice(["auto", "netlink", "bpf", "proc"]), default="auto",
+    show_default=True,
+    help="netlink: SOCK_DESTROY; bpf: destroy inside the kernel (BPF TCP iterator, Linux >= "
+         "6.5; a one-shot kill also decides there); proc: the /proc fallback; auto: netlink, "
+         "where the kernel lacks SOCK_DESTROY the iterator, then /proc.")
 
 kill_options = _options(
     idle_time_option,
@@ -193,11 +199,7 @@ def audit(min_idle, watch, map_size, hist, by, **opts):
 @evidence_options
 @kill_options
 @click.option("-i", "--interval", type=options.seconds(), default=None, metavar="S", help="Poll every S seconds until SIGINT/SIGTERM instead of once.")
-@click.option("--destroy-with", type=click.Choice(["auto", "netlink", "bpf", "proc"]), default="auto",
-              show_default=True,
-              help="netlink: SOCK_DESTROY; bpf: decide and destroy inside the kernel (BPF TCP "
-                   "iterator, Linux >= 6.5; one-shot only); proc: the /proc fallback; auto: "
-                   "netlink, /proc where the kernel lacks SOCK_DESTROY.")
+@_destroy_with
 def kill(idle_time, dry_run, use_proc, proc_action, logfile, disable_syslog, all_, interval, **opts):
     """Destroy matching connections idle for at least --idle-time.
 
@@ -253,6 +255,7 @@ def kill(idle_time, dry_run, use_proc, proc_action, logfile, disable_syslog, all
               help="Arm keep-alive (idle s, interval s, probes) in every new matching connection "
                    "without it, instead of killing (as `tcpidle keepalive`).")
 @click.option("--cleanup", is_flag=True, help="Remove the BPF maps pinned in --pin-dir, then exit.")
+@_destroy_with
 def track(idle_time, dry_run, use_proc, proc_action, logfile, disable_syslog, all_, interval, map_size,
           bpf_hook, max_kills_per_interval, exclude_ports, exclude_cidrs, event_log, metrics_port,
           metrics_addr, cleanup, keepalive, **opts):

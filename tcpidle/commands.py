@@ -151,12 +151,6 @@ def kill(idle_time: float, dry_run: bool, use_proc: bool, proc_action: str, logf
     """Destroy matching connections idle for at least idle_time, once or every interval."""
     if use_proc and destroy_with not in ("auto", "proc"):
         raise UsageError("--use-proc and --destroy-with %s exclude each other" % destroy_with)
-    if destroy_with == "bpf" and interval is not None:
-        raise UsageError("--destroy-with bpf: a one-shot kill only (not with -i/--interval)")
-    if destroy_with == "bpf" and (opts.get("verdicts") is not None
-                                  or opts.get("middlebox") is not None):
-        raise UsageError("--destroy-with bpf: not with --verdict or --middlebox (health "
-                         "verdicts are decided in user space, the iterator decides by idle time)")
     use_proc = use_proc or destroy_with == "proc"
     selector = build_selector(opts)
     namespaces = build_namespaces(opts)
@@ -167,7 +161,11 @@ def kill(idle_time: float, dry_run: bool, use_proc: bool, proc_action: str, logf
         require_privilege("kill")
     report.setup_logging(opts["verbose"], logfile, syslog=not disable_syslog)
     if destroy_with == "bpf":
-        return _kill_in_kernel(selector, namespaces, policy, opts)
+        _require_bpf_destroy()
+        if interval is None and policy.verdicts is None and policy.middlebox is None:
+            return _kill_in_kernel(selector, namespaces, policy, opts)
+        # Polls, and health verdicts (decided in user space): the engine's pass,
+        # each batch's victims destroyed by the iterator (decided again there).
     if opts["verbose"]:
         report.log.info("destroy: %s", _destroy_note(policy.destroy_with))
     seen = _evidence(opts)
@@ -238,10 +236,23 @@ def _warn_if_late(policy: Policy) -> None:
                            ka.idle_s, box.timeout_ms / 1000.0)
 
 
-def _destroy_note(destroy_with: str) -> str:
-    """What -v says about the destroy backend of a netlink or /proc run."""
+def _require_bpf_destroy() -> None:
+    """--destroy-with bpf on a kernel that cannot: exit 1, said plainly, before anything."""
     from . import kdestroy
 
+    reason = kdestroy.unavailable()
+    if reason is not None:
+        raise RuntimeFailure("--destroy-with bpf: %s" % reason)
+
+
+def _destroy_note(destroy_with: str) -> str:
+    """What -v says about the destroy backend of an engine's run."""
+    from . import kdestroy
+
+    if destroy_with == "bpf":
+        return ("the BPF TCP iterator + bpf_sock_destroy, given each batch's victims by cookie "
+                "(decided in user space, re-checked, then decided again and destroyed in the "
+                "kernel under each socket's lock)")
     reason = kdestroy.unavailable()
     bpf = "available" if reason is None else "unavailable: %s" % reason
     if destroy_with == "proc":
@@ -264,18 +275,26 @@ def _kill_in_kernel(selector: Selector, namespaces, policy: Policy, opts) -> int
     from .probe import ProbeUnavailable
 
     started = time.monotonic()
-    reason = kdestroy.unavailable()
-    if reason is not None:
-        raise RuntimeFailure("--destroy-with bpf: %s" % reason)
     owner_inodes = None
     if selectors.needs_owners(selector):
         found = owners.owners_by_inode()
         owner_inodes = [ino for ino, holders in found.items()
                         if selectors.owned_by(selector, owners.summarize(holders))]
+    # the tracker's per-socket storage, where it is pinned: the pass reads its records
+    seen = _evidence(opts)
     try:
-        done = kdestroy.run(Scope(selector, namespaces), policy, owner_inodes)
+        storage = kdestroy.storage_fd_of(seen)
+        if seen.present and storage is None:
+            text = ("the BPF iterator reads the probe's per-socket storage only, not its map by "
+                    "cookie: idle from the sockets' own stamps (jiffies)")
+            if opts["require_bpf"]:
+                raise RuntimeFailure("--destroy-with bpf: %s; --require-bpf given" % text)
+            report.log.warning("%s", text)
+        done = kdestroy.run(Scope(selector, namespaces), policy, owner_inodes, storage)
     except ProbeUnavailable as e:
         raise RuntimeFailure("--destroy-with bpf: %s" % e) from None
+    finally:
+        seen.close()
     report.log.info("destroy: in the kernel (BPF TCP iterator + bpf_sock_destroy, no re-check "
                     "needed): %s", ", ".join("%s %.0f ms" % ("own namespace" if k is None else k, v)
                                              for k, v in done.ms_by_namespace.items()))
@@ -342,7 +361,7 @@ def track(idle_time: float, dry_run: bool, use_proc: bool, proc_action: str, log
           max_kills_per_interval: int, exclude_ports, exclude_cidrs, event_log: Optional[str],
           metrics_port: Optional[int], metrics_addr: str, cleanup: bool,
           open_diag: OpenDiag = open_diag, cache_dir: Optional[str] = None,
-          keepalive: Optional[Keepalive] = None, **opts) -> int:
+          keepalive: Optional[Keepalive] = None, destroy_with: str = "auto", **opts) -> int:
     """The daemon: the probe attached with its maps pinned, a kill pass every interval.
 
     Runs until SIGTERM/SIGINT and returns 0.  Fatal errors (usage,
@@ -357,19 +376,31 @@ def track(idle_time: float, dry_run: bool, use_proc: bool, proc_action: str, log
     if keepalive is not None and use_proc:
         raise UsageError("--keepalive and --use-proc exclude each other (keep-alive is armed "
                          "instead of killing)")
+    if keepalive is not None and destroy_with != "auto":
+        raise UsageError("--keepalive and --destroy-with %s exclude each other (keep-alive is "
+                         "armed instead of killing)" % destroy_with)
+    if use_proc and destroy_with not in ("auto", "proc"):
+        raise UsageError("--use-proc and --destroy-with %s exclude each other" % destroy_with)
+    use_proc = use_proc or destroy_with == "proc"
     selector = _protected(build_selector(opts), exclude_ports, exclude_cidrs)
     namespaces = build_namespaces(opts)
     _require_narrowing(selector, all_, "track")
     policy = build_policy(opts, idle_time, dry_run=dry_run, use_proc=use_proc, proc_action=proc_action,
-                          max_kills=max_kills_per_interval or None, keepalive=keepalive)
+                          max_kills=max_kills_per_interval or None, keepalive=keepalive,
+                          destroy_with="proc" if use_proc else destroy_with)
     _warn_if_late(policy)
     report.setup_logging(opts["verbose"], logfile, syslog=not disable_syslog)
+    if destroy_with == "bpf":
+        _require_bpf_destroy()
+    if opts["verbose"] and keepalive is None:
+        report.log.info("destroy: %s", _destroy_note(policy.destroy_with))
     if not policy.dry_run:
         require_privilege("track")
     scope = Scope(selector, namespaces, open_diag)
     events = report.EventLog(event_log) if event_log else None
     metrics = None
     seen = None
+    engine = None
     signals = LoopControl()  # before the slow start: a SIGTERM meanwhile stops the loop at once
     restore = signals.install()
     report.set_stdout_line_buffered()
@@ -411,6 +442,8 @@ def track(idle_time: float, dry_run: bool, use_proc: bool, proc_action: str, log
             if seen.present and opts["pin_dir"] else ""))
         return 0
     finally:
+        if engine is not None:
+            engine.close()  # the BPF iterator, where one was loaded
         if seen is not None:
             seen.close()
         if metrics is not None:

@@ -35,7 +35,10 @@ Owns the order of operations, which is where correctness lives:
    where the kernel has bpf_sock_destroy (Linux >= 6.5: each batch's victims,
    by cookie, decided again and destroyed under their locks; kdestroy), else
    to the /proc fallback; said once in the log.  `--destroy-with netlink`
-   forces SOCK_DESTROY: EOPNOTSUPP is then a failure of each victim.
+   forces SOCK_DESTROY: EOPNOTSUPP is then a failure of each victim;
+   `--destroy-with bpf` (kill -i, track, --verdict, --middlebox: what a
+   one-shot in-kernel pass cannot decide or repeat) sends every batch to the
+   iterator from the start, after the same re-check.
 8. With `Policy.keepalive` (tcpidle keepalive, track --keepalive) the same
    pass arms keep-alive in its victims instead (`tcpidle.retrofit`: the
    owner's descriptor duplicated, checked, setsockopt), after the same
@@ -182,7 +185,10 @@ class Engine:
         self.evidence = evidence if evidence is not None else Evidence()
         self.want_owners = want_owners
         self.use_proc = policy.use_proc
-        self.in_kernel = None  # kdestroy.ChosenDestroy once SOCK_DESTROY said EOPNOTSUPP
+        # kdestroy.ChosenDestroy: with --destroy-with bpf, or once SOCK_DESTROY said EOPNOTSUPP
+        self.in_kernel = None
+        if policy.destroy_with == "bpf" and policy.keepalive is None:
+            self.in_kernel = self._chosen_destroy()  # loads at its first batch
         self.spared = 0  # victims spared by the re-check, over all passes
         self.interrupted = 0  # victims of the last pass not acted on: stopped before their batch
         # Keep-alive retrofit: the cookies this engine armed (or found armed by their
@@ -392,7 +398,7 @@ class Engine:
         if reason is None:
             log.warning("%s: destroying in the kernel from now on (BPF TCP iterator + "
                         "bpf_sock_destroy, each victim decided again under its lock)", text)
-            self.in_kernel = kdestroy.ChosenDestroy(self.selector, self.policy, BATCH)
+            self.in_kernel = self._chosen_destroy()
             return self._destroy_in_kernel(scan, victims, batch.outcomes, batch.spared,
                                            batch.fatal)
         log.warning("%s, nor is the BPF iterator (%s): falling back to /proc (%s)",
@@ -400,6 +406,14 @@ class Engine:
         self.use_proc = True
         batch.outcomes += self._fallback(victims, scan.owners)
         return batch
+
+    def _chosen_destroy(self):
+        """The iterator for victims chosen here, reading the probe's storage where the
+        evidence has it (so that it decides again as the scan did)."""
+        from . import kdestroy
+
+        return kdestroy.ChosenDestroy(self.selector, self.policy, BATCH,
+                                      kdestroy.storage_fd_of(self.evidence))
 
     def _destroy_in_kernel(self, scan: Scan, victims: List[Verdict], outcomes: List[Outcome],
                            spared: List[Spare], fatal=None) -> "Batch":

@@ -18,9 +18,11 @@ import time
 import pytest
 
 from lab.netns import cookie_of
-from test_iterdestroy_kernel import TCP_CLOSE, Pairs, closed, tcp_state
+from test_iterdestroy_kernel import TCP_CLOSE, Pairs, closed, set_record, tcp_state
 
 pytestmark = pytest.mark.kernel
+# fixtures by name: test_track's (trackers, bpffs, pin_dir), the iterator's (storage_probe)
+pytest_plugins = ["test_track", "test_iterdestroy_kernel"]
 
 THRESHOLD_MS = 1500
 
@@ -157,18 +159,136 @@ def test_time_wait_goes_to_sock_destroy(netns, run_tcpidle, json_lines):
 
 
 @pytest.mark.parametrize("args", [
-    ["--destroy-with", "bpf", "-i", "1"],
-    ["--destroy-with", "netlink", "--use-proc"],
-    ["--destroy-with", "bogus"],
-    ["--destroy-with", "bpf", "--verdict", "dead"],
+    ["kill", "--destroy-with", "netlink", "--use-proc"],
+    ["kill", "--destroy-with", "bogus"],
+    ["track", "--destroy-with", "bpf", "--use-proc"],
+    ["track", "--destroy-with", "bpf", "--keepalive", "60,10,6"],
 ])
 def test_bad_combinations_are_usage_errors(netns, run_tcpidle, args):
     p = Pairs(netns, 7241, 1)
     try:
-        r = run_tcpidle(netns, "kill", "-d", "7241", *args)
+        r = run_tcpidle(netns, args[0], "-d", "7241", *args[1:])
         assert r.returncode == 2, r.stderr
         assert "--destroy-with" in r.stderr and "Traceback" not in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert not any(closed(p.clients + p.servers))
+    finally:
+        p.close()
+
+
+def test_verdicts_and_middleboxes_are_decided_in_user_space_destroyed_in_the_kernel(
+        netns, run_tcpidle, json_lines):
+    """--verdict and --middlebox are health verdicts the iterator cannot make: the
+    engine decides them (and re-checks), the iterator destroys each batch's victims,
+    deciding their idle time again under each socket's lock."""
+    # (an idle loopback peer is "unknown": nothing from it for the window, -t, no data or
+    # keep-alive out that would tell)
+    for port, extra in ((7291, ["--verdict", "unknown"]), (7292, ["--middlebox", "1"])):
+        p = Pairs(netns, port, 4)
+        talker = Talker(p.pairs[:1])
+        try:
+            time.sleep(THRESHOLD_MS / 1000 + 0.2)
+            r = run_tcpidle(netns, "kill", "-d", port, "-t", THRESHOLD_MS, "--destroy-with", "bpf",
+                            *extra, "--json", "-v", "--disable-syslog", timeout=120)
+        finally:
+            talker.stop()
+        try:
+            assert r.returncode == 0, r.stderr
+            rows = json_lines(r.stdout)
+            assert sorted(o["cookie"] for o in rows) == sorted(cookie_of(c) for c in p.clients[1:])
+            assert {o["action"] for o in rows} == {"destroyed"}
+            assert "destroy: the BPF TCP iterator + bpf_sock_destroy, given each batch" in r.stderr
+            assert closed(p.clients) == [False, True, True, True]
+        finally:
+            p.close()
+
+
+def test_interval_polls_destroy_through_the_iterator(netns, tcpidle_argv, json_lines, tmp_path):
+    """kill -i with --destroy-with bpf: each poll's victims go to the iterator; what
+    turns idle between polls dies at a later poll, the active one never."""
+    from lab.netns import wait_for
+
+    p = Pairs(netns, 7301, 3)
+    talker = Talker(p.pairs[:1])
+    out, err = tmp_path / "out", tmp_path / "err"
+    with open(out, "wb") as o, open(err, "wb") as e:
+        proc = subprocess.Popen(tcpidle_argv(netns, "kill", "-d", "7301", "-t", THRESHOLD_MS,
+                                             "--destroy-with", "bpf", "-i", "0.3", "--json", "-v",
+                                             "--disable-syslog"), stdout=o, stderr=e)
+    try:
+        assert wait_for(lambda: all(closed(p.clients[1:])) or proc.poll() is not None, 60), \
+            err.read_text()
+        assert proc.poll() is None, err.read_text()
+        proc.terminate()
+        assert proc.wait(30) == 0, err.read_text()
+    finally:
+        talker.stop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    try:
+        rows = json_lines(out.read_text())
+        assert sorted(o["cookie"] for o in rows) == sorted(cookie_of(c) for c in p.clients[1:])
+        assert {o["action"] for o in rows} == {"destroyed"}
+        assert not closed(p.clients[:1])[0]
+        assert "destroy: the BPF TCP iterator" in err.read_text()
+    finally:
+        p.close()
+
+
+def test_destroy_with_bpf_sends_every_batch_to_the_iterator_which_reads_the_probe_s_storage(
+        netns, monkeypatch, storage_probe):
+    """The engine's path with --destroy-with bpf (kill -i, track, verdicts): netlink
+    SOCK_DESTROY is never asked; the iterator gets each batch's victims by cookie and,
+    given the probe's storage, decides again on its records: one whose record says it
+    received right after the re-check (written by the test, the map's user-space
+    update, while its jiffies still say idle) is spared, the others destroyed."""
+    from tcpidle import diag, kdestroy, netns as tnetns
+    from tcpidle.engine import Engine
+    from tcpidle.evidence import Evidence, InlineReader
+    from tcpidle.model import Policy, PortSet, Selector
+    from tcpidle.scope import Scope
+
+    p = Pairs(netns, 7311, 4)
+    talker = Talker(p.pairs[:1])
+    asked = []
+    monkeypatch.setattr(diag.DiagSocket, "destroy",
+                        lambda self, socks, batch=256: asked.append(socks) or [0] * len(socks))
+    woken = p.clients[1]
+    chosen = kdestroy.ChosenDestroy.destroy
+
+    def wake_then_destroy(self, victims, fd):
+        set_record(storage_probe.storage_fd, woken, time.monotonic_ns())
+        return chosen(self, victims, fd)
+
+    monkeypatch.setattr(kdestroy.ChosenDestroy, "destroy", wake_then_destroy)
+    seen = Evidence(InlineReader(storage_probe.storage_fd, storage_probe.storage_id))
+    try:
+        time.sleep(THRESHOLD_MS / 1000 + 0.2)
+        scope = Scope(Selector(dports=PortSet(((7311, 7311),))), [tnetns.resolve(netns.name)])
+        seen.bind_scope(scope)
+        engine = Engine(scope, Policy(idle_time_ms=THRESHOLD_MS, destroy_with="bpf"), seen)
+        try:
+            scan = engine.scan()
+            assert sorted(v.socket.cookie for v in scan.victims) == \
+                sorted(cookie_of(c) for c in p.clients[1:])
+            assert {v.idle_source for v in scan.victims} == {"bpf"}
+            batches = list(engine.act_batches(scan))
+            scan.close()
+        finally:
+            engine.close()
+    finally:
+        talker.stop()
+    try:
+        outcomes = [o for b in batches for o in b.outcomes]
+        spared = {s.verdict.socket.cookie: s.reason for b in batches for s in b.spared}
+        assert sorted(o.verdict.socket.cookie for o in outcomes) == \
+            sorted(cookie_of(c) for c in p.clients[2:])
+        assert {o.action for o in outcomes} == {"destroyed"}
+        assert list(spared) == [cookie_of(woken)] and "decided again in the kernel" in \
+            spared[cookie_of(woken)]
+        assert asked == []
+        assert closed(p.clients) == [False, False, True, True]
     finally:
         p.close()
 
@@ -250,3 +370,66 @@ def test_eopnotsupp_from_netlink_switches_to_the_iterator_before_proc(netns, mon
     said = [r.getMessage() for r in caplog.records if "CONFIG_INET_DIAG_DESTROY" in r.getMessage()]
     assert len(said) == 1 and "destroying in the kernel from now on" in said[0], said
     assert not any("/proc" in r.getMessage() for r in caplog.records)
+
+
+def test_track_destroys_through_the_iterator_with_its_own_probe_s_storage(
+        netns, trackers, pin_dir, json_lines):
+    """track --destroy-with bpf: the tracker's probe records the connections opened
+    after it started into per-socket storage; each poll's victims (decided on those
+    ns records, idle_source "bpf") are destroyed by the iterator, which reads the
+    same storage."""
+    from lab.netns import wait_for
+
+    t = trackers(netns, "-d", "7321", "-t", THRESHOLD_MS, "--interval", 0.3, "--pin-dir", pin_dir,
+                 "--destroy-with", "bpf", "--json", "-v")
+    t.wait_ready()
+    if "per-socket storage" not in t.stderr():
+        pytest.skip("no tp_btf + sk_storage probe here: %s" % t.stderr())
+    p = Pairs(netns, 7321, 3)
+    talker = Talker(p.pairs[:1])
+    try:
+        assert wait_for(lambda: all(closed(p.clients[1:])) or not t.running(), 60), t.stderr()
+        assert t.running(), t.stderr()
+    finally:
+        talker.stop()
+    try:
+        assert t.stop()[0] == 0, t.stderr()
+        rows = json_lines(t.stdout())
+        assert sorted(o["cookie"] for o in rows) == sorted(cookie_of(c) for c in p.clients[1:])
+        assert {(o["action"], o["idle_source"]) for o in rows} == {("destroyed", "bpf")}
+        assert not closed(p.clients[:1])[0]
+        assert "destroy: the BPF TCP iterator" in t.stderr()
+    finally:
+        p.close()
+
+
+def test_a_one_shot_kill_reads_the_tracker_s_pinned_storage(netns, trackers, pin_dir,
+                                                           run_tcpidle, json_lines):
+    """kill --destroy-with bpf with a tracker's storage pinned in --pin-dir: the
+    in-kernel pass decides on the probe's ns records (idle_source "bpf", idle_ms not a
+    whole number of jiffies), the active connection spared."""
+    t = trackers(netns, "-d", "7331", "-t", 600000, "--interval", 1, "--pin-dir", pin_dir,
+                 "--dry-run")
+    t.wait_ready()
+    if "per-socket storage" not in t.stderr():
+        pytest.skip("no tp_btf + sk_storage probe here: %s" % t.stderr())
+    p = Pairs(netns, 7331, 3)
+    talker = Talker(p.pairs[:1])
+    try:
+        time.sleep(THRESHOLD_MS / 1000 + 0.2)
+        r = run_tcpidle(netns, "kill", "-d", "7331", "-t", THRESHOLD_MS, "--destroy-with", "bpf",
+                        "--pin-dir", pin_dir, "--json", "-v", "--disable-syslog", timeout=120)
+    finally:
+        talker.stop()
+    try:
+        assert r.returncode == 0, r.stderr
+        rows = json_lines(r.stdout)
+        assert sorted(o["cookie"] for o in rows) == sorted(cookie_of(c) for c in p.clients[1:])
+        assert {(o["action"], o["idle_source"]) for o in rows} == {("destroyed", "bpf")}, rows
+        assert all(o["idle_ms"] >= THRESHOLD_MS and o["last_rx_ms"] is not None for o in rows)
+        assert any(o["idle_ms"] != int(o["idle_ms"]) for o in rows), rows  # ns, not jiffies
+        assert "per-socket storage pinned in %s" % pin_dir in r.stderr
+        assert closed(p.clients) == [False, True, True]
+    finally:
+        assert t.stop()[0] == 0
+        p.close()

@@ -97,6 +97,7 @@ def bad_table(paths):
             "--metrics-port": _int_bad(1, 65535),
             "--metrics-addr": ["", " ", "not a host", "fe80::1%lo", "-x", "a..b"],
             "--keepalive": KA_TRIPLE_BAD,
+            "--destroy-with": ["", "bogus", "BPF", "ebpf"],
         }),
         "keepalive": dict(selectors, **{
             "--idle-time": MS_BAD, "--logfile": logs, "--exclude-port": PORTS_BAD,

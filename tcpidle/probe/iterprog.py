@@ -12,12 +12,15 @@ maps (see the C file's header).  So:
     per boot and kept in the trusted cache (`iterdestroy-kernel.json`);
   * `compiled()`: the program's instructions, where each map is referenced
     (bcc puts its own map fds in `ld_imm64` instructions: the relocations) and
-    each map's definition, compiled by bcc once per boot and program text and
-    kept in `iterdestroy-<hash>.json`;
+    each map's definition, compiled by bcc once per boot, program text and
+    variant (with or without the probe's per-socket storage) and kept in
+    `iterdestroy-<hash>.json`; writing one removes the stale program files
+    (`remove_stale`);
   * `Loaded`: the maps created by tcpidle's own BPF_MAP_CREATE (sizes chosen
-    per run), their fds written into the relocated instructions, the kfunc
-    call patched, BPF_PROG_LOAD as an iterator program.  A run then needs no
-    bcc, no clang and no BTF parse: load + pass.
+    per run) or given (the probe's storage, the tracker's pin), their fds
+    written into the relocated instructions, the kfunc call patched,
+    BPF_PROG_LOAD as an iterator program.  A run then needs no bcc, no clang
+    and no BTF parse: load + pass.
 
 The cache is the header cache (kheaders.trusted_cache_dir): root loads these
 instructions into the kernel, and the verifier checks memory safety, not

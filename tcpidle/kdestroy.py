@@ -78,11 +78,28 @@ def socket_of(rec, label, hz: int) -> Socket:
     fam = rec.family
     src = rec.src_raw or socket.inet_pton(fam, rec.src).ljust(16, b"\0")
     dst = rec.dst_raw or socket.inet_pton(fam, rec.dst).ljust(16, b"\0")
-    raw = _SOCKID.pack(socket.htons(rec.sport), socket.htons(rec.dport), src, dst,
-                       rec.cookie & 0xFFFFFFFF, rec.cookie >> 32)
+    cookie = rec.cookie
+    raw = _pack_sockid(_htons(rec.sport), _htons(rec.dport), src, dst,
+                       cookie & 0xFFFFFFFF, cookie >> 32)
     idle_ms = None if rec.idle_jiffies is None else rec.idle_jiffies * 1000 // hz
-    return Socket(rec.cookie, fam, rec.state, rec.src, rec.sport, rec.dst, rec.dport,
-                  rec.inode, rec.uid, raw, last_data_recv_ms=idle_ms, netns=label)
+    if not _FAST_FILL:
+        return Socket(cookie, fam, rec.state, rec.src, rec.sport, rec.dst, rec.dport,
+                      rec.inode, rec.uid, raw, last_data_recv_ms=idle_ms, netns=label)
+    # As the decoder makes them (diag._FAST_FILL): the frozen dataclass's
+    # __dict__ filled at once, 0.6 us instead of 2 us a socket -- a tenth of
+    # a 10,000-socket kill's time in user space.  Same object, same ==/hash.
+    sk = _new_socket(Socket)
+    _setattr(sk, "__dict__", {
+        "cookie": cookie, "family": fam, "state": rec.state, "src": rec.src,
+        "sport": rec.sport, "dst": rec.dst, "dport": rec.dport, "inode": rec.inode,
+        "uid": rec.uid, "raw_id": raw, "last_data_recv_ms": idle_ms, "last_ack_recv_ms": None,
+        "last_data_sent_ms": None, "netns": label, "vitals": None})
+    return sk
+
+
+_pack_sockid, _htons = _SOCKID.pack, socket.htons
+_FAST_FILL = diag._FAST_FILL
+_new_socket, _setattr = object.__new__, object.__setattr__
 
 
 @dataclass

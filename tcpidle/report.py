@@ -139,21 +139,21 @@ def log_outcome(outcome: Outcome, quiet: bool = False) -> None:
 # rows
 
 
-# One JSON object per connection, written from a template: the single
-# definition of the keys (DESIGN.md's table, plus `cgroups`).  Building a
-# dict and encoding it cost ~6 us a row, half the time of a 100k-socket
-# audit; the template does both in ~2 us.  Addresses are inet_ntop text and
-# never need escaping; every other string goes through json.dumps.
-_ROW = ('{"cookie":%d,"netns":%s,"family":%s,"state":%s,"src":"%s","sport":%d,"dst":"%s",'
-        '"dport":%d,"idle_ms":%s,"idle_source":%s,"last_rx_ms":%s,"inode":%d,"uid":%d,'
-        '"pids":%s,"comms":%s,"cgroups":%s')
-# The evidence of health (issue 11), appended after the keys above.
-_HEALTH = (',"verdict":%s,"verdict_reason":%s,"keepalive":%s,"unacked":%s,"retrans":%s,'
-           '"backoff":%s,"last_ack_ms":%s,"last_send_ms":%s,"send_q":%s,"recv_q":%s,'
-           '"middlebox":%s')
-_NO_VITALS = ("null",) * 6
-_BOOL_JSON = {True: "true", False: "false"}
-_ACTED = ',"action":%s,"error":%s}'
+# One JSON object per connection, written from one template: the single
+# definition of the keys (DESIGN.md's table, plus `cgroups`, then the evidence
+# of health of issue 11, then `action`/`error` for a victim acted on).
+# Building a dict and encoding it cost ~6 us a row, half the time of a
+# 100k-socket audit; the template does both in ~2 us.  Addresses are
+# inet_ntop text and never need escaping; every other string goes through
+# json.dumps.  What many rows share (a reason's text, a socket's vitals: a
+# kill's victims are alike) is made once and kept (`_Kept`).
+_KEYS = ('{"cookie":%d,"netns":%s,"family":%s,"state":%s,"src":"%s","sport":%d,"dst":"%s",'
+         '"dport":%d,"idle_ms":%s,"idle_source":%s,"last_rx_ms":%s,"inode":%d,"uid":%d,'
+         '"pids":%s,"comms":%s,"cgroups":%s,"verdict":%s,"verdict_reason":%s,"keepalive":%s,'
+         '"unacked":%s,"retrans":%s,"backoff":%s,"last_ack_ms":%s,"last_send_ms":%s,'
+         '"send_q":%s,"recv_q":%s,"middlebox":%s')
+_ROW = _KEYS + "}"
+_ROW_ACTED = _KEYS + ',"action":%s,"error":%s}'
 _FAMILY_JSON = {f: '"%s"' % name for f, name in FAMILY_NAMES.items()}
 _STATE_JSON = {int(st): '"%s"' % st.name for st in TcpState}
 _SOURCE_JSON = {None: "null", "bpf": '"bpf"', "tcp_info": '"tcp_info"'}
@@ -171,6 +171,42 @@ class _Quoted(dict):
 _quoted = _Quoted({None: "null"})
 
 
+class _Kept(dict):
+    """key -> text made by `make(key)`, kept for the next rows; forgotten in one go
+    past `limit` entries (a long audit's variety must not grow a tracker)."""
+
+    def __init__(self, make, limit: int = 4096):
+        super().__init__()
+        self.make, self.limit = make, limit
+
+    def __missing__(self, key):
+        if len(self) >= self.limit:
+            self.clear()
+        text = self[key] = self.make(key)
+        return text
+
+
+def _reason_text(r: str) -> str:
+    # Reasons are health.py's words and numbers; quote-free text is inserted
+    # as is, anything else goes through the encoder.
+    return _dumps(r) if ('"' in r or "\\" in r or not r.isprintable()) else '"%s"' % r
+
+
+def _vitals_text(v) -> tuple:
+    """The row's texts of `keepalive`, `unacked`, `retrans`, `backoff`, `send_q`, `recv_q`."""
+    return ("true" if v.timer == 2 else "false",  # model.TIMER_KEEPALIVE
+            "null" if v.unacked is None else "%d" % v.unacked,
+            "null" if v.retransmits is None else "%d" % v.retransmits,
+            "null" if v.backoff is None else "%d" % v.backoff,
+            "null" if v.send_q is None else "%d" % v.send_q,
+            "null" if v.recv_q is None else "%d" % v.recv_q)
+
+
+_reasons = _Kept(_reason_text)
+_vitals = _Kept(_vitals_text)
+_NO_VITALS = ("null",) * 6
+
+
 Owners = Dict[int, OwnerSummary]  # by socket inode
 
 
@@ -182,41 +218,33 @@ def json_line(verdict: Verdict, outcome: Optional[Outcome] = None, owners: Optio
     else:
         held = owners.get(s.inode) if owners else None
         pids, comms, cgroups = held if held else ((), (), ())
-    text = _ROW % (
-        s.cookie, _quoted[s.netns], _FAMILY_JSON.get(s.family) or _dumps(str(s.family)),
-        _STATE_JSON.get(s.state) or _dumps(s.state_name), s.src, s.sport, s.dst, s.dport,
-        _number(verdict.idle_ms), _SOURCE_JSON.get(verdict.idle_source) or _dumps(verdict.idle_source),
-        _number(verdict.last_rx_ms), s.inode, s.uid,
-        _list(pids), _list(comms), _list(cgroups),
-    ) + _health_json(verdict)
-    if outcome is None:
-        return text + "}"
-    return text + _ACTED % (_quoted[outcome.action], _quoted[outcome.error] if outcome.error is None
-                            else _dumps(outcome.error))
-
-
-def _health_json(verdict: Verdict) -> str:
-    """The health keys of one row: the verdict, its reason, and the evidence behind it."""
-    s = verdict.socket
+    # The evidence of health: the verdict, its reason, and what it rests on.
     h = verdict.health
-    v = s.vitals
-    if v is None:
-        keepalive, unacked, retrans, backoff, send_q, recv_q = _NO_VITALS
-    else:
-        keepalive = _BOOL_JSON[v.timer == 2]  # model.TIMER_KEEPALIVE
-        unacked, retrans, backoff = _int(v.unacked), _int(v.retransmits), _int(v.backoff)
-        send_q, recv_q = _int(v.send_q), _int(v.recv_q)
     if h is None:
         name = reason = "null"
     else:
-        name = _quoted[h.verdict]
-        # Reasons are health.py's words and numbers; quote-free text is
-        # inserted as is, anything else goes through the encoder.
-        r = h.reason
-        reason = _dumps(r) if ('"' in r or "\\" in r or not r.isprintable()) else '"%s"' % r
-    return _HEALTH % (name, reason, keepalive, unacked, retrans, backoff,
-                      _int(s.last_ack_recv_ms), _int(s.last_data_sent_ms), send_q, recv_q,
-                      _quoted[verdict.exposure])
+        name, reason = _quoted[h.verdict], _reasons[h.reason]
+    v = s.vitals
+    keepalive, unacked, retrans, backoff, send_q, recv_q = _NO_VITALS if v is None else _vitals[v]
+    idle_ms, last_rx_ms = verdict.idle_ms, verdict.last_rx_ms
+    ack, sent = s.last_ack_recv_ms, s.last_data_sent_ms
+    values = (
+        s.cookie, _quoted[s.netns], _FAMILY_JSON.get(s.family) or _dumps(str(s.family)),
+        _STATE_JSON.get(s.state) or _dumps(s.state_name), s.src, s.sport, s.dst, s.dport,
+        "null" if idle_ms is None else repr(round(idle_ms, 3)),  # float repr is JSON's
+        _SOURCE_JSON.get(verdict.idle_source) or _dumps(verdict.idle_source),
+        "null" if last_rx_ms is None else repr(round(last_rx_ms, 3)), s.inode, s.uid,
+        _dumps(list(pids)) if pids else "[]", _dumps(list(comms)) if comms else "[]",
+        _dumps(list(cgroups)) if cgroups else "[]", name, reason,
+        keepalive, unacked, retrans, backoff,
+        "null" if ack is None else "%d" % ack, "null" if sent is None else "%d" % sent,
+        send_q, recv_q, _quoted[verdict.exposure],
+    )
+    if outcome is None:
+        return _ROW % values
+    error = outcome.error
+    return _ROW_ACTED % (values + (_quoted[outcome.action],
+                                   "null" if error is None else _dumps(error)))
 
 
 def _int(value: Optional[int]) -> str:

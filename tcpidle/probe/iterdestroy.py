@@ -37,7 +37,6 @@ without a record is decided on its jiffies.  Each record says which
 
 from __future__ import annotations
 
-import gzip
 import math
 import os
 import platform
@@ -248,6 +247,8 @@ def kernel_hz(release: Optional[str] = None, timer_list: str = TIMER_LIST) -> in
     and the jiffies counter in one read: two reads 0.2 s apart give the tick
     rate, rounded to the value Kconfig offers (they are 20 % or more apart, the
     measure within 2 %).  Found once per boot (iterprog.kernel_facts)."""
+    import gzip  # the first run of a boot alone (iterprog.kernel_facts keeps the answer)
+
     release = release or platform.release()
     for path in ("/proc/config.gz", "/boot/config-%s" % release):
         try:

@@ -37,7 +37,6 @@ bpf(2) is called directly (ctypes); bcc 0.26 cannot load this program type.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import json
 import logging
 import os
@@ -47,6 +46,11 @@ import struct
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
 from . import ProbeUnavailable
+
+try:  # the same digest without hashlib's OpenSSL binding, whose import is ~2.5 ms a run
+    from _sha256 import sha256 as _sha256
+except ImportError:  # pragma: no cover - an interpreter built without it
+    from hashlib import sha256 as _sha256
 
 log = logging.getLogger("tcpidle.probe")
 
@@ -453,13 +457,16 @@ def kernel_facts() -> KernelFacts:
 
 
 def source_path() -> str:
-    from .loader import bpf_source
-    return os.path.join(os.path.dirname(bpf_source()), SOURCE)
+    # Beside loader.bpf_source()'s file, found as it does (tcpidle.bpf maps to
+    # bpf/), without importing the loader: what it needs for bcc (ctypes.util,
+    # subprocess, the probe's features) cost each kill ~9 ms of start-up.
+    from .. import bpf as _pkg
+    return os.path.join(os.path.dirname(_pkg.__file__), SOURCE)
 
 
 def program_key(source: bytes, offsets: Dict[str, int], storage: bool = False) -> str:
     """What the compiled program depends on: its text, the -D offsets, the variant."""
-    h = hashlib.sha256(source)
+    h = _sha256(source)
     h.update(json.dumps(sorted(offsets.items())).encode())
     h.update(b"format %d" % FORMAT)
     if storage:

@@ -197,6 +197,8 @@ def kill_commands(tcpidle: List[str], port: int, idle_ms: int):
         "tcpidle-bpf": tcpidle + ["kill", "-d", str(port), "-t", str(idle_ms), "--destroy-with", "bpf",
                                   "--json", "--disable-syslog"],
         "ss": ["ss", "-K", "-tn", "state", "established", "dport", "=", ":%s" % port],
+        # the in-kernel destroy's pass alone, timed in-process (bench/iter_pass.py)
+        "tcpidle-pass": [common.python(), os.path.join(HERE, "iter_pass.py"), str(port), str(idle_ms)],
     }
 
 
@@ -217,7 +219,20 @@ def one_kill_run(farm, ns, run: int, tool: str, argv_for, idle: int, idle_ms: in
             raise RuntimeError("run %d: %d idle connections not established before the kill"
                                % (run, len(missing)))
         argv = argv_for(port)[tool]
-        r = farm.timer.run((wrap or []) + argv)
+        load = os.getloadavg()[0]
+        passed = None
+        if tool == "tcpidle-pass":  # its one JSON object says what the pass alone took
+            out = tempfile.NamedTemporaryFile(prefix="tibench-pass-", delete=False)
+            out.close()
+            try:
+                r = farm.timer.run((wrap or []) + argv, stdout_path=out.name)
+                with open(out.name) as f:
+                    text = f.read()
+                passed = json.loads(text) if r["rc"] == 0 and text.strip() else None
+            finally:
+                os.unlink(out.name)
+        else:
+            r = farm.timer.run((wrap or []) + argv)
         after = cookies_now(ns)
         left = victims & after.keys()
         lost = bystanders - after.keys()
@@ -225,9 +240,12 @@ def one_kill_run(farm, ns, run: int, tool: str, argv_for, idle: int, idle_ms: in
         res = {"run": run, "tool": tool, "port": port, "wall": r["wall"], "user": r["user"],
                "sys": r["sys"], "maxrss_kb": r["maxrss_kb"], "rc": r["rc"],
                "victims": len(victims), "left": len(left), "bystanders_lost": len(lost),
-               "left_on_port": on_port, "stderr": r["stderr"].strip().splitlines()[-1:]}
-        log("kill run %2d %-7s %s ms, %d of %d idle left, %d bystanders lost%s"
-            % (run, tool, ms(r["wall"]), len(left), len(victims), len(lost),
+               "left_on_port": on_port, "stderr": r["stderr"].strip().splitlines()[-1:],
+               "load1": load, "pass": passed}
+        log("kill run %2d %-12s %s ms, CPU %.2f+%.2f s, %d of %d idle left, %d bystanders lost%s%s"
+            % (run, tool, ms(r["wall"]), r["user"], r["sys"], len(left), len(victims), len(lost),
+               "" if passed is None else " (pass alone: read %.0f ms, decode %.0f ms)"
+               % (passed["read_ms"], passed["decode_ms"]),
                "" if r["rc"] == 0 else ", exit %d: %s" % (r["rc"], r["stderr"].strip()[-300:])))
         return res
     finally:
@@ -266,12 +284,13 @@ def kill_phase(farm, ns, args, tcpidle: List[str], results: Dict) -> None:
     log("control: tcpidle kill -d %d-%d -t %d --dry-run would destroy %d active connections (want 0)"
         % (lo, hi, idle_ms, would))
     runs = []
-    tools = ["tcpidle", "ss"] + (["tcpidle-bpf"] if args.kill_bpf else [])
+    tools = ["tcpidle", "ss"] + (["tcpidle-bpf"] if args.kill_bpf else []) + \
+        (["tcpidle-pass"] if args.kill_pass else [])
     for i in range(len(tools) * args.kill_runs):
         rnd, k = divmod(i, len(tools))
         if len(tools) == 2:  # ABBA
             tool = tools[k] if rnd % 2 == 0 else tools[1 - k]
-        else:  # each round starts with the next tool: ABC, BCA, CAB
+        else:  # each round starts with the next tool: ABC, BCA, CAB (ABCD, BCDA, ...)
             tool = tools[(rnd + k) % len(tools)]
         runs.append(one_kill_run(farm, ns, i, tool, lambda p: kill_commands(tcpidle, p, idle_ms),
                                  args.kill_idle, idle_ms, bystanders))
@@ -605,7 +624,10 @@ def summary(results: Dict) -> str:
         mine = [r for r in kill if r["tool"] == "tcpidle"]
         theirs = [r for r in kill if r["tool"] == "ss"]
         in_kernel = [r for r in kill if r["tool"] == "tcpidle-bpf"]
+        alone = [r for r in kill if r["tool"] == "tcpidle-pass"]
         t, s = stats(mine, "wall"), stats(theirs, "wall")
+        cpu = {id(r): r["user"] + r["sys"] for r in kill}
+        loads = [r["load1"] for r in kill if r.get("load1") is not None]
         w("### Find and kill: %d idle among %d connections (median of %d runs each, ABBA order)"
           % (ks["idle"], ks["idle"] + ks["active_connections"], len(mine)))
         w("")
@@ -615,29 +637,58 @@ def summary(results: Dict) -> str:
           % (ks["active_connections"], ks["period_s"], ks["established_sockets"] + 2 * ks["idle"],
              ks["idle_ms"], ks["control_would_destroy"]))
         w("")
-        w("| tool | command | ms (median) | runs (ms) | MB | idle left alive per run | bystanders lost |")
-        w("|---|---|---:|---|---:|---|---:|")
-        for tool, rs in (("tcpidle", mine), ("ss", theirs), ("tcpidle-bpf", in_kernel)):
+        if loads:
+            w("Load average (1 min) at the start of each run: %.1f-%.1f (median %.1f)."
+              % (min(loads), max(loads), median(loads)))
+            w("")
+        w("| tool | command | wall ms (median) | runs (ms) | CPU ms user+sys (median) | CPU per run "
+          "(user+sys ms) | MB | idle left alive per run | bystanders lost |")
+        w("|---|---|---:|---|---:|---|---:|---|---:|")
+        for tool, rs in (("tcpidle", mine), ("ss", theirs), ("tcpidle-bpf", in_kernel),
+                         ("tcpidle-pass", alone)):
             if not rs:
                 continue
             argv = kill_commands(["tcpidle"], "PORT", ks["idle_ms"])[tool]
-            w("| %s | `%s` | %s | %s | %s | %s | %d |" % (
-                tool, " ".join(argv).replace(":PORT", ":PORT"), ms(stats(rs, "wall")),
-                "/".join(ms(r["wall"]) for r in rs), mb(stats(rs, "maxrss_kb")),
+            if tool == "tcpidle-pass":
+                argv = ["bench/iter_pass.py", "PORT", str(ks["idle_ms"])]
+            w("| %s | `%s` | %s | %s | %.0f | %s | %s | %s | %d |" % (
+                tool, " ".join(argv), ms(stats(rs, "wall")),
+                "/".join(ms(r["wall"]) for r in rs), median([cpu[id(r)] for r in rs]) * 1e3,
+                "/".join("%.0f+%.0f" % (r["user"] * 1e3, r["sys"] * 1e3) for r in rs),
+                mb(stats(rs, "maxrss_kb")),
                 "/".join(str(r["left"]) for r in rs), sum(r["bystanders_lost"] for r in rs)))
         w("")
-        bad_ours = [r for r in mine + in_kernel if r["left"] or r["rc"] != 0 or r["bystanders_lost"]]
+        sc = median([cpu[id(r)] for r in theirs])
+        bad_ours = [r for r in mine + in_kernel + alone
+                    if r["left"] or r["rc"] != 0 or r["bystanders_lost"]]
         ss_left = [r["left"] for r in theirs if r["left"]]
-        w("Ratio tcpidle / ss -K: **%.2f** (target < 1.0: %s). tcpidle left no idle socket alive "
-          "and killed no bystander in any run: %s. ss -K left idle sockets alive in %d of %d runs%s."
-          % (t / s, "met" if t / s < 1.0 else "**missed**", "yes" if not bad_ours else "**NO** (%s)"
+        w("Ratio tcpidle / ss -K: **%.2f** wall, %.2f CPU (target <= 1.0: %s). tcpidle left no "
+          "idle socket alive and killed no bystander in any run: %s. ss -K left idle sockets alive "
+          "in %d of %d runs%s."
+          % (t / s, median([cpu[id(r)] for r in mine]) / sc, "met" if t / s <= 1.0 else "**missed**",
+             "yes" if not bad_ours else "**NO** (%s)"
              % json.dumps(bad_ours), len(ss_left), len(theirs),
              (" (%s)" % ", ".join(map(str, ss_left))) if ss_left else ""))
         w("")
         if in_kernel:
             b = stats(in_kernel, "wall")
-            w("Ratio tcpidle --destroy-with bpf / ss -K: **%.2f** (target <= 0.5: %s)."
-              % (b / s, "met" if b / s <= 0.5 else "**missed**"))
+            w("Ratio tcpidle --destroy-with bpf / ss -K: **%.2f** wall, %.2f CPU (target <= 0.5: %s)."
+              % (b / s, median([cpu[id(r)] for r in in_kernel]) / sc,
+                 "met" if b / s <= 0.5 else "**missed**"))
+            w("")
+        passes = [r["pass"] for r in alone if r.get("pass")]
+        if passes:
+            rd = median([p["read_ms"] for p in passes]) / 1e3
+            w("The iterator's pass alone, in-process (`bench/iter_pass.py`: no start-up, no "
+              "outcomes, no rows): reading the iterator, i.e. the kernel walking the namespace and "
+              "destroying %s sockets under their locks, %s ms (median; runs %s), decoding its "
+              "records %s ms; CPU of the pass %s. That read alone is **%.2fx** `ss -K`'s whole "
+              "run (wall), against the goal of 0.5x for the whole command."
+              % ("/".join(str(p["destroyed"]) for p in passes), ms(rd),
+                 "/".join(ms(p["read_ms"] / 1e3) for p in passes),
+                 ms(median([p["decode_ms"] for p in passes]) / 1e3),
+                 "/".join("%.0f+%.0f ms" % (p["cpu_user_s"] * 1e3, p["cpu_sys_s"] * 1e3)
+                          for p in passes), rd / s))
             w("")
     race = results.get("race")
     if race:
@@ -719,6 +770,9 @@ def parse_args(argv=None):
     ap.add_argument("--kill-runs", type=int, help="runs per tool (default 5)")
     ap.add_argument("--kill-bpf", action="store_true",
                     help="also time `tcpidle kill --destroy-with bpf` (the in-kernel destroy)")
+    ap.add_argument("--kill-pass", action="store_true",
+                    help="also time the in-kernel destroy's pass alone, in-process "
+                         "(bench/iter_pass.py: the kernel's own time for the destroys)")
     ap.add_argument("--idle-ms", type=int, help="idle threshold (default 6000)")
     ap.add_argument("--race-runs", type=int, help="runs per tool with a small established hash (default 3)")
     ap.add_argument("--race-idle", type=int, default=10000, help="connections destroyed per race run")

@@ -191,8 +191,8 @@ def prepare_active(farm: common.Farm, active: int, period: float) -> List[str]:
     return names
 
 
-def kill_commands(tcpidle: List[str], port: int, idle_ms: int):
-    return {
+def kill_commands(tcpidle: List[str], port: int, idle_ms: int, before: Optional[str] = None):
+    cmds = {
         "tcpidle": tcpidle + ["kill", "-d", str(port), "-t", str(idle_ms), "--json", "--disable-syslog"],
         "tcpidle-bpf": tcpidle + ["kill", "-d", str(port), "-t", str(idle_ms), "--destroy-with", "bpf",
                                   "--json", "--disable-syslog"],
@@ -200,6 +200,11 @@ def kill_commands(tcpidle: List[str], port: int, idle_ms: int):
         # the in-kernel destroy's pass alone, timed in-process (bench/iter_pass.py)
         "tcpidle-pass": [common.python(), os.path.join(HERE, "iter_pass.py"), str(port), str(idle_ms)],
     }
+    if before:  # the same commands from another tree (--before DIR), first on the path
+        old = ["env", "PYTHONPATH=%s" % before, common.python(), "-m", "tcpidle"]
+        cmds["tcpidle-before"] = old + cmds["tcpidle"][len(tcpidle):]
+        cmds["tcpidle-bpf-before"] = old + cmds["tcpidle-bpf"][len(tcpidle):]
+    return cmds
 
 
 def one_kill_run(farm, ns, run: int, tool: str, argv_for, idle: int, idle_ms: int,
@@ -285,14 +290,17 @@ def kill_phase(farm, ns, args, tcpidle: List[str], results: Dict) -> None:
         % (lo, hi, idle_ms, would))
     runs = []
     tools = ["tcpidle", "ss"] + (["tcpidle-bpf"] if args.kill_bpf else []) + \
-        (["tcpidle-pass"] if args.kill_pass else [])
+        (["tcpidle-pass"] if args.kill_pass else []) + \
+        (["tcpidle-before"] + (["tcpidle-bpf-before"] if args.kill_bpf else [])
+         if args.before else [])
     for i in range(len(tools) * args.kill_runs):
         rnd, k = divmod(i, len(tools))
         if len(tools) == 2:  # ABBA
             tool = tools[k] if rnd % 2 == 0 else tools[1 - k]
         else:  # each round starts with the next tool: ABC, BCA, CAB (ABCD, BCDA, ...)
             tool = tools[(rnd + k) % len(tools)]
-        runs.append(one_kill_run(farm, ns, i, tool, lambda p: kill_commands(tcpidle, p, idle_ms),
+        runs.append(one_kill_run(farm, ns, i, tool,
+                                 lambda p: kill_commands(tcpidle, p, idle_ms, args.before),
                                  args.kill_idle, idle_ms, bystanders))
     results["kill"] = runs
     results["kill_phase_s"] = time.monotonic() - t0
@@ -625,6 +633,7 @@ def summary(results: Dict) -> str:
         theirs = [r for r in kill if r["tool"] == "ss"]
         in_kernel = [r for r in kill if r["tool"] == "tcpidle-bpf"]
         alone = [r for r in kill if r["tool"] == "tcpidle-pass"]
+        earlier = [r for r in kill if r["tool"] in ("tcpidle-before", "tcpidle-bpf-before")]
         t, s = stats(mine, "wall"), stats(theirs, "wall")
         cpu = {id(r): r["user"] + r["sys"] for r in kill}
         loads = [r["load1"] for r in kill if r.get("load1") is not None]
@@ -645,12 +654,17 @@ def summary(results: Dict) -> str:
           "(user+sys ms) | MB | idle left alive per run | bystanders lost |")
         w("|---|---|---:|---|---:|---|---:|---|---:|")
         for tool, rs in (("tcpidle", mine), ("ss", theirs), ("tcpidle-bpf", in_kernel),
-                         ("tcpidle-pass", alone)):
+                         ("tcpidle-pass", alone),
+                         ("tcpidle-before", [r for r in earlier if r["tool"] == "tcpidle-before"]),
+                         ("tcpidle-bpf-before", [r for r in earlier
+                                                 if r["tool"] == "tcpidle-bpf-before"])):
             if not rs:
                 continue
-            argv = kill_commands(["tcpidle"], "PORT", ks["idle_ms"])[tool]
+            argv = kill_commands(["tcpidle"], "PORT", ks["idle_ms"])[tool.replace("-before", "")]
             if tool == "tcpidle-pass":
                 argv = ["bench/iter_pass.py", "PORT", str(ks["idle_ms"])]
+            elif tool.endswith("-before"):
+                argv = ["(--before tree)"] + argv
             w("| %s | `%s` | %s | %s | %.0f | %s | %s | %s | %d |" % (
                 tool, " ".join(argv), ms(stats(rs, "wall")),
                 "/".join(ms(r["wall"]) for r in rs), median([cpu[id(r)] for r in rs]) * 1e3,
@@ -659,7 +673,7 @@ def summary(results: Dict) -> str:
                 "/".join(str(r["left"]) for r in rs), sum(r["bystanders_lost"] for r in rs)))
         w("")
         sc = median([cpu[id(r)] for r in theirs])
-        bad_ours = [r for r in mine + in_kernel + alone
+        bad_ours = [r for r in mine + in_kernel + alone + earlier
                     if r["left"] or r["rc"] != 0 or r["bystanders_lost"]]
         ss_left = [r["left"] for r in theirs if r["left"]]
         w("Ratio tcpidle / ss -K: **%.2f** wall, %.2f CPU (target <= 1.0: %s). tcpidle left no "
@@ -773,6 +787,9 @@ def parse_args(argv=None):
     ap.add_argument("--kill-pass", action="store_true",
                     help="also time the in-kernel destroy's pass alone, in-process "
                          "(bench/iter_pass.py: the kernel's own time for the destroys)")
+    ap.add_argument("--before", metavar="DIR",
+                    help="also time the kill commands of another tcpidle tree (on PYTHONPATH, "
+                         "this venv): before/after in one run")
     ap.add_argument("--idle-ms", type=int, help="idle threshold (default 6000)")
     ap.add_argument("--race-runs", type=int, help="runs per tool with a small established hash (default 3)")
     ap.add_argument("--race-idle", type=int, default=10000, help="connections destroyed per race run")

@@ -201,7 +201,10 @@ def kill_commands(tcpidle: List[str], port: int, idle_ms: int, before: Optional[
         "tcpidle-pass": [common.python(), os.path.join(HERE, "iter_pass.py"), str(port), str(idle_ms)],
     }
     if before:  # the same commands from another tree (--before DIR), first on the path
-        old = ["env", "PYTHONPATH=%s" % before, common.python(), "-m", "tcpidle"]
+        # Started as the console script starts tcpidle (the same imports); -P: not
+        # the working directory first on the path (it may be a tcpidle tree).
+        old = ["env", "PYTHONPATH=%s" % before, common.python(), "-P", "-c",
+               "import sys; from tcpidle.cli import main; sys.exit(main())"]
         cmds["tcpidle-before"] = old + cmds["tcpidle"][len(tcpidle):]
         cmds["tcpidle-bpf-before"] = old + cmds["tcpidle-bpf"][len(tcpidle):]
     return cmds

@@ -426,24 +426,37 @@ def decode_dump(buf, netns: Optional[str] = None) -> List[Socket]:
     return decoder.sockets
 
 
+# Where a streamed dump's sockets go: called with the sockets of each received
+# chunk (one recv(), ~70-100 records), in order, while the dump goes on.
+Sink = Callable[[List[Socket]], None]
+
+
 class DumpDecoder:
     """Incremental decoder: feed it each recv() result until it reports done.
 
     Netlink never splits a message across two datagrams, so each chunk is a
     whole number of messages; the decoder keeps no partial state besides the
     address-text cache and the list of sockets found.
+
+    With a `sink` it keeps no list either: each chunk's sockets are handed
+    to the sink as soon as they are decoded (a fresh list each time, the
+    sink's to keep or drop), so a dump of 100k sockets never holds more
+    than one chunk's records; `delivered` counts them.
     """
 
-    __slots__ = ("sockets", "netns", "seq", "done", "_cache", "stores")
+    __slots__ = ("sockets", "netns", "seq", "done", "_cache", "stores", "sink", "delivered")
 
     def __init__(self, netns: Optional[str] = None, seq: Optional[int] = None,
-                 stores: Optional[Dict[int, Dict[int, bytes]]] = None):
+                 stores: Optional[Dict[int, Dict[int, bytes]]] = None,
+                 sink: Optional[Sink] = None):
         self.sockets: List[Socket] = []
         self.netns = netns
         self.seq = seq
         self.done = False
         self._cache: Dict[bytes, str] = {}
         self.stores = stores  # see _decode_messages
+        self.sink = sink
+        self.delivered = 0
 
     def feed(self, chunk, length: Optional[int] = None) -> bool:
         """Decode chunk[:length]; returns True once NLMSG_DONE was seen."""
@@ -452,6 +465,10 @@ class DumpDecoder:
         end = len(chunk) if length is None else length
         stop = _decode_messages(chunk, 0, end, self.sockets, self.netns, self.seq, self._cache,
                                 self.stores)
+        if self.sink is not None and self.sockets:
+            got, self.sockets = self.sockets, []
+            self.delivered += len(got)
+            self.sink(got)
         if stop >= 0:
             if stop < end:
                 raise MalformedDump("%d bytes after NLMSG_DONE" % (end - stop))
@@ -641,6 +658,8 @@ class DiagSocket:
         self.lost_answers = 0
         # Dump requests sent (each one walk of the kernel's hash tables).
         self.walks = 0
+        # Sockets the last dump handed to its sink (dump(sink=...)).
+        self.delivered = 0
         self._rcvbuf = rcvbuf
         self._buf = bytearray(_RECV_SIZE)
         self._view = memoryview(self._buf)
@@ -690,25 +709,29 @@ class DiagSocket:
 
     def dump(
         self, family: int, states_mask: int, bytecode: bytes = b"", want_info: bool = True,
-        storage: Optional[Storages] = None,
+        storage: Optional[Storages] = None, sink: Optional[Sink] = None,
     ) -> List[Socket]:
         """All TCP sockets of `family` whose state bit is set in `states_mask`.
 
         `states_mask` has bit (1 << TcpState) per wanted state.  The whole
         multipart answer is read before returning, so nothing can be
         destroyed while the kernel is still walking its hash tables (ss -K
-        does that and misses sockets).  `storage`: see Storages.
+        does that and misses sockets).  `storage`: see Storages.  `sink`:
+        the sockets go to it chunk by chunk as they arrive (DumpDecoder),
+        and the list returned is empty; `delivered` then says how many.
         """
         if storage is not None and storage.refused is None:
             try:
-                return self._dump(family, states_mask, bytecode, want_info, None, storage)
+                return self._dump(family, states_mask, bytecode, want_info, None, storage, sink)
             except errors.NetlinkError as e:
-                if e.errno not in (errno.EPERM, errno.EACCES):
-                    raise
+                if e.errno not in (errno.EPERM, errno.EACCES) or self.delivered:
+                    raise  # a refusal comes before any record: a sink never sees one twice
                 storage.refuse(e)
             except errors.PrivilegeError as e:
+                if self.delivered:
+                    raise
                 storage.refuse(e)
-        return self._dump(family, states_mask, bytecode, want_info, None)
+        return self._dump(family, states_mask, bytecode, want_info, None, sink=sink)
 
     def dump_raw(
         self, family: int, states_mask: int, bytecode: bytes = b"", want_info: bool = True
@@ -723,14 +746,15 @@ class DiagSocket:
         return b"".join(raw)
 
     def _dump(self, family, states_mask, bytecode, want_info, raw: Optional[List[bytes]],
-              storage: Optional[Storages] = None):
+              storage: Optional[Storages] = None, sink: Optional[Sink] = None):
         if self._dump_sock is None:
             raise ValueError("DiagSocket is closed")
         seq = self._next_seq()
         req = build_dump_request(family, states_mask, bytecode, want_info, seq,
                                  storage.map_fds if storage is not None else ())
         decoder = DumpDecoder(netns=self.netns_label, seq=seq,
-                              stores=storage.stores if storage is not None else None)
+                              stores=storage.stores if storage is not None else None, sink=sink)
+        self.delivered = 0
         sock = self._dump_sock
         try:
             sock.send(req)
@@ -761,6 +785,8 @@ class DiagSocket:
             # socket is the cleanest way to get rid of it.
             self._reset_dump_socket()
             raise
+        finally:
+            self.delivered = decoder.delivered
         return decoder.sockets
 
     def _reset_dump_socket(self) -> None:
@@ -775,8 +801,10 @@ class DiagSocket:
         bytecode_for_family: BytecodeSource = None,
         want_info: bool = True,
         storage: Optional[Storages] = None,
+        sink: Optional[Sink] = None,
     ) -> List[Socket]:
-        """The TCP sockets of `families` (AF_INET, AF_INET6 or both) in one list.
+        """The TCP sockets of `families` (AF_INET, AF_INET6 or both) in one list
+        (or, with a `sink`, handed to it chunk by chunk: see dump()).
 
         `bytecode_for_family` is None, one bytecode for both, a mapping
         family -> bytecode, or a callable family -> bytecode.
@@ -797,22 +825,26 @@ class DiagSocket:
         codes = {fam: _bytecode_for(bytecode_for_family, fam) for fam in wanted}
         if len(wanted) == 2 and codes[AF_INET] == codes[AF_INET6] and DiagSocket.single_walk:
             try:
-                return self.dump(AF_UNSPEC, states_mask, codes[AF_INET], want_info, storage)
+                return self.dump(AF_UNSPEC, states_mask, codes[AF_INET], want_info, storage, sink)
             except errors.NetlinkError as e:
-                if e.errno not in _LEGACY_REFUSED:
+                if e.errno not in _LEGACY_REFUSED or self.delivered:
                     raise
                 refused = e
-            out = self._dump_each(wanted, codes, states_mask, want_info, storage)
+            out = self._dump_each(wanted, codes, states_mask, want_info, storage, sink)
             # Only now is it the request, not its bytecode, the kernel refused.
             DiagSocket.single_walk = False
             _note_fallback(refused)
             return out
-        return self._dump_each(wanted, codes, states_mask, want_info, storage)
+        return self._dump_each(wanted, codes, states_mask, want_info, storage, sink)
 
-    def _dump_each(self, wanted, codes, states_mask, want_info, storage=None) -> List[Socket]:
+    def _dump_each(self, wanted, codes, states_mask, want_info, storage=None,
+                   sink=None) -> List[Socket]:
         out: List[Socket] = []
+        delivered = 0
         for fam in wanted:
-            out.extend(self.dump(fam, states_mask, codes[fam], want_info, storage))
+            out.extend(self.dump(fam, states_mask, codes[fam], want_info, storage, sink))
+            delivered += self.delivered
+        self.delivered = delivered
         return out
 
     # -- destroy --

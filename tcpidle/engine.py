@@ -5,7 +5,10 @@ Owns the order of operations, which is where correctness lives:
 1. The INET_DIAG dump is read to the end before anything is destroyed
    (`Scope.dump`): destroying while the kernel walks its hash buckets shifts
    the chains under the dump's resume position, and `ss -K` / tcp_closer
-   then miss sockets.
+   then miss sockets.  The sockets are *decided* while it streams
+   (`Scope.stream`: each chunk as it arrives, when the probe's records come
+   inline or there is no probe), and only what acting and reporting need
+   is kept (`tcpidle.tally`): the victims, the exposed, the counts.
 2. Each socket found is checked again in Python (`selectors.matches`): the
    kernel bytecode only narrows the dump, it is never trusted alone.
 3. Owners are looked up in /proc only for sockets that will be shown or
@@ -61,12 +64,12 @@ from .evidence import Evidence
 from .model import (NO_OWNERS, Action, Activity, Outcome, OwnerSummary, Policy, Socket, TcpState,
                     Verdict)
 from .scope import NamespaceFds, Scope
+from .tally import Tally
 
 log = logging.getLogger("tcpidle")
 
 BATCH = 256  # victims per destroy batch (Scope.batches' chunk)
 
-_EXPOSED = ("past", "at-risk")  # middlebox.PAST, middlebox.AT_RISK
 GONE = object()  # a re-check's answer: the kernel no longer has that cookie at that 4-tuple
 # Why the re-check spared a victim (Spare.reason starts with one of these).
 RECEIVED = "received data after the scan"
@@ -120,26 +123,39 @@ class Batch:
 
 @dataclass
 class Scan:
-    """The result of enumerating and deciding: every matched socket's verdict.
+    """The result of enumerating and deciding: the matched sockets' verdicts.
 
-    It holds a descriptor of every namespace it dumped (`reached`; close()
-    releases them), so that acting on its verdicts reaches the same
-    namespaces even if their names were deleted or reused since.  `missing`
-    names the namespaces asked for by name, path or pid that could not be
-    dumped.
+    `verdicts` holds every matched socket's verdict, or None when the pass
+    kept only what it acts on (`Engine.scan(every=False)`, the kill pass);
+    `tally` (tcpidle.tally) always has the victims, the counts and the
+    exposed.  It holds a descriptor of every namespace it dumped
+    (`reached`; close() releases them), so that acting on its verdicts
+    reaches the same namespaces even if their names were deleted or reused
+    since.  `missing` names the namespaces asked for by name, path or pid
+    that could not be dumped.
     """
 
-    verdicts: List[Verdict]
+    verdicts: Optional[List[Verdict]]
     owners: Dict[int, OwnerSummary] = field(default_factory=dict)  # by socket inode
     seen: int = 0  # sockets the kernel returned before the Python filter
     dump_ms: float = 0.0
-    records: Dict[int, Activity] = field(default_factory=dict)  # probe records the verdicts used
+    # probe records the verdicts used, by cookie (without every verdict: the victims')
+    records: Dict[int, Activity] = field(default_factory=dict)
     taken_ns: Dict[int, int] = field(default_factory=dict)  # by cookie: when judged (find only)
     reached: NamespaceFds = field(default_factory=NamespaceFds, repr=False)
+    tally: Optional[Tally] = None  # None only in a hand-made Scan: then made of `verdicts`
+
+    def __post_init__(self):
+        if self.tally is None and self.verdicts is not None:
+            self.tally = Tally.of(self.verdicts, self.records)
 
     @property
     def victims(self) -> List[Verdict]:
-        return [v for v in self.verdicts if v.victim]
+        return self.tally.victims
+
+    @property
+    def matched(self) -> int:
+        return self.tally.matched
 
     @property
     def missing(self) -> List[str]:
@@ -197,42 +213,79 @@ class Engine:
 
     # -- enumerate and decide ------------------------------------------------
 
-    def scan(self) -> Scan:
-        """Dump, merge, decide; the owner selectors applied (one /proc walk) when given."""
+    def scan(self, every: bool = True) -> Scan:
+        """Dump, merge, decide; the owner selectors applied (one /proc walk) when given.
+
+        Each socket is decided as its chunk of the dump arrives, when the
+        evidence allows (records read inline in the dump, or no probe), and
+        counted into the scan's Tally; `every=False` (the kill pass) keeps
+        only what acting on the scan and reporting it need, never a verdict
+        per socket.  A probe's map is read after the whole dump: its sockets
+        are decided then.  Owner selectors need the /proc walk over every
+        match, so they keep every verdict until it is done.
+        """
         started = time.monotonic()
-        scan = Scan([])
+        selector, policy = self.selector, self.policy
+        by_owner = selectors.needs_owners(selector)
+        armed = self.armed if self.policy.keepalive is not None and self.armed else None
+        # With owner selectors the tally is made after the owner filter, below.
+        tally = Tally(every=every or by_owner, armed=None if by_owner else armed)
+        records_seen: Dict[int, Activity] = {}  # every record, kept for every=True
+        matches, decide, add = selectors.matches, idle.decide, tally.add
+        evidence = self.evidence
+        scan = Scan(None, tally=tally)
+
+        def judge(socks, records, now_ns) -> None:
+            get = records.get
+            for sock in socks:
+                if matches(selector, sock):
+                    record = get(sock.cookie)
+                    add(decide(sock, record, now_ns, policy), record)
+
         try:
-            found = self.scope.dump(scan)
-            scan.dump_ms = (time.monotonic() - started) * 1000.0
-            # Read after the dump: a socket that received data meanwhile has a
-            # stamp newer than its "now", i.e. idle 0 -- the safe direction.
-            records = self.evidence.snapshot()
+            if evidence.streams:
+                def chunk(socks: List[Socket], now_ns: int) -> None:
+                    records = evidence.take()
+                    if every:
+                        records_seen.update(records)
+                    judge(socks, records, now_ns)
+
+                scan.seen = self.scope.stream(scan, chunk)
+                scan.dump_ms = (time.monotonic() - started) * 1000.0
+                evidence.snapshot()  # ends the dump (its records' count); each chunk took its own
+            else:
+                found = self.scope.dump(scan)
+                scan.dump_ms = (time.monotonic() - started) * 1000.0
+                # Read after the dump: a socket that received data meanwhile has a
+                # stamp newer than its "now", i.e. idle 0 -- the safe direction.
+                records_seen = self.evidence.snapshot()
+                scan.seen = len(found)
+                get = records_seen.get
+                for sock, now_ns in found:
+                    if matches(selector, sock):
+                        record = get(sock.cookie)
+                        add(decide(sock, record, now_ns, policy), record)
+                del found
         except BaseException:
             scan.close()
             raise
-        selector, policy = self.selector, self.policy
-        scan.verdicts = [
-            idle.decide(sock, records.get(sock.cookie), now_ns, policy)
-            for sock, now_ns in found
-            if selectors.matches(selector, sock)
-        ]
-        scan.seen, scan.records = len(found), records
-        if selectors.needs_owners(selector):
-            self._attribute(scan, scan.verdicts, force=True)
-            scan.verdicts = [v for v in scan.verdicts
-                             if selectors.owned_by(selector, scan.owners.get(v.socket.inode, NO_OWNERS))]
+        if by_owner:
+            self._attribute(scan, tally.verdicts, force=True)
+            owned = [v for v in tally.verdicts
+                     if selectors.owned_by(selector, scan.owners.get(v.socket.inode, NO_OWNERS))]
+            tally = scan.tally = Tally.of(owned, tally.records, every=every, armed=armed)
+        scan.verdicts = tally.verdicts
+        scan.records = records_seen if every else tally.records
         if self.policy.middlebox is not None:
             # Whose connections a middlebox dropped or will: the report and the
             # tracker's gauges name them.  Only those, so a quiet host walks
             # /proc for nothing.
-            self._attribute(scan, [v for v in scan.verdicts if v.exposure in _EXPOSED], force=True)
-        if self.policy.keepalive is not None and self.armed:
+            self._attribute(scan, tally.exposed, force=True)
+        if armed is not None:
             # A tracker arms each connection once: one it armed shows the
             # keep-alive timer from then on, except while a retransmission is
             # pending, which hides it (INET_DIAG shows one timer).
-            self.armed &= {v.socket.cookie for v in scan.verdicts}
-            scan.verdicts = [v._replace(victim=False) if v.victim and v.socket.cookie in self.armed
-                             else v for v in scan.verdicts]
+            self.armed &= tally.still_armed
         return scan
 
     def survey(self, shown: Optional[Callable[[Scan], List[Verdict]]] = None,
@@ -262,6 +315,7 @@ class Engine:
                          for sock in chosen]
         scan.taken_ns = {sock.cookie: now_of[id(sock)] for sock in chosen}
         scan.seen, scan.records = len(found), records
+        scan.tally = Tally.of(scan.verdicts, records, every=True)
         return scan
 
     def _attribute(self, scan: Scan, verdicts: Sequence[Verdict], force: bool = False) -> None:

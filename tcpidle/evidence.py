@@ -65,6 +65,18 @@ class Evidence:
         """Is there a probe behind it?"""
         return self.reader is not None
 
+    @property
+    def streams(self) -> bool:
+        """Do its records come with the dump itself (inline storage), or is there
+        no probe at all?  Then a pass can decide each socket as it is decoded
+        (`take`); a map's snapshot must be read after the whole dump."""
+        return self.reader is None or isinstance(self.reader, InlineReader)
+
+    def take(self) -> Dict[int, Activity]:
+        """While a dump streams: the records of the sockets decoded since the last
+        call ({} without a probe).  snapshot() after the dump ends it."""
+        return self.reader.take() if self.reader is not None else {}
+
     def snapshot(self) -> Dict[int, Activity]:
         """Every record of the probe's map, by cookie ({} without a probe)."""
         return self.reader.activity() if self.reader is not None else {}
@@ -97,7 +109,10 @@ class InlineReader:
     """The probe's per-socket storage, as the scope's dumps return it.
 
     activity(): the values the dumps since the last call carried, by cookie
-    (the pass reads it right after its dump).  lookup(cookies): the re-check
+    (the pass reads it right after its dump).  take(): the same, part by part
+    while a dump streams (a pass that decides each chunk as it arrives), then
+    activity() ends the dump: stats() counts the records of the whole dump.
+    lookup(cookies): the re-check
     before a destroy -- exact INET_DIAG lookups carry no storage, so the
     scope is dumped once more (storage only, no tcp_info) and the values of
     these cookies returned.  `storage_fd` is the map's fd (the tracker's own,
@@ -115,7 +130,8 @@ class InlineReader:
         self._close = close
         self._counters = counters  # the probe's counters map reader, when we have it
         self._scope = None
-        self._last: Dict[int, Activity] = {}
+        self._entries = 0  # records the last dump carried
+        self._taken = 0  # records take() returned since the last activity()
 
     def bind(self, scope) -> None:
         self._scope = scope
@@ -131,17 +147,23 @@ class InlineReader:
 
         out = {}
         mid = self.map_id
+        unpack, size = VALUE.unpack_from, VALUE.size
         for cookie, per_map in self.storages.stores.items():
             raw = per_map.get(mid)
-            if raw is not None and len(raw) >= VALUE.size:
-                seg, data, nseg, ndata, nbytes = VALUE.unpack_from(raw)
-                out[cookie] = Activity(cookie, seg, data, nseg, ndata, nbytes)
+            if raw is not None and len(raw) >= size:
+                out[cookie] = Activity(cookie, *unpack(raw))
         self.storages.stores.clear()
         return out
 
+    def take(self) -> Dict[int, Activity]:
+        out = self._take()
+        self._taken += len(out)
+        return out
+
     def activity(self) -> Dict[int, Activity]:
-        self._last = self._take()
-        return self._last
+        out = self._take()
+        self._entries, self._taken = self._taken + len(out), 0
+        return out
 
     def lookup(self, cookies: Sequence[int]) -> Dict[int, Activity]:
         if self._scope is not None:
@@ -152,7 +174,7 @@ class InlineReader:
 
     def stats(self) -> Dict[str, int]:
         c = self._counters.counters() if self._counters is not None else {}
-        return {"entries": len(self._last), "inserts": c.get("inserts", 0),
+        return {"entries": self._entries, "inserts": c.get("inserts", 0),
                 "deletes": 0, "evicted": 0, "failed": c.get("failed", 0),
                 "no_cookie": 0, "max_entries": 0}
 

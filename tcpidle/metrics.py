@@ -87,6 +87,7 @@ from .health import VERDICTS
 from .middlebox import AT_RISK, PAST
 from .model import Action, Outcome, OwnerSummary, Verdict
 from .sinks import OUTPUTS
+from .tally import Tally
 
 IDLE_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 43200, 86400, math.inf)
 POLL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -181,23 +182,28 @@ class Metrics:
     def observe_poll(self, verdicts: Sequence[Verdict], outcomes: Sequence[Outcome],
                      seconds: float, wall_time: float, spared: int = 0,
                      owners: Optional[Mapping[int, OwnerSummary]] = None) -> None:
-        """The end of a poll; `outcomes` and `spared` (received data) are counted
-        here only if no observe_batch counted them.  `owners` (by inode) name the
-        processes of the connections a middlebox policy found exposed."""
-        self.sockets_seen.set(len(verdicts))
+        """The end of a poll, given every matched verdict: observe_tally of their Tally."""
+        self.observe_tally(Tally.of(verdicts), outcomes, seconds, wall_time, spared, owners)
+
+    def observe_tally(self, tally: Tally, outcomes: Sequence[Outcome],
+                      seconds: float, wall_time: float, spared: int = 0,
+                      owners: Optional[Mapping[int, OwnerSummary]] = None) -> None:
+        """The end of a poll, as its Tally counted it (the engine keeps no verdict
+        per socket); `outcomes` and `spared` (received data) are counted here only
+        if no observe_batch counted them.  `owners` (by inode) name the processes
+        of the connections a middlebox policy found exposed."""
+        self.sockets_seen.set(tally.matched)
+        observe = self.idle_seconds.observe
+        for ms in tally.idle_ms:
+            observe(ms / 1000.0)
         by_verdict = dict.fromkeys(VERDICTS, 0)
-        for v in verdicts:
-            if v.idle_ms is not None:
-                self.idle_seconds.observe(v.idle_ms / 1000.0)
-            if v.health is not None:
-                by_verdict[v.health.verdict] = by_verdict.get(v.health.verdict, 0) + 1
+        by_verdict.update(tally.by_verdict)
         for name, n in by_verdict.items():
             self.connections.labels(name).set(n)
         self.at_risk.clear()
         self.past.clear()
-        exposed = [v for v in verdicts if v.exposure in (PAST, AT_RISK)]
-        if exposed:
-            for g in groups.count(exposed, "comm", owners or {}, label=lambda v: v.exposure,
+        if tally.exposed:
+            for g in groups.count(tally.exposed, "comm", owners or {}, label=lambda v: v.exposure,
                                   columns=(PAST, AT_RISK)):
                 self.past.labels(g.key).set(g.counts[PAST])
                 self.at_risk.labels(g.key).set(g.counts[AT_RISK])

@@ -44,7 +44,7 @@ def run_pass(engine: Engine, as_json: bool, name: str, quiet_if_empty: bool = Fa
     summary when nothing happened (polls).
     """
     started = clock()
-    scan = engine.scan()
+    scan = engine.scan(every=False)  # the victims and the counts, not a verdict per socket
     outcomes: List[Outcome] = []
     spared: List[Spare] = []
     refused: list = []  # keep-alive retrofit: pidfd_getfd refused, said once per owner below
@@ -81,7 +81,7 @@ def run_pass(engine: Engine, as_json: bool, name: str, quiet_if_empty: bool = Fa
                 if engine.policy.max_kills is not None:
                     planned = min(planned, engine.policy.max_kills)
                 left = max(0, planned - len(outcomes) - len(spared))
-            report.summary_kill(outcomes, len(scan.verdicts), len(scan.victims), elapsed * 1000.0,
+            report.summary_kill(outcomes, scan.matched, len(scan.victims), elapsed * 1000.0,
                                 engine.policy.dry_run, prefix=name,
                                 spared=[s.kind for s in spared], cut=cut, left=left,
                                 victims_are="idle" if engine.policy.keepalive is None

@@ -164,12 +164,12 @@ class Poller:
         stats = self._probe_stats()  # first: the gauges then move together
         self._say_degradation(stats)
         if self.metrics is not None:
-            self.metrics.observe_poll(scan.verdicts, (), done.seconds, time.time(),
-                                      owners=scan.owners)
+            self.metrics.observe_tally(scan.tally, (), done.seconds, time.time(),
+                                       owners=scan.owners)
             self.metrics.observe_probe(stats)
             self.metrics.observe_pins(len(self._problems))
         log.debug("poll %d: %d sockets dumped, %d matched, %d idle, %d acted on; %.1f ms",
-                  self.polls, scan.seen, len(scan.verdicts), len(scan.victims),
+                  self.polls, scan.seen, scan.matched, len(scan.victims),
                   len(done.outcomes), done.seconds * 1000.0)
         if scan.missing:
             self.errors += 1

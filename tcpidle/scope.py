@@ -132,6 +132,30 @@ class Scope:
                 found.extend((sk, now_ns) for sk in socks)
         return found
 
+    def stream(self, scan, sink: Callable[[List[Socket], int], None]) -> int:
+        """Like dump(), but each namespace's sockets go to `sink(sockets, now_ns)`
+        chunk by chunk as the kernel sends them (diag.DumpDecoder), and none is
+        kept here; returns how many there were.
+
+        The sink only decides: nothing may be destroyed while a dump is read
+        (see engine.py), and each dump is still read to its end.
+        """
+        seen = 0
+        for nl in self._each_namespace(scan):
+            with nl:
+                now_ns = time.monotonic_ns()
+
+                def chunk(socks: List[Socket], now_ns: int = now_ns) -> None:
+                    sink(socks, now_ns)
+
+                if self.storage is None:
+                    nl.dump_sockets(self.families, self.states_mask, self.bytecode, sink=chunk)
+                else:
+                    nl.dump_sockets(self.families, self.states_mask, self.bytecode,
+                                    storage=self.storage, sink=chunk)
+                seen += nl.delivered
+        return seen
+
     def dump_storages(self) -> int:
         """Dump the selection once more for its inline BPF storage alone (no
         tcp_info): the re-check's fresh probe values.  Returns the sockets seen."""

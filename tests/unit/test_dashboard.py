@@ -43,6 +43,7 @@ def _fed_metrics():
         idle_ms = 1500.0
         health = None
         exposure = "at-risk"  # a middlebox policy found it exposed: its gauges have samples
+        victim = False
         socket = S()
 
     class Done:  # likewise

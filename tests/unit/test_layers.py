@@ -26,7 +26,7 @@ FLOORS = [
     ["evidence", "scope", "fallback", "retrofit", "signals"],
     ["owners", "idle", "selectors", "report", "metrics", "privilege", "groups", "histogram",
      "explain"],
-    ["health", "middlebox"],
+    ["health", "middlebox", "tally"],
     ["diag", "netns", "probe", "sinks"],
     ["safetext"],
     ["model", "errors", "bpf"],

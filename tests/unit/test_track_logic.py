@@ -239,7 +239,9 @@ class Scripted:
         self.policy = policy
         self.scans = []
 
-    def scan(self):
+    def scan(self, every=True):
+        from tcpidle.tally import Tally
+
         self.scans.append(time.monotonic())
         step = self.steps.pop(0) if self.steps else 0
         if isinstance(step, BaseException):
@@ -248,7 +250,8 @@ class Scripted:
         class S:
             verdicts = [outcome(i).verdict for i in range(step)]
             victims = verdicts
-            seen = step
+            tally = Tally.of(verdicts)
+            matched = seen = step
             missing = []
             owners = {}
 

@@ -363,8 +363,23 @@ def _decode_messages(
     return -1
 
 
+# The usual INET_DIAG_SK_BPF_STORAGES payload, one map's value: SK_DIAG_BPF_STORAGE
+# {u16 len, u16 type} holding MAP_ID {len 8, type, u32 id} then MAP_VALUE {len, type}.
+_ONE_STORAGE = struct.Struct("=HHHHIHH")
+_ONE_STORAGE_LEN = 16  # the three headers and the map id, before the value
+
+
 def _decode_storages(buf, p: int, end: int) -> Dict[int, bytes]:
     """INET_DIAG_SK_BPF_STORAGES' payload: {map id: value bytes}."""
+    if end - p >= _ONE_STORAGE_LEN:
+        # One map's value (the probe's), laid out as the kernel writes it
+        # (bpf_sk_storage_diag_put): read with one unpack instead of the walk.
+        slen, stype, ilen, itype, map_id, vlen, vtype = _ONE_STORAGE.unpack_from(buf, p)
+        if (slen == end - p and stype & NLA_TYPE_MASK == SK_DIAG_BPF_STORAGE
+                and ilen == 8 and itype & NLA_TYPE_MASK == SK_DIAG_BPF_STORAGE_MAP_ID
+                and vtype & NLA_TYPE_MASK == SK_DIAG_BPF_STORAGE_MAP_VALUE
+                and vlen == slen - 12 and vlen >= 4):
+            return {map_id: bytes(buf[p + _ONE_STORAGE_LEN:p + 12 + vlen])}
     out: Dict[int, bytes] = {}
     while p + 4 <= end:
         alen, atype = _RTATTR.unpack_from(buf, p)

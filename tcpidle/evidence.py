@@ -29,6 +29,7 @@ never lets the probe make a socket look idler than tcp_info says.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -105,6 +106,22 @@ class Evidence:
             close()
 
 
+_ACTIVITY_FIELDS = ("cookie", "last_segment_ns", "last_data_ns", "segments", "data_segments",
+                    "bytes")
+_FAST_ACTIVITY = (tuple(f.name for f in dataclasses.fields(Activity)) == _ACTIVITY_FIELDS
+                  and not hasattr(Activity, "__post_init__") and not hasattr(Activity, "__slots__"))
+
+
+def _activity(cookie, seg, data, nseg, ndata, nbytes, _new=Activity.__new__,
+              _set=object.__setattr__) -> Activity:
+    """Activity(...) without the frozen dataclass's per-field __setattr__ (as the
+    dump decoder fills a Socket, diag._FAST_FILL): one is made per socket per poll."""
+    a = _new(Activity)
+    _set(a, "__dict__", {"cookie": cookie, "last_segment_ns": seg, "last_data_ns": data,
+                         "segments": nseg, "data_segments": ndata, "bytes": nbytes})
+    return a
+
+
 class InlineReader:
     """The probe's per-socket storage, as the scope's dumps return it.
 
@@ -148,10 +165,11 @@ class InlineReader:
         out = {}
         mid = self.map_id
         unpack, size = VALUE.unpack_from, VALUE.size
+        make = _activity if _FAST_ACTIVITY else Activity
         for cookie, per_map in self.storages.stores.items():
             raw = per_map.get(mid)
             if raw is not None and len(raw) >= size:
-                out[cookie] = Activity(cookie, *unpack(raw))
+                out[cookie] = make(cookie, *unpack(raw))
         self.storages.stores.clear()
         return out
 

@@ -227,3 +227,36 @@ def test_a_decoder_with_a_sink_hands_over_every_record_once(name):
     assert dec.feed(whole[sum(map(len, records)):])
     assert [sk for part in got for sk in part] == want and dec.delivered == len(want)
     assert all(0 < len(part) <= 3 for part in got)
+
+
+def _attr(atype: int, payload: bytes) -> bytes:
+    n = 4 + len(payload)
+    return diag._RTATTR.pack(n, atype) + payload + b"\0" * (-n & 3)
+
+
+def _storage(map_id: int, value: bytes) -> bytes:
+    return _attr(diag.SK_DIAG_BPF_STORAGE | 0x8000,  # NLA_F_NESTED, as the kernel sets it
+                 _attr(diag.SK_DIAG_BPF_STORAGE_MAP_ID, diag._U32.pack(map_id))
+                 + _attr(diag.SK_DIAG_BPF_STORAGE_MAP_VALUE, value))
+
+
+@pytest.mark.parametrize("maps", [[(7, bytes(range(40)))], [(7, b"\1" * 40), (9, b"\2" * 8)],
+                                  [(3, b"abcde")], [(5, b"")]])
+def test_one_storage_is_read_in_one_unpack_as_the_walk_reads_it(monkeypatch, maps):
+    """INET_DIAG_SK_BPF_STORAGES' payload: the one-map fast path gives what the
+    attribute walk gives (and the walk still reads two maps, or a value of any length)."""
+    payload = b"".join(_storage(mid, value) for mid, value in maps)
+    buf = b"\xff" * 8 + payload + b"\xee" * 8  # not at offset 0, other bytes around it
+    fast = diag._decode_storages(buf, 8, 8 + len(payload))
+    monkeypatch.setattr(diag, "_ONE_STORAGE_LEN", 1 << 30)  # the walk alone
+    walked = diag._decode_storages(buf, 8, 8 + len(payload))
+    assert fast == walked == dict(maps)
+
+
+def test_inline_records_are_the_activities_the_dataclass_makes():
+    from tcpidle import evidence
+
+    a, b = evidence._activity(11, 2, 3, 4, 5, 6), Activity(11, 2, 3, 4, 5, 6)
+    assert a == b and hash(a) == hash(b) and repr(a) == repr(b)
+    with pytest.raises(Exception):
+        a.cookie = 12  # still frozen

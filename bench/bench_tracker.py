@@ -4,6 +4,7 @@
     sudo bench/bench_tracker.py                       # this tree, 10000,100000 sockets
     sudo bench/bench_tracker.py --before DIR          # also a tree without the detached probe
     sudo bench/bench_tracker.py --sizes 10000 --polls 5
+    sudo bench/bench_tracker.py --before DIR --rounds 2   # after, before, before, after
 
 For each size: a fresh bench namespace holds size/2 connections (both ends
 there, spread over worker processes: 20,000 descriptors per process at most
@@ -12,8 +13,11 @@ storage and link pinned in a bench pin directory, starts from the host; once
 it polls, one byte each way on every connection gives every socket a probe
 record; then after --polls more polls its VmRSS and VmHWM (/proc/PID/status),
 whether bcc or LLVM is mapped in it (/proc/PID/maps), and its poll times
-(the -vv lines) are read.  Per-poll cost per matched socket = median poll
-time / matched sockets.  `--before DIR` runs the same with DIR's tcpidle
+(the -vv lines) are read, and its CPU time (user + system, /proc/PID/stat)
+over those polls.  Per-poll cost per matched socket = median poll time /
+matched sockets, and CPU time per poll / matched sockets: on a shared,
+loaded machine the wall time swings with the load, the CPU time much less
+(it includes the kernel's share of the dump).  `--before DIR` runs the same with DIR's tcpidle
 (PYTHONPATH=DIR, the same interpreter): e.g. `git archive COMMIT | tar -x -C
 DIR` of the commit before the detached probe.
 """
@@ -43,6 +47,13 @@ def mapped(pid: int, words=("libbcc", "LLVM", "clang")) -> List[str]:
     return sorted(lib for lib in libs if any(w in lib for w in words))
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (/proc/PID/stat utime, stime)."""
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run_tracker(ns: common.BenchNamespace, farm: common.Farm, tree: Optional[str], npolls: int,
                 label: str) -> Dict:
     pins = common.pin_dir("track-" + label)
@@ -66,7 +77,13 @@ def run_tracker(ns: common.BenchNamespace, farm: common.Farm, tree: Optional[str
         res["rss_start_kb"] = proc_status(proc.pid)["VmRSS"]
         farm.ping()
         seen = len(polls(open(errf.name).read()))
+        # One poll after the traffic first (the one under way may predate it), then
+        # the CPU time of the next npolls: read when a poll's line appears, both times.
+        wait_for(errf.name, lambda t: len(polls(t)) >= seen + 1, 600, proc)
+        seen += 1
+        cpu0 = cpu_seconds(proc.pid)
         text = wait_for(errf.name, lambda t: len(polls(t)) >= seen + npolls, 600, proc)
+        res["cpu_ms_per_poll"] = (cpu_seconds(proc.pid) - cpu0) * 1000.0 / npolls
         st = proc_status(proc.pid)
         res["rss_kb"], res["hwm_kb"] = st["VmRSS"], st["VmHWM"]
         res["bcc_mapped"] = mapped(proc.pid)
@@ -75,6 +92,7 @@ def run_tracker(ns: common.BenchNamespace, farm: common.Farm, tree: Optional[str
         res["matched"] = ps[-1]["matched"]
         res["poll_ms_median"] = statistics.median(p["ms"] for p in ps)
         res["us_per_socket"] = res["poll_ms_median"] * 1000.0 / max(1, res["matched"])
+        res["cpu_us_per_socket"] = res["cpu_ms_per_poll"] * 1000.0 / max(1, res["matched"])
         res["probe_line"] = next((ln for ln in text.splitlines() if "BPF probe on" in ln), "")
     finally:
         common.stop_tracker(proc, timeout=60)
@@ -92,13 +110,15 @@ def summary(machine: Dict, rows: List[Dict]) -> str:
         machine["cpus"], machine["kernel"], machine["memory"], machine["python"],
         machine["date"], machine["load"]), "",
         "| sockets | tree | RSS after start-up | RSS after polls | peak (VmHWM) | bcc/LLVM mapped "
-        "| poll (median) | per matched socket |",
-        "|---:|---|---:|---:|---:|---|---:|---:|"]
+        "| poll wall (median) | per matched socket | poll CPU (mean) | CPU per matched socket |",
+        "|---:|---|---:|---:|---:|---|---:|---:|---:|---:|"]
     for r in rows:
-        out.append("| %d | %s | %.1f MB | %.1f MB | %.1f MB | %s | %.0f ms | %.2f µs |" % (
-            r["sockets"], r["label"], r["rss_start_kb"] / 1024.0, r["rss_kb"] / 1024.0,
-            r["hwm_kb"] / 1024.0, "yes" if r["bcc_mapped"] else "no", r["poll_ms_median"],
-            r["us_per_socket"]))
+        out.append("| %d | %s | %.1f MB | %.1f MB | %.1f MB | %s | %.0f ms | %.2f µs | %.0f ms "
+                   "| %.2f µs |" % (
+                       r["sockets"], r["label"], r["rss_start_kb"] / 1024.0, r["rss_kb"] / 1024.0,
+                       r["hwm_kb"] / 1024.0, "yes" if r["bcc_mapped"] else "no",
+                       r["poll_ms_median"], r["us_per_socket"], r["cpu_ms_per_poll"],
+                       r["cpu_us_per_socket"]))
     return "\n".join(out)
 
 
@@ -107,6 +127,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", default="10000,100000", help="sockets, comma list (even)")
     ap.add_argument("--before", help="a tcpidle tree to compare with (PYTHONPATH)")
     ap.add_argument("--polls", type=int, default=4, help="polls measured after the traffic")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="runs of each tree per size, in alternating order (ABBA...)")
     ap.add_argument("--json", dest="json_out", help="raw results here")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
@@ -123,15 +145,19 @@ def main(argv=None) -> int:
                 common.Farm(ns, nworkers) as farm:
             farm.open("trk", PORT, size // 2)
             trees = [("after", None)] + ([("before", args.before)] if args.before else [])
-            for label, tree in trees:
+            # ABBA...: with --rounds 2, after, before, before, after
+            order = [t for i in range(args.rounds) for t in (trees if i % 2 == 0 else trees[::-1])]
+            for label, tree in order:
                 r = run_tracker(ns, farm, tree, args.polls, label)
                 r["sockets"] = size
                 rows.append(r)
                 print("%d sockets, %s: RSS %.1f MB (start %.1f, peak %.1f), bcc mapped: %s, "
-                      "poll %.0f ms, %.2f us/socket (%d matched)" % (
+                      "poll %.0f ms, %.2f us/socket, CPU %.0f ms a poll, %.2f us/socket "
+                      "(%d matched)" % (
                           size, label, r["rss_kb"] / 1024, r["rss_start_kb"] / 1024,
                           r["hwm_kb"] / 1024, r["bcc_mapped"] or "no", r["poll_ms_median"],
-                          r["us_per_socket"], r["matched"]), file=sys.stderr)
+                          r["us_per_socket"], r["cpu_ms_per_poll"], r["cpu_us_per_socket"],
+                          r["matched"]), file=sys.stderr)
     text = summary(machine, rows)
     print(text)
     if args.json_out:

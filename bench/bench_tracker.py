@@ -5,6 +5,7 @@
     sudo bench/bench_tracker.py --before DIR          # also a tree without the detached probe
     sudo bench/bench_tracker.py --sizes 10000 --polls 5
     sudo bench/bench_tracker.py --before DIR --rounds 2   # after, before, before, after
+    sudo bench/bench_tracker.py --before DIR --replay     # and each tree's Python CPU alone
 
 For each size: a fresh bench namespace holds size/2 connections (both ends
 there, spread over worker processes: 20,000 descriptors per process at most
@@ -13,13 +14,14 @@ storage and link pinned in a bench pin directory, starts from the host; once
 it polls, one byte each way on every connection gives every socket a probe
 record; then after --polls more polls its VmRSS and VmHWM (/proc/PID/status),
 whether bcc or LLVM is mapped in it (/proc/PID/maps), and its poll times
-(the -vv lines) are read, and its CPU time (user + system, /proc/PID/stat)
-over those polls.  Per-poll cost per matched socket = median poll time /
-matched sockets, and CPU time per poll / matched sockets: on a shared,
-loaded machine the wall time swings with the load, the CPU time much less
-(it includes the kernel's share of the dump).  `--before DIR` runs the same with DIR's tcpidle
-(PYTHONPATH=DIR, the same interpreter): e.g. `git archive COMMIT | tar -x -C
-DIR` of the commit before the detached probe.
+(the -vv lines) are read, and its CPU time over those polls (user and
+system, /proc/PID/stat; system is mostly the kernel walking its hash for
+the dump).  Per-poll cost per matched socket = median poll time / matched
+sockets, and CPU time per poll / matched sockets: on a shared, loaded
+machine the wall time swings with the load, the CPU time much less.
+`--before DIR` runs the same with DIR's tcpidle (PYTHONPATH=DIR, the same
+interpreter): e.g. `git archive COMMIT | tar -x -C DIR`, with DIR/tcpidle/bpf
+a link to DIR/bpf (the installed package maps it so).
 """
 
 from __future__ import annotations
@@ -27,12 +29,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
@@ -47,15 +50,43 @@ def mapped(pid: int, words=("libbcc", "LLVM", "clang")) -> List[str]:
     return sorted(lib for lib in libs if any(w in lib for w in words))
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (/proc/PID/stat utime, stime)."""
+def cpu_seconds(pid: int) -> Tuple[float, float]:
+    """User and system CPU time of a process so far (/proc/PID/stat utime, stime)."""
     with open("/proc/%d/stat" % pid) as f:
         fields = f.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def record_dump(ns: common.BenchNamespace, pins: str, path: str) -> None:
+    """One dump of the namespace as the tracker makes it (--all, tcp_info, the probe's
+    storage inline through its pin), its raw netlink chunks pickled for replay_poll.py."""
+    from tcpidle import diag, evidence, selectors
+    from tcpidle.model import TcpState
+
+    seen = evidence.choose(pins)
+    try:
+        chunks: List[bytes] = []
+        with diag.DiagSocket(netns_fd=ns.fd) as ds:
+            ds._dump(diag.AF_UNSPEC, selectors.states_mask(frozenset(TcpState)), b"", True,
+                     chunks, seen.reader.storages)
+        with open(path, "wb") as f:
+            pickle.dump({"chunks": chunks, "map_id": seen.reader.map_id}, f)
+    finally:
+        seen.close()
+
+
+def replay(tree: Optional[str], path: str) -> Dict:
+    """replay_poll.py of a recorded dump with TREE's tcpidle: the poll's Python CPU."""
+    env = dict(os.environ, PYTHONPATH=tree or common.ROOT)
+    out = subprocess.run([common.python(), os.path.join(common.HERE, "replay_poll.py"), path],
+                         env=env, cwd=tree or common.ROOT, check=True, capture_output=True,
+                         text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def run_tracker(ns: common.BenchNamespace, farm: common.Farm, tree: Optional[str], npolls: int,
-                label: str) -> Dict:
+                label: str, record: Optional[str] = None) -> Dict:
     pins = common.pin_dir("track-" + label)
     interval = 3.0
     env = dict(os.environ)
@@ -83,7 +114,10 @@ def run_tracker(ns: common.BenchNamespace, farm: common.Farm, tree: Optional[str
         seen += 1
         cpu0 = cpu_seconds(proc.pid)
         text = wait_for(errf.name, lambda t: len(polls(t)) >= seen + npolls, 600, proc)
-        res["cpu_ms_per_poll"] = (cpu_seconds(proc.pid) - cpu0) * 1000.0 / npolls
+        cpu1 = cpu_seconds(proc.pid)
+        res["user_ms_per_poll"] = (cpu1[0] - cpu0[0]) * 1000.0 / npolls
+        res["sys_ms_per_poll"] = (cpu1[1] - cpu0[1]) * 1000.0 / npolls  # the kernel's: the dump
+        res["cpu_ms_per_poll"] = res["user_ms_per_poll"] + res["sys_ms_per_poll"]
         st = proc_status(proc.pid)
         res["rss_kb"], res["hwm_kb"] = st["VmRSS"], st["VmHWM"]
         res["bcc_mapped"] = mapped(proc.pid)
@@ -94,6 +128,8 @@ def run_tracker(ns: common.BenchNamespace, farm: common.Farm, tree: Optional[str
         res["us_per_socket"] = res["poll_ms_median"] * 1000.0 / max(1, res["matched"])
         res["cpu_us_per_socket"] = res["cpu_ms_per_poll"] * 1000.0 / max(1, res["matched"])
         res["probe_line"] = next((ln for ln in text.splitlines() if "BPF probe on" in ln), "")
+        if record:
+            record_dump(ns, pins, record)
     finally:
         common.stop_tracker(proc, timeout=60)
         errf.close()
@@ -110,15 +146,35 @@ def summary(machine: Dict, rows: List[Dict]) -> str:
         machine["cpus"], machine["kernel"], machine["memory"], machine["python"],
         machine["date"], machine["load"]), "",
         "| sockets | tree | RSS after start-up | RSS after polls | peak (VmHWM) | bcc/LLVM mapped "
-        "| poll wall (median) | per matched socket | poll CPU (mean) | CPU per matched socket |",
+        "| poll wall (median) | per matched socket | poll CPU (mean: user + sys) "
+        "| CPU per matched socket |",
         "|---:|---|---:|---:|---:|---|---:|---:|---:|---:|"]
     for r in rows:
-        out.append("| %d | %s | %.1f MB | %.1f MB | %.1f MB | %s | %.0f ms | %.2f µs | %.0f ms "
-                   "| %.2f µs |" % (
+        out.append("| %d | %s | %.1f MB | %.1f MB | %.1f MB | %s | %.0f ms | %.2f µs "
+                   "| %.0f ms (%.0f + %.0f) | %.2f µs |" % (
                        r["sockets"], r["label"], r["rss_start_kb"] / 1024.0, r["rss_kb"] / 1024.0,
                        r["hwm_kb"] / 1024.0, "yes" if r["bcc_mapped"] else "no",
                        r["poll_ms_median"], r["us_per_socket"], r["cpu_ms_per_poll"],
-                       r["cpu_us_per_socket"]))
+                       r["user_ms_per_poll"], r["sys_ms_per_poll"], r["cpu_us_per_socket"]))
+    return "\n".join(out)
+
+
+def replay_summary(replays: List[Dict]) -> str:
+    """The replayed polls: each tree's best CPU time per scan, per matched socket."""
+    out = ["Replayed poll (replay_poll.py: one recorded dump, the Python side alone; CPU, "
+           "best of 7 scans, each run):", "",
+           "| sockets | tree | CPU per scan (runs) | per matched socket (best) |",
+           "|---:|---|---|---:|"]
+    keys = []
+    for r in replays:
+        if (r["sockets"], r["label"]) not in keys:
+            keys.append((r["sockets"], r["label"]))
+    for size, label in keys:
+        mine = [r for r in replays if (r["sockets"], r["label"]) == (size, label)]
+        best = min(r["cpu_ms_min"] for r in mine)
+        out.append("| %d | %s | %s ms | %.2f µs |" % (
+            size, label, " / ".join("%.0f" % r["cpu_ms_min"] for r in mine),
+            best * 1000.0 / max(1, mine[0]["matched"])))
     return "\n".join(out)
 
 
@@ -129,6 +185,9 @@ def main(argv=None) -> int:
     ap.add_argument("--polls", type=int, default=4, help="polls measured after the traffic")
     ap.add_argument("--rounds", type=int, default=1,
                     help="runs of each tree per size, in alternating order (ABBA...)")
+    ap.add_argument("--replay", action="store_true",
+                    help="also record one dump per size and replay it through each tree's "
+                         "engine (replay_poll.py): the poll's Python CPU alone")
     ap.add_argument("--json", dest="json_out", help="raw results here")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
@@ -138,6 +197,7 @@ def main(argv=None) -> int:
         print("removed stale namespace %s" % name, file=sys.stderr)
     sizes = sorted(int(x) for x in args.sizes.split(","))
     rows = []
+    replays: List[Dict] = []
     machine = common.machine()
     for size in sizes:
         nworkers = common.Farm.workers_for(int(size // 2 * 1.05))
@@ -147,8 +207,11 @@ def main(argv=None) -> int:
             trees = [("after", None)] + ([("before", args.before)] if args.before else [])
             # ABBA...: with --rounds 2, after, before, before, after
             order = [t for i in range(args.rounds) for t in (trees if i % 2 == 0 else trees[::-1])]
-            for label, tree in order:
-                r = run_tracker(ns, farm, tree, args.polls, label)
+            dump = None
+            if args.replay:
+                dump = os.path.join(tempfile.mkdtemp(prefix="tibench-replay-"), "dump.pickle")
+            for i, (label, tree) in enumerate(order):
+                r = run_tracker(ns, farm, tree, args.polls, label, record=dump if i == 0 else None)
                 r["sockets"] = size
                 rows.append(r)
                 print("%d sockets, %s: RSS %.1f MB (start %.1f, peak %.1f), bcc mapped: %s, "
@@ -158,11 +221,26 @@ def main(argv=None) -> int:
                           r["hwm_kb"] / 1024, r["bcc_mapped"] or "no", r["poll_ms_median"],
                           r["us_per_socket"], r["cpu_ms_per_poll"], r["cpu_us_per_socket"],
                           r["matched"]), file=sys.stderr)
+            if dump:
+                try:
+                    for label, tree in order * 2:  # ABBA..., twice over
+                        got = replay(tree, dump)
+                        got.update(label=label, sockets=size)
+                        replays.append(got)
+                        print("%d sockets, %s: replayed poll %.1f ms CPU (min), %.2f us/socket"
+                              % (size, label, got["cpu_ms_min"],
+                                 got["cpu_ms_min"] * 1000.0 / max(1, got["matched"])),
+                              file=sys.stderr)
+                finally:
+                    os.unlink(dump)
+                    os.rmdir(os.path.dirname(dump))
     text = summary(machine, rows)
+    if replays:
+        text += "\n\n" + replay_summary(replays)
     print(text)
     if args.json_out:
         with open(args.json_out, "w") as f:
-            json.dump({"machine": machine, "rows": rows}, f, indent=1)
+            json.dump({"machine": machine, "rows": rows, "replays": replays}, f, indent=1)
     return 0
 
 

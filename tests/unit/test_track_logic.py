@@ -401,3 +401,27 @@ def test_connections_by_verdict_and_middlebox_exposure_by_comm():
     text = m.render().decode()
     assert 'comm="nginx"' not in text and 'tcpidle_middlebox_at_risk{comm="redis"} 1.0' in text
     assert 'tcpidle_connections{verdict="dead"} 0.0' in text
+
+
+def test_polls_collect_the_young_generations_and_all_every_few_polls(monkeypatch):
+    """A full collection walks every object of the process (~10 ms a poll, whatever
+    the poll did): after each poll the young generations, everything every
+    FULL_GC_EVERY polls."""
+    from tcpidle import polling
+
+    asked = []
+    tr = Poller(Scripted([1] * 70), 0.001)
+    monkeypatch.setattr(polling.gc, "collect", lambda generation=2: asked.append(generation))
+    monkeypatch.setattr(polling, "FULL_GC_EVERY", 4)
+    real_poll = tr.poll_safely
+
+    def poll_then_stop():
+        out = real_poll()
+        if tr.polls >= 9:
+            tr.request_stop()
+        return out
+
+    tr.poll_safely = poll_then_stop
+    tr.run()
+    tr.close()
+    assert asked == [1, 1, 1, 2, 1, 1, 1, 2, 1]

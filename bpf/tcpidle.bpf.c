@@ -16,7 +16,9 @@
  *     offset 32  u64 bytes            payload bytes received
  *   Times are CLOCK_MONOTONIC ns, the clock of Python's time.monotonic_ns().
  *   An entry is created at the first segment seen on a socket and deleted when
- *   the kernel destroys the socket (tcp:tcp_destroy_sock).  When the map is
+ *   the kernel destroys the socket (the tcp_destroy_sock tracepoint: its raw
+ *   tracepoint where the BTF offsets are known, TCPIDLE_DESTROY_RAW, else the
+ *   classic one, TCPIDLE_DESTROY; see on_destroy_raw).  When the map is
  *   full the kernel evicts entries not used lately (its LRU is approximate,
  *   and per-CPU free lists make it start a little before MAX_ENTRIES).
  *
@@ -409,6 +411,29 @@ int on_tcp_probe_btf(u64 *ctx)
 int on_rcv_kprobe(struct pt_regs *ctx)
 {
 	return record_if_numbered(PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx));
+}
+#endif
+
+#ifdef TCPIDLE_DESTROY_RAW
+/*
+ * tcp_destroy_sock(sk) as a raw tracepoint: ctx->args[0] = sk.  The same
+ * call site as the classic tracepoint below (tcp_v4_destroy_sock), but its
+ * attachment is a BPF link (BPF_RAW_TRACEPOINT_OPEN returns one since Linux
+ * 5.7), which can be pinned in bpffs: the LRU probe then outlives the
+ * process that loaded it (tcpidle/probe/detached.py), where the classic
+ * tracepoint's perf event dies with its process.  The cookie is read from
+ * the socket: 0 means nobody ever asked for it, and then no entry can exist
+ * (every entry is keyed by a cookie the socket had), so there is nothing
+ * to delete.  (The classic record calls sock_gen_cookie() instead, which
+ * numbers such a socket as it dies: the same entries are deleted.)
+ */
+int on_destroy_raw(struct bpf_raw_tracepoint_args *ctx)
+{
+	u64 cookie = sk_cookie(ctx->args[0]);
+
+	if (cookie && activity.delete(&cookie) == 0)
+		count(C_DELETES);
+	return 0;
 }
 #endif
 

@@ -252,7 +252,8 @@ def attach_tracker(pin_dir: Optional[str], map_size: int = DEFAULT_MAP_SIZE, hoo
         except OSError:
             text += "; maps pinned in %s" % pins
     return Evidence(attached, text, close=lambda: attached.close(keep_pins=True),
-                    problems=attached.pin_problems)
+                    problems=attached.pin_problems,
+                    detached=isinstance(attached, probe.DetachedProbe))
 
 
 def choose(pin_dir: str = DEFAULT_PIN_DIR, watch_s: Optional[float] = None,

@@ -11,30 +11,42 @@ imports bcc), which compiles, loads and attaches as `Probe.attach` always
 did, then pins the receive hook's BPF link next to the maps and exits.  The
 tracker opens only the pins (ctypes and libbpf; no bcc, no LLVM).
 
-Why a pinned link keeps recording: tp_btf is attached with
-BPF_RAW_TRACEPOINT_OPEN, which returns a BPF link (a bpf_link since Linux
-5.7, bpf_raw_tracepoint_open() "primes" one), and a link, like a map, can be
-pinned in bpffs (BPF_OBJ_PIN, 5.7).  The program stays attached as long as
+Why a pinned link keeps recording: tp_btf and raw tracepoints are attached
+with BPF_RAW_TRACEPOINT_OPEN, which returns a BPF link (a bpf_link since
+Linux 5.7: bpf_raw_tracepoint_open() makes a bpf_raw_tp_link for raw and
+tp_btf programs alike, checked in 5.10's kernel/bpf/syscall.c), and a link,
+like a map, can be pinned in bpffs (BPF_OBJ_PIN takes maps, programs and
+links, kernel/bpf/inode.c, 5.7 on).  The program stays attached as long as
 anything holds the link: here its pin.  So the probe records while no
 tracker runs (between a stop and a restart, the history has no gap), and
 `tcpidle track --cleanup` unpins the link, which detaches it.
 
-Which probe is pinned: beside the link, a one-entry array map (META_PIN)
+Both paths of the probe are pinned so: per-socket storage (tp_btf, Linux
+5.11 on) is one link, the receive hook's; the LRU map (Linux 5.10, or a
+raw_tracepoint hook asked for) is two, the receive hook's and the destroy
+hook's, which deletes the entries of dying sockets from the tcp_destroy_sock
+raw tracepoint (bpf/tcpidle.bpf.c, on_destroy_raw).  With the LRU map the
+probe keeps recording while no tracker runs only for sockets that have a
+cookie already (a tracker's dump numbered them; on 5.10 tp_btf cannot call
+bpf_get_socket_cookie).
+
+Which probe is pinned: beside the links, a one-entry array map (META_PIN)
 holds a JSON record of the loader: the tag of the request (sha256 of the C
 source, this module's format, the kernel and the map size, hook and
-selection asked for), the hook and its notes.  bpffs holds BPF objects only,
-not files, hence a map.  A tracker whose request has the same tag reuses
-the pinned probe (no compile at all); another tag makes the loader load a
-new one into the same maps and pin it in place of the old: the new program
-is attached before the old pin goes, so no segment is missed meanwhile.
+selection asked for), the hook and its notes, where it records (storage or
+LRU), whether its hook needs the cookies primed, its destroy hook.  bpffs
+holds BPF objects only, not files, hence a map.  A tracker whose request has
+the same tag reuses the pinned probe (no compile at all); another tag makes
+the loader load a new one into the same maps and pin it in place of the old:
+the new program is attached before the old pin goes, so no segment is missed
+meanwhile.
 
 Where this cannot work the tracker loads the probe itself, as before, and
-says why in -v: no pin directory; a kernel before 5.11 (no per-socket
-storage from tp_btf, so the LRU path, whose destroy hook is a perf-event
-tracepoint attachment that cannot be pinned); a hook other than tp_btf asked
-for or chosen (kprobe and classic tracepoint attachments are perf events,
-not links; BPF_LINK_CREATE for perf events came only in 5.15, and kernels
-that have it have tp_btf); a link the kernel refuses to pin.
+says why in -v: no pin directory; a kprobe or classic tracepoint hook asked
+for or chosen, or the classic tcp:tcp_destroy_sock tracepoint as the destroy
+hook (no BTF offsets to read the cookie in the raw one): perf events, not
+links (BPF_LINK_CREATE for perf events came only in 5.15, and kernels that
+have it have tp_btf); a link the kernel refuses to pin (before 5.7).
 """
 
 from __future__ import annotations
@@ -52,14 +64,15 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..model import DEFAULT_MAP_SIZE
 from . import PinError, ProbeUnavailable, one_line
-from .maps import (LINK_PIN, META_PIN, PIN_NAMES, STORAGE_PIN, layout_problem, libbpf, map_info,
-                   obj_get, read_counters)
+from .maps import (DESTROY_LINK_PIN, LINK_PIN, META_PIN, PIN_NAMES, STORAGE_PIN, MapReader,
+                   layout_problem, libbpf, map_info, obj_get, read_counters)
 from .pins import check_pin, check_pin_dir, lock_pin_dir, unlock_pin_dir
 
 _log = logging.getLogger("tcpidle.probe")
 
 # Bump when what the loader builds changes in a way the C source does not show.
-FORMAT = 1
+# 2: the LRU path too (record fields storage, lazy_cookie, destroy).
+FORMAT = 2
 # The meta map: BPF_MAP_TYPE_ARRAY, int key, one value of META_SIZE bytes (JSON, NUL-padded).
 BPF_MAP_TYPE_ARRAY = 2
 META_SIZE = 1024
@@ -82,16 +95,15 @@ def request_tag(map_size: int, hook: str, selection: Sequence[str]) -> str:
 
 
 def detachable(pin_dir: Optional[str], hook: str) -> Optional[str]:
-    """None if the tracker's probe can be loaded detached; else why not (one line)."""
-    from .features import release_at_least
+    """None if the tracker's probe can be loaded detached; else why not (one line).
 
+    Only what the request alone shows: whether the kernel's choice of hooks
+    can be pinned shows once they are attached (the loader says so then).
+    """
     if pin_dir is None:
         return "no pin directory"
-    if hook not in ("auto", "tp_btf"):
+    if hook in ("kprobe", "tracepoint"):
         return "hook %s is not a BPF link" % hook
-    if not release_at_least(os.uname().release, (5, 11)):
-        return ("Linux %s has no per-socket storage for tp_btf (5.11): the LRU path's destroy "
-                "hook cannot be pinned" % os.uname().release)
     return None
 
 
@@ -206,17 +218,39 @@ def read_meta(path: str) -> Optional[Dict]:
 
 # -- the tracker's side -----------------------------------------------------------------
 
+ACTIVITY_PIN, COUNTERS_PIN = PIN_NAMES
+
+
+def _storage_of(meta: Dict) -> str:
+    """"sk_storage" or "lru": where the pinned probe records (records of
+    format 1, before the LRU path was detached, were all storage)."""
+    return "lru" if meta.get("storage") == "lru" else "sk_storage"
+
+
+def pinned_names(meta: Dict) -> Tuple[Tuple[str, ...], Tuple[str, ...]]:
+    """(maps, links) a pinned probe of this record is made of (pure).
+
+    Per-socket storage: the storage and the counters, the receive hook's
+    link.  The LRU map: the activity map and the counters, the receive
+    hook's link and, where there is one, the destroy hook's.
+    """
+    if _storage_of(meta) == "sk_storage":
+        return (STORAGE_PIN, COUNTERS_PIN), (LINK_PIN,)
+    links = (LINK_PIN, DESTROY_LINK_PIN) if meta.get("destroy") else (LINK_PIN,)
+    return (ACTIVITY_PIN, COUNTERS_PIN), links
+
+
 
 class DetachedProbe:
-    """The pinned probe, as the tracker holds it: fds on its storage, counters and link.
+    """The pinned probe, as the tracker holds it: fds on its maps and links.
 
-    Offers what the tracker uses of a `Probe` (storage_fd, storage_id, hook,
-    describe, counters, pin_problems, close).  close() leaves everything
-    pinned and attached: the probe goes on recording for the next tracker.
+    Offers what the tracker uses of a `Probe` (hook, storage, describe,
+    counters, stats, pin_problems, close; storage_fd/storage_id where it
+    records into per-socket storage, activity/lookup where it records into
+    the LRU map).  close() leaves everything pinned and attached: the probe
+    goes on recording for the next tracker.
     """
 
-    storage = "sk_storage"
-    needs_cookie_priming = False
     pin_notes: List[str] = []
 
     def __init__(self, directory: str, lock: Tuple[int, str], meta: Dict, fds: Dict[str, int],
@@ -230,8 +264,15 @@ class DetachedProbe:
         self.hook = meta.get("hook", "tp_btf")
         self.hook_notes = list(meta.get("notes", []))
         self.header_source = meta.get("headers", "?")
-        self.storage_fd = fds[STORAGE_PIN]
-        self.storage_id = ids[STORAGE_PIN]
+        self.storage = _storage_of(meta)
+        # the hook reads the cookie from the socket (tp_btf before 5.12, the
+        # raw tracepoint): the tracker's dumps number its sockets
+        self.needs_cookie_priming = bool(meta.get("lazy_cookie", False))
+        self.destroy_hook = meta.get("destroy")
+        self.storage_fd = fds.get(STORAGE_PIN)
+        self.storage_id = ids.get(STORAGE_PIN)
+        self.reader = (MapReader(fds[ACTIVITY_PIN], fds[COUNTERS_PIN])
+                       if self.storage == "lru" else None)
         self.loader_pins: Optional[str] = None  # the loader's Probe.describe_pins()
 
     @classmethod
@@ -244,15 +285,19 @@ class DetachedProbe:
         if meta.get("tag") != tag:
             return None, ("the pinned probe was loaded for another version, kernel, size or "
                           "selection (tag %s, want %s)" % (meta.get("tag"), tag))
+        maps, links = pinned_names(meta)
         fds: Dict[str, int] = {}
         try:
-            path = os.path.join(directory, LINK_PIN)
-            if not check_pin(path):
-                return None, "%s is missing" % path
-            fds[LINK_PIN] = obj_get(path, read_only=False)
-            used = prog_map_ids(link_prog_id(fds[LINK_PIN]))
             ids = {}
-            for name in (STORAGE_PIN, PIN_NAMES[1]):
+            used = {}
+            for name in links:
+                path = os.path.join(directory, name)
+                if not check_pin(path):
+                    return None, "%s is missing" % path
+                fds[name] = obj_get(path, read_only=False)
+                ids[name] = link_prog_id(fds[name])
+                used[name] = prog_map_ids(ids[name])
+            for name in maps:
                 path = os.path.join(directory, name)
                 if not check_pin(path):
                     raise ProbeUnavailable("%s is missing" % path)
@@ -262,11 +307,15 @@ class DetachedProbe:
                                      info.max_entries, info.map_flags)
                 if why:
                     raise ProbeUnavailable("%s is %s" % (path, why))
-                if info.id not in used:
+                # every map the receive program's; the destroy program
+                # deletes from the activity map
+                if info.id not in used[LINK_PIN] or (
+                        name == ACTIVITY_PIN and DESTROY_LINK_PIN in used
+                        and info.id not in used[DESTROY_LINK_PIN]):
                     raise ProbeUnavailable("%s is not the map the pinned program records "
                                            "into" % path)
                 ids[name] = info.id
-            ids[LINK_PIN] = link_prog_id(fds[LINK_PIN])
+            probe = cls(directory, lock, meta, fds, ids, reused)
         except (OSError, ProbeUnavailable) as e:
             for fd in fds.values():
                 os.close(fd)
@@ -277,22 +326,39 @@ class DetachedProbe:
             for fd in fds.values():
                 os.close(fd)
             raise
-        return cls(directory, lock, meta, fds, ids, reused), ""
+        return probe, ""
 
     def describe(self) -> str:
-        what = "tp_btf tcp_probe" if self.hook == "tp_btf" else self.hook
+        what = {"tp_btf": "tp_btf tcp_probe",
+                "raw_tracepoint": "raw tracepoint tcp_probe"}.get(self.hook, self.hook)
         return what + (" (%s)" % "; ".join(self.hook_notes) if self.hook_notes else "")
 
     def describe_pins(self) -> str:
         """"DIR (new maps); ..." as Probe says it, and where the probe comes from."""
-        maps = self.loader_pins or "%s (reused storage and counters)" % self.pin_dir
+        maps = self.loader_pins or "%s (reused %s and counters)" % (
+            self.pin_dir, "storage" if self.storage == "sk_storage" else "activity")
         return "%s; the probe pinned beside them (%s, loaded by pid %s)" % (
             maps, "reused" if self.reused else "new", self.meta.get("pid", "?"))
 
     def counters(self) -> Dict[str, int]:
-        return read_counters(self._fds[PIN_NAMES[1]])
+        return read_counters(self._fds[COUNTERS_PIN])
+
+    # -- the LRU map (where the probe records into it)
+
+    def activity(self):
+        """A snapshot of the activity map, keyed by socket cookie ({} with storage)."""
+        return self.reader.activity() if self.reader is not None else {}
+
+    def lookup(self, cookies: Sequence[int]):
+        return self.reader.lookup(cookies) if self.reader is not None else {}
+
+    @property
+    def max_entries(self) -> int:
+        return self.reader.max_entries if self.reader is not None else 0
 
     def stats(self) -> Dict[str, int]:
+        if self.reader is not None:
+            return self.reader.stats()
         c = self.counters()
         return {"entries": 0, "inserts": c["inserts"], "deletes": 0, "evicted": 0,
                 "failed": c["failed"], "no_cookie": 0, "max_entries": 0}
@@ -300,15 +366,17 @@ class DetachedProbe:
     def pin_problems(self) -> List[str]:
         """What became of the pins: [] while each is there and holds what we opened."""
         out = []
-        for name in (STORAGE_PIN, PIN_NAMES[1], LINK_PIN):
+        maps, links = pinned_names(self.meta)
+        for name in maps + links:
             path = os.path.join(self.pin_dir, name)
+            is_link = name in links
             try:
                 if not check_pin(path):
                     out.append("%s vanished (bpffs unmounted, or the pin removed)" % path)
                     continue
-                fd = obj_get(path, read_only=(name != LINK_PIN))
+                fd = obj_get(path, read_only=not is_link)
                 try:
-                    got = link_prog_id(fd) if name == LINK_PIN else map_info(fd).id
+                    got = link_prog_id(fd) if is_link else map_info(fd).id
                 finally:
                     os.close(fd)
             except (OSError, PinError) as e:
@@ -316,12 +384,14 @@ class DetachedProbe:
                 continue
             if got != self._ids[name]:
                 out.append("%s now holds another %s (id %d, not %d)" % (
-                    path, "program" if name == LINK_PIN else "map", got, self._ids[name]))
+                    path, "program" if is_link else "map", got, self._ids[name]))
         return out
 
     def close(self, keep_pins: bool = True) -> None:
         """Let go of the fds and the lock; the pinned probe records on (keep_pins is
         accepted for Probe's signature: a detached probe is removed by cleanup only)."""
+        if self.reader is not None:
+            self.reader.close()  # not its fds: ours, closed below
         fds, self._fds = self._fds, {}
         for fd in fds.values():
             os.close(fd)
@@ -366,7 +436,7 @@ def tracker_probe(pin_dir: Optional[str], map_size: int = DEFAULT_MAP_SIZE, hook
         if result.get("inprocess"):
             log.info("BPF probe loaded in this process (%s): bcc's compiler stays in its memory",
                      result["inprocess"])
-            for name in (LINK_PIN, META_PIN):  # a probe pinned earlier would record on beside it
+            for name in (LINK_PIN, DESTROY_LINK_PIN, META_PIN):  # a probe pinned earlier would record on beside it
                 path = os.path.join(pin_dir, name)
                 if check_pin(path):
                     os.unlink(path)
@@ -472,18 +542,25 @@ def load_and_pin(request: Dict, log) -> Dict:
                          cache_dir=request["cache_dir"], pin_dir=pin_dir, sk_storage=True,
                          selection=request["selection"], log=log, held_lock=(-1, ""))
     try:
-        link = probe.link_fd
-        if probe.storage_fd is None or link is None:
-            return {"inprocess": "the kernel took %s%s, which cannot be pinned here" % (
-                probe.describe(), "" if probe.storage_fd is not None else " with the LRU map")}
+        links, why = probe.pinnable_links()
+        if why:
+            return {"inprocess": "the kernel took %s, which cannot be pinned here: %s" % (
+                probe.describe(), why)}
         try:
-            _replace_pin(link, os.path.join(pin_dir, LINK_PIN))
+            # the receive hook's link first, then the destroy hook's (LRU)
+            for name in (LINK_PIN, DESTROY_LINK_PIN):
+                if name in links:
+                    _replace_pin(links[name], os.path.join(pin_dir, name))
         except OSError as e:
             return {"inprocess": "the kernel refused to pin the probe's BPF link (%s)"
                     % one_line(e)}
+        stale = os.path.join(pin_dir, DESTROY_LINK_PIN)
+        if DESTROY_LINK_PIN not in links and check_pin(stale):
+            os.unlink(stale)  # an earlier LRU probe's destroy hook: it would delete on
         record = {"tag": request["tag"], "hook": probe.hook, "notes": probe.hook_notes,
                   "headers": probe.header_source, "pid": os.getpid(), "loaded": time.time(),
-                  "startup_ms": round(probe.startup_ms)}
+                  "startup_ms": round(probe.startup_ms), "storage": probe.storage,
+                  "lazy_cookie": probe.needs_cookie_priming, "destroy": probe.destroy_hook}
         write_meta(os.path.join(pin_dir, META_PIN), record)
         return dict(record, pins=probe.describe_pins())
     finally:

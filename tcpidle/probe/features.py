@@ -8,6 +8,8 @@ Owns the question "which receive hook, and configured how?":
   tcp_probe raw tracepoint, a kprobe where the kernel has kprobes, the
   classic tcp:tcp_probe tracepoint; every hook left out or failing is
   reported with its reason (`plan_hooks`, `attach_first`);
+- the destroy hooks to try (`destroy_hooks`): the raw tracepoint, whose
+  attachment is a pinnable BPF link, then the classic tracepoint;
 - the -D flags that configure the C source for that plan (`build_cflags`).
 
 Nothing here loads BPF: loader.py does, following this plan.
@@ -257,12 +259,33 @@ def selection_cflags(selector) -> List[str]:
     return ["-DTCPIDLE_SELECT"] + flags if flags else []
 
 
+def destroy_hooks(f: KernelFeatures) -> List[str]:
+    """The destroy hooks to try, best first (pure): [] if none can work here.
+
+    "raw_tracepoint": tcp_destroy_sock as a raw tracepoint, reading the
+    cookie at its BTF offset; its attachment is a BPF link, which can be
+    pinned (detached.py).  "tracepoint": the classic tcp:tcp_destroy_sock,
+    whose record carries the cookie; a perf event, which cannot.  Both fire
+    at the same call site and delete the same entries.
+    """
+    if f.destroy_fields is None:  # no such tracepoint
+        return []
+    out = ["raw_tracepoint"] if f.btf_offsets else []
+    if "sock_cookie" in f.destroy_fields:
+        out.append("tracepoint")
+    return out
+
+
 def build_cflags(map_size: int, hooks: Sequence[str], offsets: Optional[Dict[str, int]],
                  destroy: bool, selftest: bool = False, tp_has_sk: bool = False,
                  tracing_cookie_helper: bool = True, sk_storage: bool = False,
-                 selector=None, selection: Optional[Sequence[str]] = None) -> List[str]:
+                 selector=None, selection: Optional[Sequence[str]] = None,
+                 destroy_raw: bool = False) -> List[str]:
     """The -D flags that configure the C source (no text substitution).
 
+    destroy: the classic tcp:tcp_destroy_sock hook (on_destroy); destroy_raw:
+    its raw tracepoint (on_destroy_raw, needs the offsets); both may be
+    compiled, the loader attaches one (destroy_hooks).
     tp_has_sk: tcp:tcp_probe's record has skaddr/skbaddr (the selftest reads
     them); tracing_cookie_helper: tp_btf may call bpf_get_socket_cookie
     (KernelFeatures); sk_storage: tp_btf records into per-socket storage
@@ -279,10 +302,12 @@ def build_cflags(map_size: int, hooks: Sequence[str], offsets: Optional[Dict[str
     if "tp_btf" in hooks and sk_storage:
         flags.append("-DTCPIDLE_SK_STORAGE")
         flags += list(selection) if selection is not None else selection_cflags(selector)
-    if offsets and (selftest or set(hooks) & {"tp_btf", "raw_tracepoint", "kprobe"}):
+    if offsets and (selftest or destroy_raw or set(hooks) & {"tp_btf", "raw_tracepoint", "kprobe"}):
         flags += ["-D%s=%d" % kv for kv in sorted(offsets.items())]
     if destroy:
         flags.append("-DTCPIDLE_DESTROY")
+    if destroy_raw and offsets:
+        flags.append("-DTCPIDLE_DESTROY_RAW")
     if selftest:
         flags.append("-DTCPIDLE_SELFTEST")
     return flags

@@ -20,14 +20,15 @@ import os
 import tempfile
 import time
 from contextlib import contextmanager
-from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 from ..errors import UsageError
 from ..model import DEFAULT_MAP_SIZE
 from . import PinError, ProbeUnavailable, kheaders, one_line, tpbtf
 from .features import (HOOKS, LAZY_COOKIE_HOOKS, RCV_FUNC, attach_first, build_cflags,
-                       detect_features, ensure_tracefs, plan_hooks, unavailable_reasons)
-from .maps import MAX_MAP_SIZE, MapReader, map_info
+                       destroy_hooks, detect_features, ensure_tracefs, plan_hooks,
+                       unavailable_reasons)
+from .maps import DESTROY_LINK_PIN, LINK_PIN, MAX_MAP_SIZE, MapReader, map_info
 from .pins import PinSession, check_pin_dir
 
 _log = logging.getLogger("tcpidle.probe")
@@ -132,6 +133,8 @@ class _Loaded(NamedTuple):
     header_source: str
     lazy_cookie: bool  # the hook reads the cookie from the socket (see needs_cookie_priming)
     storage_fd: Optional[int]  # the sk_storage map's fd (bcc's), None: the LRU map records
+    # the destroy hook attached (features.destroy_hooks), None: none (storage, or none works)
+    destroy_hook: Optional[str] = None
 
 
 class Probe:
@@ -152,6 +155,7 @@ class Probe:
         self.storage_id = None if loaded.storage_fd is None else map_info(loaded.storage_fd).id
         self.hook_notes = loaded.hook_notes
         self.header_source = loaded.header_source
+        self.destroy_hook = loaded.destroy_hook
         self._lazy_cookie = loaded.lazy_cookie
         self._pins = pins
         self.pin_dir = pins.directory if pins else None
@@ -264,10 +268,33 @@ class Probe:
 
     @property
     def link_fd(self) -> Optional[int]:
-        """The BPF link of the attached tp_btf hook (None: another hook, or
-        suspended/closed): what detached.py pins so the probe outlives us."""
-        fds = self._module.tp_btf_fds if self._module is not None else ()
-        return fds[1] if self.hook == "tp_btf" and len(fds) == 2 else None
+        """The BPF link of the attached receive hook (None: a hook that is no
+        link, or suspended/closed)."""
+        return self.pinnable_links()[0].get(LINK_PIN)
+
+    def pinnable_links(self) -> Tuple[Dict[str, int], Optional[str]]:
+        """({pin name: fd} of every attachment, None) where each one is a BPF link;
+        ({}, why not) otherwise: what detached.py pins so the probe outlives us.
+
+        tp_btf and raw tracepoints are attached with BPF_RAW_TRACEPOINT_OPEN,
+        which returns a BPF link (Linux 5.7 on); kprobes and classic
+        tracepoints are perf events, which die with the process that holds them.
+        """
+        module = self._module
+        if module is None or self._suspended:
+            return {}, "the probe is closed or suspended"
+        if self.hook == "tp_btf" and len(module.tp_btf_fds) == 2:
+            links = {LINK_PIN: module.tp_btf_fds[1]}
+        elif self.hook == "raw_tracepoint" and b"tcp_probe" in module.raw_tracepoint_fds:
+            links = {LINK_PIN: module.raw_tracepoint_fds[b"tcp_probe"]}
+        else:
+            return {}, "the %s hook is a perf event, not a BPF link" % self.hook
+        if self.destroy_hook == "raw_tracepoint":
+            links[DESTROY_LINK_PIN] = module.raw_tracepoint_fds[DESTROY_TP]
+        elif self.destroy_hook is not None:
+            return {}, ("the destroy hook is the classic tcp:tcp_destroy_sock tracepoint, a "
+                        "perf event, not a BPF link")
+        return links, None
 
     @property
     def needs_cookie_priming(self) -> bool:
@@ -337,7 +364,7 @@ def _load(map_size: int, hook: str, log, cache_dir: Optional[str], selftest: boo
     need_btf = selftest or hook in ("auto", "tp_btf", "raw_tracepoint", "kprobe")
     feats = detect_features(need_btf, cache_dir)
     candidates, notes = plan_hooks(hook, unavailable_reasons(feats))
-    destroy = bool(feats.destroy_fields and "sock_cookie" in feats.destroy_fields)
+    destroys = destroy_hooks(feats)
     if selftest and not (feats.tp_has_sk and feats.btf_offsets):
         raise ProbeUnavailable("selftest needs tcp_probe skbaddr/skaddr and kernel BTF")
     try:
@@ -355,7 +382,7 @@ def _load(map_size: int, hook: str, log, cache_dir: Optional[str], selftest: boo
         # for tracing programs despite the version), the LRU build of the
         # whole plan follows: a second compile, on that failure only.
         try:
-            return _build(["tp_btf"], list(notes), destroy=False, storage=True, **build)
+            return _build(["tp_btf"], list(notes), destroys=[], storage=True, **build)
         except PinError:
             raise
         except ProbeUnavailable as e:
@@ -363,23 +390,25 @@ def _load(map_size: int, hook: str, log, cache_dir: Optional[str], selftest: boo
             log.info("%s", notes[-1])
             if pins is not None and pins.storage_created:  # no program writes it
                 pins.drop_storage()
-    if not destroy:
+    if not destroys:
         notes.append("no tcp:tcp_destroy_sock with sock_cookie: entries of closed "
                      "sockets stay until evicted")
-    return _build(candidates, notes, destroy=destroy, storage=False, **build)
+    return _build(candidates, notes, destroys=destroys, storage=False, **build)
 
 
-def _build(candidates: Sequence[str], notes: List[str], destroy: bool, storage: bool, map_size,
-           feats, tree, selftest, pins, selector, selection, log) -> _Loaded:
+def _build(candidates: Sequence[str], notes: List[str], destroys: Sequence[str], storage: bool,
+           map_size, feats, tree, selftest, pins, selector, selection, log) -> _Loaded:
     """Compile bpf/tcpidle.bpf.c for these hooks, attach the first the kernel
-    takes; storage: the per-socket storage build (tp_btf alone)."""
+    takes; storage: the per-socket storage build (tp_btf alone); destroys:
+    the destroy hooks to try (features.destroy_hooks), the first that attaches."""
     Module = _module_class()
     sk_storage = storage
 
-    cflags = build_cflags(map_size, candidates, feats.btf_offsets, destroy, selftest,
-                          tp_has_sk=feats.tp_has_sk,
+    cflags = build_cflags(map_size, candidates, feats.btf_offsets, "tracepoint" in destroys,
+                          selftest, tp_has_sk=feats.tp_has_sk,
                           tracing_cookie_helper=feats.tracing_cookie_helper,
-                          sk_storage=sk_storage, selector=selector, selection=selection)
+                          sk_storage=sk_storage, selector=selector, selection=selection,
+                          destroy_raw="raw_tracepoint" in destroys)
     if pins is not None:
         cflags += pins.cflags()
         if sk_storage:
@@ -405,8 +434,7 @@ def _build(candidates: Sequence[str], notes: List[str], destroy: bool, storage: 
         log.debug("bcc compile: %s", d)
 
     try:
-        if destroy:
-            module.attach_tracepoint(tp=b"tcp:tcp_destroy_sock", fn_name=b"on_destroy")
+        destroy_hook = _attach_destroy(module, destroys, notes, log)
 
         def try_attach(h: str) -> None:
             out: List[str] = []
@@ -439,7 +467,35 @@ def _build(candidates: Sequence[str], notes: List[str], destroy: bool, storage: 
 
         storage_fd = libbcc.lib.bpf_table_fd(module.module, b"sk_activity")
         lazy = False  # the storage is found from the socket: no cookie needed
-    return _Loaded(module, reader, chosen, notes, tree.source, lazy, storage_fd)
+    return _Loaded(module, reader, chosen, notes, tree.source, lazy, storage_fd, destroy_hook)
+
+
+DESTROY_TP = b"tcp_destroy_sock"
+
+
+def _attach_destroy(module, destroys: Sequence[str], notes: List[str], log) -> Optional[str]:
+    """Attach the first destroy hook of `destroys` the kernel takes; which one (None: none).
+
+    The raw tracepoint first: a BPF link, so the probe can outlive its loader
+    (detached.py).  Where it fails, the classic tracepoint deletes the same
+    entries; its failure, the last, is raised as before.
+    """
+    for i, hook in enumerate(destroys):
+        last = i == len(destroys) - 1
+        try:
+            if hook == "raw_tracepoint":
+                module.attach_raw_tracepoint(tp=DESTROY_TP, fn_name=b"on_destroy_raw")
+            else:
+                module.attach_tracepoint(tp=b"tcp:tcp_destroy_sock", fn_name=b"on_destroy")
+        except Exception as e:  # noqa: BLE001 - bcc raises bare Exception
+            if last:
+                raise
+            notes.append("destroy hook %s failed (%s): the %s instead"
+                         % (hook, one_line(e), destroys[i + 1]))
+            log.info("%s", notes[-1])
+            continue
+        return hook
+    return None
 
 
 def _attach_hook(module, hook: str) -> None:

@@ -37,9 +37,11 @@ BPF_F_RDONLY = 1 << 3
 PIN_NAMES = ("activity", "counters")
 STORAGE_PIN = "storage"  # the per-socket storage, pinned where tp_btf + sk_storage records
 # The probe itself, pinned beside its maps where it outlives its loader
-# (detached.py): the BPF link of the receive hook, and a one-entry array
-# saying which program it is (the tag of the request it was loaded for).
+# (detached.py): the BPF link of the receive hook, on the LRU path also that
+# of the destroy hook (the tcp_destroy_sock raw tracepoint), and a one-entry
+# array saying which program it is (the tag of the request it was loaded for).
 LINK_PIN = "link"
+DESTROY_LINK_PIN = "destroy_link"
 META_PIN = "probe"
 # What each map must be: name -> (map type, key size, value size, max_entries
 # or None for any in 1..MAX_MAP_SIZE, map flags).  bcc creates both with no

@@ -36,11 +36,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from ..errors import RuntimeFailure, UsageError
 from ..model import DEFAULT_PIN_DIR
 from . import PinError, ProbeUnavailable, one_line
-from .maps import (LINK_PIN, META_PIN, PIN_NAMES, STORAGE_PIN, MapReader, layout_problem,
-                   map_info, obj_get)
+from .maps import (DESTROY_LINK_PIN, LINK_PIN, META_PIN, PIN_NAMES, STORAGE_PIN, MapReader,
+                   layout_problem, map_info, obj_get)
 
 # Every name tcpidle pins in a pin directory: the maps, the storage, the probe.
-ALL_PINS = PIN_NAMES + (STORAGE_PIN, LINK_PIN, META_PIN)
+ALL_PINS = PIN_NAMES + (STORAGE_PIN, LINK_PIN, DESTROY_LINK_PIN, META_PIN)
 
 BPF_FS_MAGIC = 0xCAFE4A11
 SYS_BPFFS = "/sys/fs/bpf"
@@ -578,9 +578,10 @@ def remove_pins(directory: str = DEFAULT_PIN_DIR) -> List[str]:
         raise RuntimeFailure("%s: stop it before --cleanup" % e) from None
     removed = []
     try:
-        # The link first: unpinning it detaches the probe (the last
+        # The links first: unpinning them detaches the probe (the last
         # reference to a pinned link is its pin once no tracker runs).
-        pins = [os.path.join(directory, name) for name in (LINK_PIN,) + PIN_NAMES + (STORAGE_PIN, META_PIN)]
+        pins = [os.path.join(directory, name) for name in
+                (LINK_PIN, DESTROY_LINK_PIN) + PIN_NAMES + (STORAGE_PIN, META_PIN)]
         present = [path for path in pins if check_pin(path)]  # all checked before any unlink
         for path in present:
             os.unlink(path)

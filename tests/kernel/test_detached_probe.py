@@ -1,12 +1,14 @@
 """Kernel tests of the tracker's detached probe (tcpidle/probe/detached.py).
 
-Where tp_btf + sk_storage runs (Linux 5.11 on), the tracker has the probe
-loaded by a helper process and pinned with its BPF link: the tracker holds
-no bcc, the probe records while no tracker runs, a restarted tracker reuses
-it (or replaces it when it asks for another selection), and `track
---cleanup` unpins the link, which detaches it.  Real trackers, real
-namespaces; the link's and the program's lives are checked by their ids
-(BPF_*_GET_FD_BY_ID: ENOENT once the kernel freed them; no bpftool needed).
+The tracker has the probe loaded by a helper process and pinned with its
+BPF links: the tracker holds no bcc, the probe records while no tracker
+runs, a restarted tracker reuses it (or replaces it when it asks for another
+selection), and `track --cleanup` unpins the links, which detaches them.
+Both paths: tp_btf + sk_storage (Linux 5.11 on; one link), and the LRU map
+with its destroy hook (Linux 5.10, or the raw_tracepoint hook asked for;
+two links).  Real trackers, real namespaces; the links' and the programs'
+lives are checked by their ids (BPF_*_GET_FD_BY_ID: ENOENT once the kernel
+freed them; no bpftool needed).
 """
 
 from __future__ import annotations
@@ -116,12 +118,113 @@ def test_tracker_holds_no_bcc_where_the_probe_is_pinned(netns, trackers, pin_dir
     # BPF link) maps bcc and the compiler -- what the check above looks for
     other = os.path.join(bpffs, "tidetached-inproc")
     t2 = trackers(netns, "-s", PORT, "--interval", 5, "--dry-run", "--pin-dir", other,
-                  "--bpf-hook", "raw_tracepoint", "-v")
+                  "--bpf-hook", "tracepoint", "-v")
     t2.wait_ready()
     libs = mapped_libraries(t2.proc.pid)
     assert t2.stop()[0] == 0
-    assert "loaded in this process (hook raw_tracepoint is not a BPF link)" in t2.stderr()
+    assert "loaded in this process (hook tracepoint is not a BPF link)" in t2.stderr()
     assert [lib for lib in libs if "libbcc" in lib], libs
+
+
+def lru_hook_args():
+    """The tracker arguments that give the LRU path here: auto where tracing
+    programs have no per-socket storage (before 5.11: the lab's 5.10, where
+    tp_btf records into the LRU map), else the raw tracepoint asked for."""
+    from tcpidle.probe.features import release_at_least
+
+    return ["--bpf-hook", "raw_tracepoint"] if release_at_least(os.uname().release, (5, 11)) \
+        else []
+
+
+def link_ids(pin_dir, name):
+    """(link id, program id) of the link pinned as pin_dir/name."""
+    from tcpidle.probe.detached import _obj_info
+    from tcpidle.probe.maps import obj_get
+
+    fd = obj_get(os.path.join(pin_dir, name), read_only=False)
+    try:
+        raw = _obj_info(fd, 64)
+    finally:
+        os.close(fd)
+    return int.from_bytes(raw[4:8], "little"), int.from_bytes(raw[8:12], "little")
+
+
+def pinned_activity(pin_dir):
+    from tcpidle.probe import PinnedMap
+
+    reader = PinnedMap.open(pin_dir)
+    try:
+        return reader.activity()
+    finally:
+        reader.close()
+
+
+def test_lru_probe_is_pinned_with_its_destroy_hook_and_records_while_no_tracker_runs(
+        netns, pairs, trackers, pin_dir, run_tcpidle):
+    """The LRU path detached: receive and destroy hooks pinned as BPF links."""
+    common = ["-s", PORT, "-t", 600000, "--interval", 0.3, "--dry-run", "--pin-dir", pin_dir,
+              "-v"] + lru_hook_args()
+    t = trackers(netns, *common)
+    t.wait_ready()
+    assert "the probe pinned beside them (new" in t.stderr(), t.stderr()
+    assert "per-socket storage" not in t.stderr()
+    libs = mapped_libraries(t.proc.pid)
+    assert not [lib for lib in libs if "libbcc" in lib or "LLVM" in lib], libs
+    assert sorted(os.listdir(pin_dir)) == ["activity", "counters", "destroy_link", "link",
+                                           "probe"]
+    # connections the tracker's polls number (the hook reads the cookie from
+    # the socket: tp_btf before 5.12, the raw tracepoint)
+    conns = []
+    for _ in range(3):
+        s, _ = pairs.open_and_send()
+        conns.append((pairs.socks[-2], s))
+    time.sleep(1.5)  # several polls
+    rc, _ = t.stop()
+    assert rc == 0, t.stderr()
+    assert "the BPF probe records on, pinned in %s" % pin_dir in t.stderr()
+
+    # no tracker runs: the pinned probe records each payload ...
+    sent = []
+    for i, (c, s) in enumerate(conns):
+        time.sleep(0.05 * (i + 1))
+        ts = time.monotonic_ns()
+        c.sendall(b"y")
+        assert s.recv(16) == b"y"
+        sent.append((cookie(s), ts))
+    t_start = time.monotonic_ns()
+    audit = run_tcpidle(netns, "audit", "-s", PORT, "--pin-dir", pin_dir, "--json", "-v")
+    t_end = time.monotonic_ns()
+    assert audit.returncode == 0, audit.stderr
+    assert "the tracker's map pinned in %s" % pin_dir in audit.stderr, audit.stderr
+    rows = {r["cookie"]: r for r in parse_json_lines(audit.stdout)}
+    check_against_truth(rows, sent, t_start, t_end, "LRU probe with no tracker running")
+    # ... and its destroy hook deletes the entries of sockets that die
+    c, s = conns[0]
+    gone = [cookie(c), cookie(s)]
+    assert gone[1] in pinned_activity(pin_dir)
+    c.close()
+    assert s.recv(16) == b""
+    s.close()
+    assert wait_for(lambda: not set(gone) & set(pinned_activity(pin_dir)), timeout=10)
+
+    # a restarted tracker reuses the pinned probe, compiling nothing
+    recv_ids, destroy_ids = link_ids(pin_dir, "link"), link_ids(pin_dir, "destroy_link")
+    b = trackers(netns, *common)
+    b.wait_ready()
+    assert "reusing the one pinned in %s" % pin_dir in b.stderr(), b.stderr()
+    assert (link_ids(pin_dir, "link"), link_ids(pin_dir, "destroy_link")) == (recv_ids,
+                                                                              destroy_ids)
+    assert b.stop()[0] == 0
+
+    # cleanup unpins both links: the kernel detaches and frees both programs
+    res = run_tcpidle(netns, "track", "--cleanup", "--pin-dir", pin_dir)
+    assert res.returncode == 0, res
+    for name in ("link", "destroy_link"):
+        assert "removed %s" % os.path.join(pin_dir, name) in res.stderr
+    assert not os.path.exists(pin_dir)
+    for link_id, prog_id in (recv_ids, destroy_ids):
+        assert wait_for(lambda: not exists(BPF_LINK_GET_FD_BY_ID, link_id), timeout=10)
+        assert wait_for(lambda: not exists(BPF_PROG_GET_FD_BY_ID, prog_id), timeout=10)
 
 
 def test_restart_reuses_the_pinned_probe_and_another_selection_replaces_it(

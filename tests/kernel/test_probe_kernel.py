@@ -711,13 +711,14 @@ def test_every_hook_branch_compiles(cache_dir, variant):
                          # the helper only where this kernel lets tracing programs
                          # call it (5.12 on): the verifier of the lab's 5.10 refuses it
                          tracing_cookie_helper=variant != "before 5.12" and feats.tracing_cookie_helper,
-                         sk_storage=storage, selector=selector)
+                         sk_storage=storage, selector=selector, destroy_raw=not storage)
     with _env("BCC_KERNEL_SOURCE", tree.env):
         module = _module_class()(src_file=bpf_source().encode(), cflags=flags)
     try:
         from bcc import BPF
 
         for fn, ptype in ((b"on_tcp_probe", BPF.TRACEPOINT), (b"on_destroy", BPF.TRACEPOINT),
+                          (b"on_destroy_raw", BPF.RAW_TRACEPOINT),
                           (b"on_tcp_probe_raw", BPF.RAW_TRACEPOINT),
                           (b"on_rcv_kprobe", BPF.KPROBE)):
             if not storage:

@@ -414,12 +414,15 @@ def test_pins_vanishing_under_a_running_tracker_are_said(tracker, netns, tmp_pat
         subprocess.run(["nsenter", "-t", str(t.proc.pid), "-m", "umount", mnt], check=True)
     finally:
         subprocess.run(["umount", mnt], check=False)
-    # the maps the tracker reads: the activity map and counters, or, where
-    # the probe is pinned with its link (probe/detached.py), storage,
-    # counters and the link
+    # the maps the tracker reads: the activity map and counters, or the
+    # storage and counters; where the probe is pinned with its links
+    # (probe/detached.py), the receive hook's link too, and on the LRU path
+    # the destroy hook's
     detached = "the probe pinned beside them" in t.stderr()
-    names = ("storage", "counters", "link") if detached else \
-        ("storage", "counters") if "per-socket storage" in t.stderr() else ("activity", "counters")
+    storage = "per-socket storage" in t.stderr()
+    names = ("storage", "counters") if storage else ("activity", "counters")
+    if detached:
+        names += ("link",) if storage else ("link", "destroy_link")
     t.wait_for("BPF pins: %s/%s vanished (bpffs unmounted" % (d, names[0]))
     for name in names:
         assert "%s/%s vanished" % (d, name) in t.stderr()

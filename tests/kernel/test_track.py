@@ -270,10 +270,11 @@ def test_restart_keeps_history_and_cleanup_removes_it(netns, make_farm, trackers
     farm.serve([PORT])
     hist = farm.connect("127.0.0.1", PORT, label="active", tag="hist")[0]
     steady = farm.connect("127.0.0.1", PORT, label="active", tag="steady")[0]
-    # The activity map's history (the path of kernels without sk_storage for
-    # tp_btf, < 5.11): the raw tracepoint records into it here; the storage's
-    # restart is test_inline_storage's.
-    common = ["-d", PORT, "--interval", 0.3, "--pin-dir", pin_dir, "--bpf-hook", "raw_tracepoint"]
+    # The activity map's history, kept by a tracker that loads its probe
+    # itself (a hook that is no BPF link: the classic tracepoint records into
+    # the map here, and detaches with the tracker); the detached LRU probe's
+    # restart is test_detached_probe's, the storage's test_inline_storage's.
+    common = ["-d", PORT, "--interval", 0.3, "--pin-dir", pin_dir, "--bpf-hook", "tracepoint"]
 
     a = trackers(netns, "-t", 600000, *common)
     a.wait_ready()
@@ -335,7 +336,7 @@ def test_restart_keeps_history_and_cleanup_removes_it(netns, make_farm, trackers
     assert b.stop()[0] == 0
     res = run_tcpidle(netns, "track", "--cleanup", "--pin-dir", pin_dir)
     assert res.returncode == 0, res
-    for name in ("activity", "counters"):  # what was pinned (no storage: raw tracepoint)
+    for name in ("activity", "counters"):  # what was pinned (no storage: classic tracepoint)
         assert "removed %s" % os.path.join(pin_dir, name) in res.stderr
     assert not os.path.exists(pin_dir)
     res = run_tcpidle(netns, "track", "--cleanup", "--pin-dir", pin_dir)

@@ -150,6 +150,46 @@ def test_all_attaches_failing_is_probe_unavailable():
                             "kprobe: boom kprobe; tracepoint: boom tracepoint)")
 
 
+# -- the destroy hook -------------------------------------------------------------
+
+
+def test_destroy_hook_raw_tracepoint_first_where_the_cookie_offset_is_known():
+    from tcpidle.probe.features import destroy_hooks
+
+    # the raw tracepoint (a BPF link: pinnable) reads the cookie at its BTF
+    # offset; the classic one (a perf event) carries it in its record
+    assert destroy_hooks(feats()) == ["raw_tracepoint", "tracepoint"]
+    assert destroy_hooks(feats(btf=False)) == ["tracepoint"]
+    assert destroy_hooks(feats(destroy=frozenset({"skaddr"}))) == ["raw_tracepoint"]
+    assert destroy_hooks(feats(destroy=None)) == []  # no tcp_destroy_sock at all
+
+
+def test_cflags_of_the_raw_destroy_hook_carry_the_cookie_offset():
+    f = build_cflags(16, ["tracepoint"], OFFS, destroy=True, destroy_raw=True)
+    assert "-DTCPIDLE_DESTROY_RAW" in f and "-DTCPIDLE_DESTROY" in f
+    assert "-DTCPIDLE_SK_COOKIE_OFF=88" in f  # on_destroy_raw reads it
+    # no offsets, no raw destroy hook (it could not read the cookie)
+    assert "-DTCPIDLE_DESTROY_RAW" not in build_cflags(16, ["tracepoint"], None, True,
+                                                       destroy_raw=True)
+
+
+def test_detached_probe_pins_per_path():
+    from tcpidle.probe.detached import detachable, pinned_names
+
+    assert pinned_names({"storage": "sk_storage"}) == (("storage", "counters"), ("link",))
+    assert pinned_names({}) == (("storage", "counters"), ("link",))  # format 1 records
+    assert pinned_names({"storage": "lru", "destroy": "raw_tracepoint"}) == (
+        ("activity", "counters"), ("link", "destroy_link"))
+    assert pinned_names({"storage": "lru", "destroy": None}) == (
+        ("activity", "counters"), ("link",))
+    # links: tp_btf and raw tracepoints; perf events: kprobes and classic tracepoints
+    for hook in ("auto", "tp_btf", "raw_tracepoint"):
+        assert detachable("/sys/fs/bpf/tcpidle", hook) is None
+    for hook in ("kprobe", "tracepoint"):
+        assert detachable("/sys/fs/bpf/tcpidle", hook) == "hook %s is not a BPF link" % hook
+    assert detachable(None, "auto") == "no pin directory"
+
+
 # -- compiler flags, source -----------------------------------------------------
 
 

@@ -378,12 +378,12 @@ def test_a_refused_storage_program_falls_back_to_tp_btf_with_the_lru_map(bpffs, 
     real = loader._build
     pdir = os.path.join(bpffs, "tifallback-%d" % os.getpid())
 
-    def refusing(candidates, notes, destroy, storage, **kw):
+    def refusing(candidates, notes, destroys, storage, **kw):
         if storage:
-            loaded = real(candidates, notes, destroy, storage, **kw)  # compiled, pinned...
+            loaded = real(candidates, notes, destroys, storage, **kw)  # compiled, pinned...
             loader._dispose(loaded.module)  # ...then refused
             raise ProbeUnavailable("refused (injected)")
-        return real(candidates, notes, destroy, storage, **kw)
+        return real(candidates, notes, destroys, storage, **kw)
 
     monkeypatch.setattr(loader, "_build", refusing)
     p = loader.Probe.attach(map_size=64, pin_dir=pdir, sk_storage=True)

@@ -266,12 +266,6 @@ class Probe:
             ids["storage"] = self.storage_id
         return self._pins.problems(ids)
 
-    @property
-    def link_fd(self) -> Optional[int]:
-        """The BPF link of the attached receive hook (None: a hook that is no
-        link, or suspended/closed)."""
-        return self.pinnable_links()[0].get(LINK_PIN)
-
     def pinnable_links(self) -> Tuple[Dict[str, int], Optional[str]]:
         """({pin name: fd} of every attachment, None) where each one is a BPF link;
         ({}, why not) otherwise: what detached.py pins so the probe outlives us.

@@ -173,7 +173,7 @@ def test_lru_probe_is_pinned_with_its_destroy_hook_and_records_while_no_tracker_
     common = ["-s", PORT, "-t", 600000, "--interval", 0.3, "--dry-run", "--pin-dir", pin_dir,
               "-v"] + lru_hook_args()
     t = trackers(netns, *common)
-    t.wait_ready()
+    t.wait_ready(timeout=300)  # the loader's compile: minutes under TCG on a loaded host
     assert "the probe pinned beside them (new" in t.stderr(), t.stderr()
     assert "per-socket storage" not in t.stderr()
     libs = mapped_libraries(t.proc.pid)
@@ -220,7 +220,7 @@ def test_lru_probe_is_pinned_with_its_destroy_hook_and_records_while_no_tracker_
     # a restarted tracker reuses the pinned probe, compiling nothing
     recv_ids, destroy_ids = link_ids(pin_dir, "link"), link_ids(pin_dir, "destroy_link")
     b = trackers(netns, *common)
-    b.wait_ready()
+    b.wait_ready(timeout=120)
     assert "reusing the one pinned in %s" % pin_dir in b.stderr(), b.stderr()
     assert (link_ids(pin_dir, "link"), link_ids(pin_dir, "destroy_link")) == (recv_ids,
                                                                               destroy_ids)

@@ -240,7 +240,6 @@ def pinned_names(meta: Dict) -> Tuple[Tuple[str, ...], Tuple[str, ...]]:
     return (ACTIVITY_PIN, COUNTERS_PIN), links
 
 
-
 class DetachedProbe:
     """The pinned probe, as the tracker holds it: fds on its maps and links.
 
@@ -436,7 +435,8 @@ def tracker_probe(pin_dir: Optional[str], map_size: int = DEFAULT_MAP_SIZE, hook
         if result.get("inprocess"):
             log.info("BPF probe loaded in this process (%s): bcc's compiler stays in its memory",
                      result["inprocess"])
-            for name in (LINK_PIN, DESTROY_LINK_PIN, META_PIN):  # a probe pinned earlier would record on beside it
+            # a probe pinned earlier would record on beside it
+            for name in (LINK_PIN, DESTROY_LINK_PIN, META_PIN):
                 path = os.path.join(pin_dir, name)
                 if check_pin(path):
                     os.unlink(path)

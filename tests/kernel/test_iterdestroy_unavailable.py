@@ -48,3 +48,22 @@ def test_auto_says_the_iterator_is_unavailable_and_destroys_by_netlink(netns, ru
         assert closed(p.clients) == [True, True]
     finally:
         p.close()
+
+
+@pytest.mark.parametrize("args", [["kill", "-i", "1"], ["track", "--interval", "1"]])
+def test_polls_and_the_tracker_with_destroy_with_bpf_exit_1_before_anything(
+        netns, run_tcpidle, tmp_path, args):
+    """kill -i and track take --destroy-with bpf too: on a kernel without the kfunc
+    they exit 1 with the reason before polling, attaching or pinning anything."""
+    p = Pairs(netns, 7303, 2)
+    pins = str(tmp_path / "pins")
+    try:
+        r = run_tcpidle(netns, *args, "-d", "7303", "-t", "1", "--destroy-with", "bpf",
+                        "--pin-dir", pins, "--disable-syslog", timeout=120)
+        assert r.returncode == 1, r.stderr
+        line, = [x for x in r.stderr.splitlines() if x.strip()]
+        assert line.startswith("tcpidle: error: --destroy-with bpf: "), line
+        assert not any(closed(p.clients + p.servers))
+        assert not (tmp_path / "pins").exists()
+    finally:
+        p.close()

@@ -184,9 +184,22 @@ class InlineReader:
         return out
 
     def lookup(self, cookies: Sequence[int]) -> Dict[int, Activity]:
+        """The re-check's fresh records of `cookies`: the selection dumped once
+        more, chunk by chunk, keeping the storage of these cookies alone (a
+        batch's 256 among the 100k the dump may return)."""
+        want = set(cookies)
+        stores = self.storages.stores
         if self._scope is not None:
-            self.storages.stores.clear()
-            self._scope.dump_storages()
+            kept: Dict[int, Dict[int, bytes]] = {}
+
+            def chunk(socks) -> None:
+                for c in want.intersection(stores):
+                    kept[c] = stores[c]
+                stores.clear()
+
+            stores.clear()
+            self._scope.dump_storages(sink=chunk)
+            stores.update(kept)
         fresh = self._take()
         return {c: fresh[c] for c in cookies if c in fresh}
 

@@ -156,16 +156,20 @@ class Scope:
                 seen += nl.delivered
         return seen
 
-    def dump_storages(self) -> int:
+    def dump_storages(self, sink: Optional[diag.Sink] = None) -> int:
         """Dump the selection once more for its inline BPF storage alone (no
-        tcp_info): the re-check's fresh probe values.  Returns the sockets seen."""
+        tcp_info): the re-check's fresh probe values.  Returns the sockets seen.
+        `sink` has each chunk's sockets as they come (diag.DumpDecoder), the
+        storages of that chunk in `self.storage.stores` meanwhile; without it
+        they are all kept until the end."""
         seen = 0
         fds = NamespaceFds()
         try:
             for nl in self._each_namespace(fds):
                 with nl:
-                    seen += len(nl.dump_sockets(self.families, self.states_mask, self.bytecode,
-                                                want_info=False, storage=self.storage))
+                    got = nl.dump_sockets(self.families, self.states_mask, self.bytecode,
+                                          want_info=False, storage=self.storage, sink=sink)
+                    seen += nl.delivered if sink is not None else len(got)
         finally:
             fds.close()
         return seen

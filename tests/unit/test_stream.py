@@ -260,3 +260,27 @@ def test_inline_records_are_the_activities_the_dataclass_makes():
     assert a == b and hash(a) == hash(b) and repr(a) == repr(b)
     with pytest.raises(Exception):
         a.cookie = 12  # still frozen
+
+
+def test_the_recheck_keeps_the_storage_of_its_batch_alone():
+    """InlineReader.lookup (the re-check before a destroy batch) dumps the selection
+    again for the storage: only the batch's cookies are kept, chunk by chunk."""
+    from tcpidle.probe.maps import VALUE
+
+    reader = InlineReader(storage_fd=99, map_id=4)
+    stores = reader.storages.stores
+    peak = []
+
+    class Scope_:
+        def dump_storages(self, sink=None):
+            for lo in range(0, 1000, 100):  # ten chunks of 100 sockets
+                stores.update({c: {4: VALUE.pack(c, c, 1, 1, 1)} for c in range(lo, lo + 100)})
+                peak.append(len(stores))
+                if sink is not None:
+                    sink([None] * 100)
+            return 1000
+
+    reader._scope = Scope_()
+    got = reader.lookup([5, 350, 999, 5000])
+    assert got == {c: Activity(c, c, c, 1, 1, 1) for c in (5, 350, 999)}
+    assert max(peak) <= 100 + 3 and not stores

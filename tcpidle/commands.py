@@ -275,12 +275,14 @@ def _destroy_note(destroy_with: str) -> str:
 def _kill_in_kernel(selector: Selector, namespaces, policy: Policy, opts) -> int:
     """kill --destroy-with bpf: one iterator pass per namespace, decided and destroyed in
     the kernel under each socket's lock; reported as a netlink pass is."""
-    from . import kdestroy, owners
+    from . import kdestroy
     from .probe import ProbeUnavailable
 
     started = time.monotonic()
     owner_inodes = None
     if selectors.needs_owners(selector):
+        from . import owners  # the /proc walk: owner selectors and -p alone
+
         found = owners.owners_by_inode()
         owner_inodes = [ino for ino, holders in found.items()
                         if selectors.owned_by(selector, owners.summarize(holders))]
@@ -304,6 +306,8 @@ def _kill_in_kernel(selector: Selector, namespaces, policy: Policy, opts) -> int
                                              for k, v in done.ms_by_namespace.items()))
     outcomes = done.outcomes
     if opts["processes"] or owner_inodes is not None:
+        from . import owners
+
         held = owners.summaries_by_inode(o.verdict.socket.inode for o in outcomes
                                          if o.verdict.socket.inode)
         outcomes = [replace(o, pids=s.pids, comms=s.comms, cgroups=s.cgroups) if s else o

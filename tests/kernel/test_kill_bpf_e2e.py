@@ -58,16 +58,22 @@ class Talker:
         self.thread.join()
 
 
+def kill_while_talking(run_tcpidle, netns, talking, port, *extra):
+    """`kill -d PORT -t THRESHOLD_MS --destroy-with bpf --json -v` run once every
+    connection is past the threshold, while `talking` (pairs) keep receiving."""
+    talker = Talker(talking)
+    try:
+        time.sleep(THRESHOLD_MS / 1000 + 0.2)
+        return run_tcpidle(netns, "kill", "-d", port, "-t", THRESHOLD_MS, "--destroy-with", "bpf",
+                           *extra, "--json", "-v", "--disable-syslog", timeout=120)
+    finally:
+        talker.stop()
+
+
 def test_kill_destroys_exactly_the_idle_ones_and_reports_them(netns, run_tcpidle, json_lines):
     target = Pairs(netns, 7201, 6)
     decoy = Pairs(netns, 7202, 2)
-    talker = Talker(target.pairs[:2])
-    try:
-        time.sleep(THRESHOLD_MS / 1000 + 0.2)
-        r = run_tcpidle(netns, "kill", "-d", "7201", "-t", THRESHOLD_MS, "--destroy-with", "bpf",
-                        "--json", "-v", "--disable-syslog", timeout=120)
-    finally:
-        talker.stop()
+    r = kill_while_talking(run_tcpidle, netns, target.pairs[:2], "7201")
     try:
         assert r.returncode == 0, r.stderr
         rows = json_lines(r.stdout)
@@ -185,13 +191,7 @@ def test_verdicts_and_middleboxes_are_decided_in_user_space_destroyed_in_the_ker
     # keep-alive out that would tell)
     for port, extra in ((7291, ["--verdict", "unknown"]), (7292, ["--middlebox", "1"])):
         p = Pairs(netns, port, 4)
-        talker = Talker(p.pairs[:1])
-        try:
-            time.sleep(THRESHOLD_MS / 1000 + 0.2)
-            r = run_tcpidle(netns, "kill", "-d", port, "-t", THRESHOLD_MS, "--destroy-with", "bpf",
-                            *extra, "--json", "-v", "--disable-syslog", timeout=120)
-        finally:
-            talker.stop()
+        r = kill_while_talking(run_tcpidle, netns, p.pairs[:1], port, *extra)
         try:
             assert r.returncode == 0, r.stderr
             rows = json_lines(r.stdout)
@@ -415,13 +415,7 @@ def test_a_one_shot_kill_reads_the_tracker_s_pinned_storage(netns, trackers, pin
     if "per-socket storage" not in t.stderr():
         pytest.skip("no tp_btf + sk_storage probe here: %s" % t.stderr())
     p = Pairs(netns, 7331, 3)
-    talker = Talker(p.pairs[:1])
-    try:
-        time.sleep(THRESHOLD_MS / 1000 + 0.2)
-        r = run_tcpidle(netns, "kill", "-d", "7331", "-t", THRESHOLD_MS, "--destroy-with", "bpf",
-                        "--pin-dir", pin_dir, "--json", "-v", "--disable-syslog", timeout=120)
-    finally:
-        talker.stop()
+    r = kill_while_talking(run_tcpidle, netns, p.pairs[:1], "7331", "--pin-dir", pin_dir)
     try:
         assert r.returncode == 0, r.stderr
         rows = json_lines(r.stdout)

@@ -56,7 +56,8 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from itertools import repeat
+from typing import Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 from . import diag, idle, selectors
 from .errors import PrivilegeError, RuntimeFailure
@@ -235,9 +236,9 @@ class Engine:
         evidence = self.evidence
         scan = Scan(None, tally=tally)
 
-        def judge(socks, records, now_ns) -> None:
+        def judge(found: Iterable[Tuple[Socket, int]], records: Dict[int, Activity]) -> None:
             get = records.get
-            for sock in socks:
+            for sock, now_ns in found:
                 if matches(selector, sock):
                     record = get(sock.cookie)
                     add(decide(sock, record, now_ns, policy), record)
@@ -248,7 +249,7 @@ class Engine:
                     records = evidence.take()
                     if every:
                         records_seen.update(records)
-                    judge(socks, records, now_ns)
+                    judge(zip(socks, repeat(now_ns)), records)
 
                 scan.seen = self.scope.stream(scan, chunk)
                 scan.dump_ms = (time.monotonic() - started) * 1000.0
@@ -260,11 +261,7 @@ class Engine:
                 # stamp newer than its "now", i.e. idle 0 -- the safe direction.
                 records_seen = self.evidence.snapshot()
                 scan.seen = len(found)
-                get = records_seen.get
-                for sock, now_ns in found:
-                    if matches(selector, sock):
-                        record = get(sock.cookie)
-                        add(decide(sock, record, now_ns, policy), record)
+                judge(found, records_seen)
                 del found
         except BaseException:
             scan.close()

@@ -124,11 +124,8 @@ class Scope:
         for nl in self._each_namespace(scan):
             with nl:
                 now_ns = time.monotonic_ns()
-                if self.storage is None:
-                    socks = nl.dump_sockets(self.families, self.states_mask, self.bytecode)
-                else:
-                    socks = nl.dump_sockets(self.families, self.states_mask, self.bytecode,
-                                            storage=self.storage)
+                socks = nl.dump_sockets(self.families, self.states_mask, self.bytecode,
+                                        storage=self.storage)
                 found.extend((sk, now_ns) for sk in socks)
         return found
 
@@ -148,11 +145,8 @@ class Scope:
                 def chunk(socks: List[Socket], now_ns: int = now_ns) -> None:
                     sink(socks, now_ns)
 
-                if self.storage is None:
-                    nl.dump_sockets(self.families, self.states_mask, self.bytecode, sink=chunk)
-                else:
-                    nl.dump_sockets(self.families, self.states_mask, self.bytecode,
-                                    storage=self.storage, sink=chunk)
+                nl.dump_sockets(self.families, self.states_mask, self.bytecode,
+                                storage=self.storage, sink=chunk)
                 seen += nl.delivered
         return seen
 

@@ -150,17 +150,9 @@ def _outcomes(done: KernelPass, records, label, fd: Optional[int], hz: int,
     not_full: List[Verdict] = []
     for rec in records:
         verdict = verdict_of(rec, label, hz)
-        if rec.outcome == "destroyed":
-            done.outcomes.append(Outcome(verdict, Action.DESTROYED))
-        elif rec.outcome == "dry-run":
-            done.outcomes.append(Outcome(verdict, Action.WOULD_DESTROY))
-        elif rec.outcome == "failed":
-            err = -rec.err
-            if err == errno.ENOENT:
-                done.outcomes.append(Outcome(verdict, Action.GONE))
-            else:
-                done.outcomes.append(Outcome(verdict, Action.FAILED,
-                                             "bpf_sock_destroy: %s" % os.strerror(err)))
+        acted = action_of(rec)
+        if acted is not None:
+            done.outcomes.append(Outcome(verdict, *acted))
         elif rec.outcome == "capped":
             done.capped += 1
         elif rec.outcome == "not-full-socket":
@@ -173,6 +165,24 @@ def _outcomes(done: KernelPass, records, label, fd: Optional[int], hz: int,
                                          % rec.outcome))
     if not_full:
         done.outcomes.extend(_by_netlink(not_full, label, fd, policy))
+
+
+_ACTS = {"destroyed": Action.DESTROYED, "dry-run": Action.WOULD_DESTROY}
+
+
+def action_of(rec) -> Optional[Tuple[str, Optional[str]]]:
+    """What the pass did to a socket it acted on, (action, error text), or None
+    for an outcome that is no act (capped, not-full-socket, spared,
+    left-selection): ENOENT from the kfunc means the socket was gone already."""
+    act = _ACTS.get(rec.outcome)
+    if act is not None:
+        return act, None
+    if rec.outcome == "failed":
+        err = -rec.err
+        if err == errno.ENOENT:
+            return Action.GONE, None
+        return Action.FAILED, "bpf_sock_destroy: %s" % os.strerror(err)
+    return None
 
 
 def _by_netlink(victims: List[Verdict], label, fd: Optional[int],
@@ -238,14 +248,9 @@ class ChosenDestroy:
             v = by_cookie.pop(rec.cookie, None)
             if v is None:
                 continue  # not one we chose (cannot happen: the program looks at no other)
-            if rec.outcome == "destroyed":
-                acted.append((v, Action.DESTROYED, None))
-            elif rec.outcome == "dry-run":
-                acted.append((v, Action.WOULD_DESTROY, None))
-            elif rec.outcome == "failed" and -rec.err == errno.ENOENT:
-                acted.append((v, Action.GONE, None))
-            elif rec.outcome == "failed":
-                acted.append((v, Action.FAILED, "bpf_sock_destroy: %s" % os.strerror(-rec.err)))
+            act = action_of(rec)
+            if act is not None:
+                acted.append((v, *act))
             elif rec.outcome == "not-full-socket":
                 not_full.append(v)
             else:  # spared, left-selection

@@ -247,23 +247,11 @@ def json_line(verdict: Verdict, outcome: Optional[Outcome] = None, owners: Optio
                                    "null" if error is None else _dumps(error)))
 
 
-def _int(value: Optional[int]) -> str:
-    return "null" if value is None else "%d" % value
-
-
 def owners_text(pids: Sequence[int], comms: Sequence[str]) -> str:
     """"nginx[812,813]": the owners' names, then their pids; "-" when unknown."""
     if not pids:
         return "-"
     return "%s[%s]" % (",".join(comms) or "?", ",".join(str(p) for p in pids))
-
-
-def _number(ms: Optional[float]) -> str:
-    return "null" if ms is None else repr(round(ms, 3))  # float repr is JSON's
-
-
-def _list(items) -> str:
-    return _dumps(list(items)) if items else "[]"
 
 
 def row(verdict: Verdict, outcome: Optional[Outcome] = None, owners: Optional[Owners] = None) -> Dict:

@@ -149,14 +149,13 @@ def kill(idle_time: float, dry_run: bool, use_proc: bool, proc_action: str, logf
          disable_syslog: bool, all_: bool, interval: Optional[float],
          open_diag: OpenDiag = open_diag, destroy_with: str = "auto", **opts) -> int:
     """Destroy matching connections idle for at least idle_time, once or every interval."""
-    if use_proc and destroy_with not in ("auto", "proc"):
-        raise UsageError("--use-proc and --destroy-with %s exclude each other" % destroy_with)
-    use_proc = use_proc or destroy_with == "proc"
+    backend = destroy_backend(use_proc, destroy_with)
+    use_proc = backend == "proc"
     selector = build_selector(opts)
     namespaces = build_namespaces(opts)
     _require_narrowing(selector, all_, "kill")
     policy = build_policy(opts, idle_time, dry_run=dry_run, use_proc=use_proc, proc_action=proc_action,
-                          destroy_with="proc" if use_proc else destroy_with)
+                          destroy_with=backend)
     if not dry_run:
         require_privilege("kill")
     report.setup_logging(opts["verbose"], logfile, syslog=not disable_syslog)
@@ -234,6 +233,14 @@ def _warn_if_late(policy: Policy) -> None:
         report.log.warning("keep-alive idle %d s is not shorter than the middlebox's %g s "
                            "timeout: its probes come too late to keep flows open there",
                            ka.idle_s, box.timeout_ms / 1000.0)
+
+
+def destroy_backend(use_proc: bool, destroy_with: str) -> str:
+    """The destroy backend --use-proc and --destroy-with ask for together: auto,
+    netlink, bpf or proc; a usage error when they disagree."""
+    if use_proc and destroy_with not in ("auto", "proc"):
+        raise UsageError("--use-proc and --destroy-with %s exclude each other" % destroy_with)
+    return "proc" if use_proc else destroy_with
 
 
 def _require_bpf_destroy() -> None:
@@ -387,15 +394,14 @@ def track(idle_time: float, dry_run: bool, use_proc: bool, proc_action: str, log
     if keepalive is not None and destroy_with != "auto":
         raise UsageError("--keepalive and --destroy-with %s exclude each other (keep-alive is "
                          "armed instead of killing)" % destroy_with)
-    if use_proc and destroy_with not in ("auto", "proc"):
-        raise UsageError("--use-proc and --destroy-with %s exclude each other" % destroy_with)
-    use_proc = use_proc or destroy_with == "proc"
+    backend = destroy_backend(use_proc, destroy_with)
+    use_proc = backend == "proc"
     selector = _protected(build_selector(opts), exclude_ports, exclude_cidrs)
     namespaces = build_namespaces(opts)
     _require_narrowing(selector, all_, "track")
     policy = build_policy(opts, idle_time, dry_run=dry_run, use_proc=use_proc, proc_action=proc_action,
                           max_kills=max_kills_per_interval or None, keepalive=keepalive,
-                          destroy_with="proc" if use_proc else destroy_with)
+                          destroy_with=backend)
     _warn_if_late(policy)
     report.setup_logging(opts["verbose"], logfile, syslog=not disable_syslog)
     if destroy_with == "bpf":

@@ -59,5 +59,9 @@ def test_keepalives_are_idle_for_data_but_not_for_any(netns, keepalive_pair, run
 
     anything = server_row(run_tcpidle, netns, keepalive_pair, "any")
     assert anything["idle_source"] == "bpf", anything
-    assert anything["idle_ms"] < 1500, anything  # a keep-alive every second
+    # A keep-alive every second arrived during this second watch, so the idle
+    # time is below the watch's length (1 s give or take the timer wheel; a
+    # loaded CI host has shown 2.2 s).  tcp_info's data time, the only other
+    # answer, is older than both watches by now: at least twice WATCH_S.
+    assert anything["idle_ms"] < WATCH_S * 1000, anything
     assert anything["idle_ms"] == anything["last_rx_ms"]

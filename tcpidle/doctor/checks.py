@@ -38,6 +38,7 @@ from .. import diag, netns
 from ..errors import TcpidleError
 from ..model import DEFAULT_PIN_DIR, TcpState
 from ..probe import features
+from ..probe.bpfsys import bpf
 from .verdict import PIDFD_GETFD, SOCK_DESTROY, Check
 
 VMLINUX_BTF = "/sys/kernel/btf/vmlinux"
@@ -147,24 +148,6 @@ BPF_MAP_CREATE = 0
 BPF_BTF_LOAD = 18
 BPF_MAP_TYPE_SK_STORAGE = 24
 BPF_F_NO_PREALLOC = 1
-_NR_BPF = {"x86_64": 321, "aarch64": 280, "riscv64": 280, "ppc64le": 361, "ppc64": 361,
-           "s390x": 351, "armv7l": 386, "i686": 357}
-
-
-def _bpf(cmd: int, attr: bytes) -> int:
-    nr = _NR_BPF.get(os.uname().machine)
-    if nr is None:
-        raise OSError(errno.ENOSYS, "bpf(2) number unknown for %s" % os.uname().machine)
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.syscall.restype = ctypes.c_long
-    buf = ctypes.create_string_buffer(attr.ljust(128, b"\0"), 128)
-    fd = libc.syscall(ctypes.c_long(nr), ctypes.c_long(cmd), buf, ctypes.c_uint(128))
-    if fd < 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
-    return fd
-
-
 def int_btf() -> bytes:
     """A BTF blob with one type, [1] = signed 32-bit "int" (what SK_STORAGE keys must be)."""
     strings = b"\0int\0"
@@ -177,7 +160,7 @@ def sk_storage() -> Check:
     title = "per-socket storage"
     blob = ctypes.create_string_buffer(int_btf())
     try:
-        btf_fd = _bpf(BPF_BTF_LOAD, struct.pack("<QQIII", ctypes.addressof(blob), 0,
+        btf_fd = bpf(BPF_BTF_LOAD, struct.pack("<QQIII", ctypes.addressof(blob), 0,
                                                 len(blob.raw) - 1, 0, 0))
     except OSError as e:
         return Check("sk_storage", "no", "loading BTF for its key failed: %s" % _one_line(e), title)
@@ -185,7 +168,7 @@ def sk_storage() -> Check:
         # key and value both [1] int: SK_STORAGE wants an int key and BTF for the value.
         attr = struct.pack("<7I16sIIII", BPF_MAP_TYPE_SK_STORAGE, 4, 4, 0, BPF_F_NO_PREALLOC, 0, 0,
                            b"tcpidle_doctor", 0, btf_fd, 1, 1)
-        fd = _bpf(BPF_MAP_CREATE, attr)
+        fd = bpf(BPF_MAP_CREATE, attr)
         os.close(fd)
     except OSError as e:
         return Check("sk_storage", "no", "BPF_MAP_TYPE_SK_STORAGE refused: %s" % _one_line(e), title)

@@ -64,6 +64,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..model import DEFAULT_MAP_SIZE
 from . import PinError, ProbeUnavailable, one_line
+from .bpfsys import bpf
 from .maps import (DESTROY_LINK_PIN, LINK_PIN, META_PIN, PIN_NAMES, STORAGE_PIN, MapReader,
                    layout_problem, libbpf, map_info, obj_get, read_counters)
 from .pins import check_pin, check_pin_dir, lock_pin_dir, unlock_pin_dir
@@ -110,19 +111,6 @@ def detachable(pin_dir: Optional[str], hook: str) -> Optional[str]:
 # -- bpf(2) beyond libbpf's common calls ------------------------------------------------
 
 
-def _sys_bpf(cmd: int, attr: bytes) -> int:
-    from .tpbtf import TpBtfError, _syscall_bpf
-
-    buf = ctypes.create_string_buffer(attr, len(attr))
-    try:
-        ret = _syscall_bpf(cmd, buf)
-    except TpBtfError as e:
-        raise OSError(errno.ENOSYS, str(e)) from None
-    if ret < 0:
-        raise OSError(-ret, os.strerror(-ret))
-    return ret
-
-
 def _obj_info(fd: int, size: int, setup: Optional[Dict[int, int]] = None) -> bytes:
     """BPF_OBJ_GET_INFO_BY_FD into a zeroed buffer (u32/u64 fields preset by offset)."""
     buf = ctypes.create_string_buffer(size)
@@ -146,7 +134,7 @@ def link_prog_id(link_fd: int) -> int:
 def prog_map_ids(prog_id: int) -> List[int]:
     """The ids of the maps a loaded program uses (struct bpf_prog_info:
     nr_map_ids u32 at 52, map_ids u64 pointer at 56)."""
-    fd = _sys_bpf(BPF_PROG_GET_FD_BY_ID, prog_id.to_bytes(4, sys.byteorder) + bytes(8))
+    fd = bpf(BPF_PROG_GET_FD_BY_ID, prog_id.to_bytes(4, sys.byteorder) + bytes(8))
     try:
         ids = (ctypes.c_uint32 * 16)()
         raw = _obj_info(fd, 88, {52: 16, 56: ctypes.addressof(ids)})
@@ -178,7 +166,7 @@ def write_meta(path: str, record: Dict) -> None:
     attr = (BPF_MAP_TYPE_ARRAY.to_bytes(4, sys.byteorder) + (4).to_bytes(4, sys.byteorder)
             + META_SIZE.to_bytes(4, sys.byteorder) + (1).to_bytes(4, sys.byteorder)
             + bytes(12) + b"tcpidle_probe".ljust(16, b"\0"))
-    fd = _sys_bpf(BPF_MAP_CREATE, attr)
+    fd = bpf(BPF_MAP_CREATE, attr)
     try:
         key = ctypes.c_uint32(0)
         value = ctypes.create_string_buffer(data.ljust(META_SIZE, b"\0"), META_SIZE)

@@ -40,12 +40,12 @@ import ctypes
 import json
 import logging
 import os
-import platform
 import re
 import struct
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
 from . import ProbeUnavailable
+from .bpfsys import bpf
 
 try:  # the same digest without hashlib's OpenSSL binding, whose import is ~2.5 ms a run
     from _sha256 import sha256 as _sha256
@@ -72,7 +72,6 @@ BPF_MAP_DELETE_ELEM, BPF_MAP_GET_NEXT_KEY = 3, 4
 BPF_PROG_LOAD, BPF_LINK_CREATE, BPF_ITER_CREATE = 5, 28, 33
 BPF_PROG_TYPE_TRACING, BPF_TRACE_ITER = 26, 28
 BPF_PSEUDO_MAP_FD, BPF_PSEUDO_KFUNC_CALL = 1, 2
-_NR_BPF = {"x86_64": 321, "aarch64": 280, "riscv64": 280, "s390x": 351, "ppc64le": 361}
 _LD_IMM64, _CALL = 0x18, 0x85
 
 
@@ -97,28 +96,6 @@ class KernelFacts(NamedTuple):
     kfunc_id: int  # BTF id of bpf_sock_destroy
     hz: int
     offsets: Dict[str, int]
-
-
-# --- bpf(2)
-
-_libc = None
-
-
-def bpf(cmd: int, attr: bytearray) -> int:
-    """bpf(2) with a bpf_attr built by the caller; OSError on failure."""
-    global _libc
-    nr = _NR_BPF.get(platform.machine())
-    if nr is None:
-        raise ProbeUnavailable("bpf(2) number unknown on %s" % platform.machine())
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-        _libc.syscall.restype = ctypes.c_long
-    buf = (ctypes.c_char * len(attr)).from_buffer(attr)
-    r = _libc.syscall(ctypes.c_long(nr), ctypes.c_int(cmd), buf, ctypes.c_uint(len(attr)))
-    if r < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-    return r
 
 
 def map_create(name: str, d: MapDef) -> int:

@@ -30,17 +30,18 @@ detaches.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import struct
 from typing import Optional, Tuple
 
+from .bpfsys import bpf
 from .btf import TYPEDEF, BTF, BTFError
 
 # include/uapi/linux/bpf.h
 BPF_PROG_LOAD = 5
 BPF_PROG_TYPE_TRACING = 26
 BPF_TRACE_RAW_TP = 23
-_NR_BPF = {"x86_64": 321, "aarch64": 280, "riscv64": 280, "s390x": 351, "ppc64le": 361}
 
 # union bpf_attr for BPF_PROG_LOAD, up to attach_btf_id (offset 108): prog_type,
 # insn_cnt, insns, license, log_level, log_size, log_buf, kern_version,
@@ -64,16 +65,12 @@ def btf_target(tracepoint: str, btf: Optional[BTF] = None) -> int:
         raise TpBtfError("no tp_btf target: %s" % e) from None
 
 
-def _syscall_bpf(cmd: int, attr) -> int:
-    nr = _NR_BPF.get(os.uname().machine)
-    if nr is None:
-        raise TpBtfError("bpf(2) syscall number unknown on %s" % os.uname().machine)
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.syscall.restype = ctypes.c_long
-    ret = libc.syscall(ctypes.c_long(nr), ctypes.c_int(cmd), attr, ctypes.c_uint(len(attr)))
-    if ret < 0:
-        return -ctypes.get_errno()
-    return ret
+def _prog_load(attr) -> int:
+    """BPF_PROG_LOAD: the fd, or -errno (the caller retries with a log)."""
+    try:
+        return bpf(BPF_PROG_LOAD, attr)
+    except OSError as e:
+        return -(e.errno or errno.EINVAL)
 
 
 def load(module, fn_name: bytes, tracepoint: str, btf_id: Optional[int] = None) -> int:
@@ -97,11 +94,11 @@ def load(module, fn_name: bytes, tracepoint: str, btf_id: Optional[int] = None) 
               ctypes.cast(license_, ctypes.c_void_p).value, 0, 0, 0, 0, 0,
               fn_name[:15], 0, BPF_TRACE_RAW_TP, 0, 0, 0, 0, 0, 0, 0, btf_id]
     _PROG_LOAD.pack_into(attr, 0, *fields)
-    fd = _syscall_bpf(BPF_PROG_LOAD, attr)
+    fd = _prog_load(attr)
     if fd == -13 or fd == -1:  # EACCES/EPERM: the verifier's reason is in the log
         fields[4:7] = [1, _LOG_SIZE, ctypes.addressof(log)]
         _PROG_LOAD.pack_into(attr, 0, *fields)
-        fd = _syscall_bpf(BPF_PROG_LOAD, attr)
+        fd = _prog_load(attr)
     if fd < 0:
         lines = [ln for ln in log.value.decode(errors="replace").splitlines() if ln.strip()]
         raise TpBtfError("BPF_PROG_LOAD tp_btf/%s: %s%s" % (

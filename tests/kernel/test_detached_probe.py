@@ -54,10 +54,10 @@ def pinned_ids(pin_dir):
 
 def exists(cmd, obj_id):
     """Does the kernel still have the link/program of this id?"""
-    from tcpidle.probe.detached import _sys_bpf
+    from tcpidle.probe.bpfsys import bpf
 
     try:
-        fd = _sys_bpf(cmd, obj_id.to_bytes(4, "little") + bytes(8))
+        fd = bpf(cmd, obj_id.to_bytes(4, "little") + bytes(8))
     except OSError as e:
         assert e.errno == errno.ENOENT, e
         return False

@@ -29,7 +29,6 @@ never lets the probe make a socket look idler than tcp_info says.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import time
@@ -37,7 +36,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 from . import diag
 from .errors import RuntimeFailure
-from .model import DEFAULT_MAP_SIZE, DEFAULT_PIN_DIR, Activity
+from .model import DEFAULT_MAP_SIZE, DEFAULT_PIN_DIR, Activity, filled, fills_directly
 
 log = logging.getLogger("tcpidle")
 
@@ -108,18 +107,14 @@ class Evidence:
 
 _ACTIVITY_FIELDS = ("cookie", "last_segment_ns", "last_data_ns", "segments", "data_segments",
                     "bytes")
-_FAST_ACTIVITY = (tuple(f.name for f in dataclasses.fields(Activity)) == _ACTIVITY_FIELDS
-                  and not hasattr(Activity, "__post_init__") and not hasattr(Activity, "__slots__"))
+_FAST_ACTIVITY = fills_directly(Activity, _ACTIVITY_FIELDS)
 
 
-def _activity(cookie, seg, data, nseg, ndata, nbytes, _new=Activity.__new__,
-              _set=object.__setattr__) -> Activity:
-    """Activity(...) without the frozen dataclass's per-field __setattr__ (as the
-    dump decoder fills a Socket, diag._FAST_FILL): one is made per socket per poll."""
-    a = _new(Activity)
-    _set(a, "__dict__", {"cookie": cookie, "last_segment_ns": seg, "last_data_ns": data,
-                         "segments": nseg, "data_segments": ndata, "bytes": nbytes})
-    return a
+def _activity(cookie, seg, data, nseg, ndata, nbytes) -> Activity:
+    """Activity(...), filled as the dump decoder fills a Socket
+    (model.fills_directly): one is made per socket per poll."""
+    return filled(Activity, {"cookie": cookie, "last_segment_ns": seg, "last_data_ns": data,
+                             "segments": nseg, "data_segments": ndata, "bytes": nbytes})
 
 
 class InlineReader:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from . import diag, selectors
-from .model import Action, Outcome, Policy, Selector, Socket, Verdict
+from .model import Action, Outcome, Policy, Selector, Socket, Verdict, filled
 from .probe import ProbeUnavailable
 from .scope import NamespaceFds, Scope
 
@@ -85,21 +85,17 @@ def socket_of(rec, label, hz: int) -> Socket:
     if not _FAST_FILL:
         return Socket(cookie, fam, rec.state, rec.src, rec.sport, rec.dst, rec.dport,
                       rec.inode, rec.uid, raw, last_data_recv_ms=idle_ms, netns=label)
-    # As the decoder makes them (diag._FAST_FILL): the frozen dataclass's
-    # __dict__ filled at once, 0.6 us instead of 2 us a socket -- a tenth of
-    # a 10,000-socket kill's time in user space.  Same object, same ==/hash.
-    sk = _new_socket(Socket)
-    _setattr(sk, "__dict__", {
+    # As the decoder makes them (model.fills_directly): 0.6 us instead of
+    # 2 us a socket, a tenth of a 10,000-socket kill's time in user space.
+    return filled(Socket, {
         "cookie": cookie, "family": fam, "state": rec.state, "src": rec.src,
         "sport": rec.sport, "dst": rec.dst, "dport": rec.dport, "inode": rec.inode,
         "uid": rec.uid, "raw_id": raw, "last_data_recv_ms": idle_ms, "last_ack_recv_ms": None,
         "last_data_sent_ms": None, "netns": label, "vitals": None})
-    return sk
 
 
 _pack_sockid, _htons = _SOCKID.pack, socket.htons
 _FAST_FILL = diag._FAST_FILL
-_new_socket, _setattr = object.__new__, object.__setattr__
 
 
 @dataclass

@@ -70,6 +70,11 @@ from .tally import Tally
 log = logging.getLogger("tcpidle")
 
 BATCH = 256  # victims per destroy batch (Scope.batches' chunk)
+# ... when each batch's re-check dumps for the probe's inline storage: that
+# dump walks the whole TCP table however few it returns (~6 ms at 20k
+# sockets), so it is paid once per 1,024 victims (a batch's lookups and
+# destroys, ~15 ms, are the window it covers) instead of once per 256.
+DUMPED_BATCH = 1024
 
 GONE = object()  # a re-check's answer: the kernel no longer has that cookie at that 4-tuple
 # Why the re-check spared a victim (Spare.reason starts with one of these).
@@ -77,6 +82,9 @@ RECEIVED = "received data after the scan"
 LEFT_SELECTION = "left the selection (now %s)"
 LEFT_SELECTION_OTHER = "left the selection"
 NOT_RECHECKED = "not asked about again"
+# Inline storage lives as long as its socket: a record the scan had and the
+# re-check's dump lacks is a dump that missed it, not news -- spared.
+NO_FRESH_RECORD = NOT_RECHECKED + ": the re-check's dump did not carry its probe record"
 VERDICT_CHANGED = "its verdict changed (now %s)"  # --verdict / --middlebox no longer holds
 ACKED_BUT_REMAINS = ("the kernel acked SOCK_DESTROY but the socket remains (%s; an orphaned "
                      "socket on a kernel before 6.11, whose tcp_abort skips them)")
@@ -362,7 +370,9 @@ class Engine:
             yield Batch([self._outcome(v, would, None, scan.owners) for v in victims], [])
             return
         done = 0
-        for nl, part in self.scope.batches(scan, victims):
+        by_port = self.evidence.dumps_to_recheck and self.policy.idle_time_ms > 0
+        for nl, part in self.scope.batches(scan, victims, DUMPED_BATCH if by_port else BATCH,
+                                           by_port=by_port):
             if stop is not None and stop():
                 self.interrupted = len(victims) - done
                 return
@@ -521,11 +531,13 @@ class Engine:
         probe_failed = None
         if idle_check and self.evidence.present:
             try:
-                probe_now = self.evidence.lookup([v.socket.cookie for v in part])
+                probe_now = self.evidence.lookup([v.socket.cookie for v in part],
+                                                 batch=(nl, [v.socket for v in part]))
             except OSError as exc:
                 probe_failed = "not asked about again: re-reading the BPF map failed (%s)" % why(exc)
         policy = self.policy
         judged = policy.verdicts is not None or policy.middlebox is not None
+        inline = idle_check and probe_failed is None and self.evidence.dumps_to_recheck
         out: List[Tuple[Optional[Socket], object]] = []
         for v, fresh in zip(part, now):
             if fresh == errno.ENOENT:
@@ -540,6 +552,8 @@ class Engine:
                 out.append((fresh, RECEIVED))
             elif idle_check and probe_failed is not None:
                 out.append((fresh, probe_failed))
+            elif inline and v.socket.cookie in scan.records and v.socket.cookie not in probe_now:
+                out.append((fresh, NO_FRESH_RECORD))
             elif idle_check and idle.received_since(scan.records.get(v.socket.cookie),
                                                     probe_now.get(v.socket.cookie), policy):
                 out.append((fresh, RECEIVED))

@@ -81,9 +81,23 @@ class Evidence:
         """Every record of the probe's map, by cookie ({} without a probe)."""
         return self.reader.activity() if self.reader is not None else {}
 
-    def lookup(self, cookies: Sequence[int]) -> Dict[int, Activity]:
-        """Fresh records of just these cookies ({} without a probe); OSError if the map cannot be read."""
-        return self.reader.lookup(cookies) if self.reader is not None else {}
+    def lookup(self, cookies: Sequence[int], batch=None) -> Dict[int, Activity]:
+        """Fresh records of just these cookies ({} without a probe); OSError if the map cannot be read.
+
+        `batch`: (DiagSocket, Sockets) of one destroy batch, which inline
+        storage dumps alone (InlineReader.lookup); a map reader looks the
+        cookies up and needs none."""
+        if self.reader is None:
+            return {}
+        if batch is not None and isinstance(self.reader, InlineReader):
+            return self.reader.lookup(cookies, batch)
+        return self.reader.lookup(cookies)
+
+    @property
+    def dumps_to_recheck(self) -> bool:
+        """Does a re-check dump to read fresh records (inline storage)?  Then
+        batches keep their ports together (Scope.batches(by_port=True))."""
+        return isinstance(self.reader, InlineReader)
 
     def stats(self) -> Optional[dict]:
         """The map's health (entries, max_entries, evicted, ...); None without a probe."""
@@ -178,10 +192,12 @@ class InlineReader:
         self._entries, self._taken = self._taken + len(out), 0
         return out
 
-    def lookup(self, cookies: Sequence[int]) -> Dict[int, Activity]:
-        """The re-check's fresh records of `cookies`: the selection dumped once
-        more, chunk by chunk, keeping the storage of these cookies alone (a
-        batch's 256 among the 100k the dump may return)."""
+    def lookup(self, cookies: Sequence[int], batch=None) -> Dict[int, Activity]:
+        """The re-check's fresh records of `cookies`: dumped once more, chunk by
+        chunk, keeping the storage of these cookies alone.  `batch` is
+        (DiagSocket of their namespace, their Sockets): the dump is then that
+        namespace's, narrowed to the batch's ports (Scope.dump_batch_storages);
+        without it, the whole selection in every namespace."""
         want = set(cookies)
         stores = self.storages.stores
         if self._scope is not None:
@@ -193,7 +209,10 @@ class InlineReader:
                 stores.clear()
 
             stores.clear()
-            self._scope.dump_storages(sink=chunk)
+            if batch is not None:
+                self._scope.dump_batch_storages(batch[0], batch[1], sink=chunk)
+            else:
+                self._scope.dump_storages(sink=chunk)
             stores.update(kept)
         fresh = self._take()
         return {c: fresh[c] for c in cookies if c in fresh}

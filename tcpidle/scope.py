@@ -168,6 +168,26 @@ class Scope:
             fds.close()
         return seen
 
+    def dump_batch_storages(self, nl: diag.DiagSocket, sockets: Sequence[Socket],
+                            sink: diag.Sink) -> None:
+        """Dump, through `nl` (the batch's namespace), the inline BPF storage of
+        the selected sockets whose ports lie in the box of `sockets` (no
+        tcp_info): a re-check's fresh probe values for one batch.
+
+        Exact INET_DIAG lookups carry no storage (the kernel allocates the
+        storage request only for dumps), so the re-check dumps; narrowed to
+        the batch by bytecode, the kernel returns the batch (batches() keeps
+        each batch's ports together) instead of the whole selection, once
+        per batch of 256: O(victims), not O(victims x selection)."""
+        box = selectors.port_box(sockets)
+        try:
+            bytecode = selectors.compile_bytecode(self.selector, box)
+        except selectors.BytecodeTooLong:  # the selection is filtered in Python anyway
+            bytecode = selectors.compile_bytecode(Selector(), box)
+        families = sorted({s.family for s in sockets})
+        nl.dump_sockets(families, self.states_mask, bytecode, want_info=False,
+                        storage=self.storage, sink=sink)
+
     def prime_cookies(self) -> int:
         """Dump the selected sockets once, so that each has its cookie; returns how many.
 
@@ -189,7 +209,7 @@ class Scope:
 
     # -- acting ----------------------------------------------------------------
 
-    def batches(self, scan, victims: Sequence[Verdict], chunk: int = 256
+    def batches(self, scan, victims: Sequence[Verdict], chunk: int = 256, by_port: bool = False
                 ) -> Iterator[Tuple[Optional[diag.DiagSocket], List[Verdict]]]:
         """(DiagSocket, part) for each namespace's victims, `chunk` at a time.
 
@@ -197,11 +217,17 @@ class Scope:
         the destroy goes to the namespace that was dumped even if its name
         was deleted (or given to another namespace) since.  None: the
         namespace could not be reached (its sockets went with it).
+
+        by_port: each namespace's victims in (family, sport, dport) order, so
+        that each batch is of one family (one table walk) and spans a narrow
+        box of ports (dump_batch_storages).
         """
         groups: Dict[object, List[Verdict]] = {}
         for v in victims:
             groups.setdefault(v.socket.netns, []).append(v)
         for label, part in groups.items():
+            if by_port:
+                part.sort(key=_ports_of)
             if label is None:
                 nl = self._open(None, None)
             else:
@@ -213,8 +239,23 @@ class Scope:
                     continue
                 nl = self._open(fd, label)
             with nl:
-                for lo in range(0, len(part), chunk):
-                    yield nl, part[lo:lo + chunk]
+                for run in (_family_runs(part) if by_port else (part,)):
+                    for lo in range(0, len(run), chunk):
+                        yield nl, run[lo:lo + chunk]
+
+
+def _ports_of(v: Verdict) -> Tuple[int, int, int]:
+    return v.socket.family, v.socket.sport, v.socket.dport
+
+
+def _family_runs(part: List[Verdict]) -> List[List[Verdict]]:
+    """`part` (sorted by family first) cut where the family changes."""
+    runs: List[List[Verdict]] = []
+    for v in part:
+        if not runs or runs[-1][-1].socket.family != v.socket.family:
+            runs.append([])
+        runs[-1].append(v)
+    return runs
 
 
 class NamespaceFds:

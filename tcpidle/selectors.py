@@ -375,14 +375,29 @@ def _port_ranges(ge: int, le: int, ports: PortSet) -> _Fragment:
     return _or(terms)
 
 
-def compile_bytecode(selector: Selector) -> bytes:
+PortBox = Tuple[int, int, int, int]  # sport lo, sport hi, dport lo, dport hi (inclusive)
+
+
+def port_box(sockets) -> PortBox:
+    """The smallest box of (sport, dport) holding every one of `sockets`."""
+    sports = [s.sport for s in sockets]
+    dports = [s.dport for s in sockets]
+    return min(sports), max(sports), min(dports), max(dports)
+
+
+def compile_bytecode(selector: Selector, box: Optional[PortBox] = None) -> bytes:
     """Compile the port selectors (and protected ports) of `selector` to INET_DIAG bytecode.
 
+    `box` narrows it further to sports and dports within those bounds (the
+    re-check's dump of one batch, see scope.Scope.dump_batch_storages).
     Returns b"" when there is nothing to filter by port.  Raises
     `BytecodeTooLong` when the program would exceed what the kernel accepts;
     the caller then dumps unfiltered and relies on `matches()`.
     """
     parts = []
+    if box is not None:
+        parts.append(_and(_port_ranges(BC_S_GE, BC_S_LE, PortSet(((box[0], box[1]),))),
+                          _port_ranges(BC_D_GE, BC_D_LE, PortSet(((box[2], box[3]),)))))
     if selector.sports is not None:
         parts.append(_port_ranges(BC_S_GE, BC_S_LE, selector.sports))
     if selector.dports is not None:

@@ -28,8 +28,8 @@ from conftest import parse_json_lines, tcpidle_argv  # noqa: E402
 from lab.netns import in_netns, wait_for  # noqa: E402
 
 pytestmark = pytest.mark.kernel
-# test_track's fixtures (trackers, bpffs, pin_dir), by name
-pytest_plugins = ["test_track"]
+# fixtures by name: test_track's (trackers, bpffs, pin_dir), the iterator's (storage_probe)
+pytest_plugins = ["test_track", "test_iterdestroy_kernel"]
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SO_COOKIE = 57
@@ -393,5 +393,52 @@ def test_a_refused_storage_program_falls_back_to_tp_btf_with_the_lru_map(bpffs, 
             in p.describe()
         assert not os.path.exists(os.path.join(pdir, STORAGE_PIN))
         assert sorted(os.listdir(pdir)) == ["activity", "counters"]
+    finally:
+        p.close()
+
+
+def test_each_batch_s_re_check_reads_its_victims_storage_again(netns, storage_probe, monkeypatch):
+    """A kill with the tracker's storage and netlink SOCK_DESTROY, in batches:
+    each batch's re-check dumps again for its victims' records (exact lookups
+    carry none), narrowed to the batch's ports.  Victims whose record says
+    they received after the scan (written by the test, the map's user-space
+    update, while their jiffies still say idle) are spared, in whichever
+    batch they fall; every other victim is destroyed."""
+    from test_iterdestroy_kernel import Pairs as TalkedPairs, closed, set_record
+
+    from lab.netns import cookie_of
+    from tcpidle import engine as engine_mod, netns as tnetns
+    from tcpidle.engine import RECEIVED, Engine
+    from tcpidle.evidence import Evidence, InlineReader
+    from tcpidle.model import Policy, PortSet, Selector
+    from tcpidle.scope import Scope
+
+    monkeypatch.setattr(engine_mod, "DUMPED_BATCH", 3)
+    threshold_ms = 300
+    p = TalkedPairs(netns, PORT + 20, 10)
+    try:
+        time.sleep(threshold_ms / 1000 + 0.3)
+        seen = Evidence(InlineReader(storage_probe.storage_fd, storage_probe.storage_id))
+        scope = Scope(Selector(dports=PortSet(((PORT + 20, PORT + 20),))), [tnetns.resolve(netns.name)])
+        seen.bind_scope(scope)
+        engine = Engine(scope, Policy(idle_time_ms=threshold_ms), seen)
+        try:
+            scan = engine.scan()
+            assert sorted(v.socket.cookie for v in scan.victims) == sorted(map(cookie_of, p.clients))
+            assert {v.idle_source for v in scan.victims} == {"bpf"}
+            woken = [p.clients[1], p.clients[6], p.clients[8]]
+            for c in woken:
+                set_record(storage_probe.storage_fd, c, time.monotonic_ns())
+            batches = list(engine.act_batches(scan))
+            scan.close()
+        finally:
+            engine.close()
+        assert len(batches) == 4  # 10 victims, 3 a batch
+        spared = {s.verdict.socket.cookie: s.reason for b in batches for s in b.spared}
+        assert spared == {cookie_of(c): RECEIVED for c in woken}
+        destroyed = sorted(o.verdict.socket.cookie for b in batches for o in b.outcomes
+                           if o.action == "destroyed")
+        assert destroyed == sorted(cookie_of(c) for c in p.clients if c not in woken)
+        assert closed(p.clients) == [c not in woken for c in p.clients]
     finally:
         p.close()

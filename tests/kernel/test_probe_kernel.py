@@ -450,7 +450,7 @@ def _victims_engine(conns, probe, recheck, policy):
     class ScanOnly(Evidence):
         """The probe's records at the scan, never read again (the control)."""
 
-        def lookup(self, cookies):
+        def lookup(self, cookies, batch=None):
             return {}
 
     port = conns.listener.getsockname()[1]

@@ -166,6 +166,33 @@ def test_bytecode_agrees_with_matches_on_random_selectors():
             assert got == expected, (s, sp, dp)
 
 
+def test_a_batch_box_narrows_the_selection_and_nothing_else():
+    """compile_bytecode(s, box): a socket passes iff the selection takes it and
+    its ports are in the box (the re-check's per-batch storage dump)."""
+    rng = random.Random(20261202)
+    for _ in range(300):
+        s = Selector(
+            sports=_random_portset(rng) if rng.random() < 0.5 else None,
+            dports=_random_portset(rng) if rng.random() < 0.5 else None,
+            exclude_ports=_random_portset(rng) if rng.random() < 0.3 else None,
+        )
+        socks = [sock(sport=rng.randint(1, 65535), dport=rng.choice([443, rng.randint(1, 65535)]))
+                 for _ in range(rng.randint(1, 4))]
+        box = sel.port_box(socks)
+        program = sel.compile_bytecode(s, box)
+        sel.audit_bytecode(program)
+        for x in socks:
+            assert sel.run_bytecode(program, x.sport, x.dport) == sel.matches(s, x)
+        for _ in range(60):
+            sp = rng.choice([box[0] - 1, box[0], box[1], box[1] + 1, rng.randint(1, 65535)])
+            dp = rng.choice([box[2] - 1, box[2], box[3], box[3] + 1, rng.randint(1, 65535)])
+            if not (1 <= sp <= 65535 and 1 <= dp <= 65535):
+                continue
+            inside = box[0] <= sp <= box[1] and box[2] <= dp <= box[3]
+            expected = inside and sel.matches(s, sock(sport=sp, dport=dp))
+            assert sel.run_bytecode(program, sp, dp) == expected, (s, box, sp, dp)
+
+
 def test_thousands_of_ports_fit():
     # tcp_closer caps at 128 ports; a 2,000-port list compiles and runs.
     ports = ",".join(str(p) for p in range(2, 4002, 2))

